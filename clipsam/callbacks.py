@@ -1,0 +1,148 @@
+"""Lightning callbacks: writing predictions for the user's own images.
+
+:class:`PredictionWriter` turns ``ClipSamModule.predict_step`` outputs into files:
+
+```
+<predict_dir>/version_N/
+  masks/<name>.png      final mask at the image's original size, 0 or 255
+  overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
+  predictions.csv       path, image score, mask and overlay files, one row per image
+  skipped.txt           files in the input folder that were not images (if any)
+```
+
+Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from clipsam.io import atomic_write, next_version_dir
+
+__all__ = ["PredictionWriter", "render_overlay"]
+
+
+def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """Blend a heat map of ``scores`` into ``image`` and outline ``mask``.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        scores: (H, W) float in [0, 1], same size as ``image``.
+        mask: (H, W) bool, same size as ``image``.
+        alpha: weight of the heat map.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    heat = cv2.applyColorMap(np.clip(scores * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    blended = cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    thickness = max(1, round(max(image.shape[:2]) / 256))
+    cv2.drawContours(blended, contours, -1, (255, 255, 255), thickness)
+    return blended
+
+
+def _resize(array: np.ndarray, size_hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    height, width = size_hw
+    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.resize(array, (width, height), interpolation=interpolation)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write one mask PNG and one overlay PNG per predicted image.
+
+    Args:
+        output_dir: root folder; each predict run creates ``output_dir/version_N``.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__(write_interval="batch")
+        self.output_root = Path(output_dir).expanduser()
+        self.run_dir: Path | None = None
+        self._used_names: set[str] = set()
+        self._rows: list[dict[str, Any]] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        run_dir = str(next_version_dir(self.output_root)) if trainer.is_global_zero else ""
+        self.run_dir = Path(trainer.strategy.broadcast(run_dir))
+        (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        self._used_names = set()
+        self._rows = []
+        skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
+        if skipped and trainer.is_global_zero:
+            with atomic_write(self.run_dir / "skipped.txt") as tmp:
+                tmp.write_text("".join(f"{p}\n" for p in skipped))
+
+    def _unique_name(self, path: str, trainer: Trainer) -> str:
+        stem = Path(path).stem
+        name = stem if trainer.world_size == 1 else f"{stem}_rank{trainer.global_rank}"
+        candidate, n = name, 1
+        while candidate in self._used_names:
+            n += 1
+            candidate = f"{name}_{n}"
+        self._used_names.add(candidate)
+        return candidate
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
+        for i, path in enumerate(prediction["path"]):
+            height, width = (int(v) for v in prediction["original_size"][i].tolist())
+            with Image.open(path) as img:
+                original = np.asarray(img.convert("RGB"))
+            scores = _resize(prediction["scores"][i].float().numpy(), (height, width), nearest=False)
+            mask = _resize(prediction["mask"][i].numpy().astype(np.uint8), (height, width), nearest=True) > 0
+            name = self._unique_name(path, trainer)
+            mask_path = self.run_dir / "masks" / f"{name}.png"
+            overlay_path = self.run_dir / "overlays" / f"{name}.png"
+            with atomic_write(mask_path) as tmp:
+                Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+            with atomic_write(overlay_path) as tmp:
+                Image.fromarray(render_overlay(original, scores, mask)).save(tmp, format="PNG")
+            self._rows.append(
+                {
+                    "path": path,
+                    "image_score": float(prediction["image_scores"][i]),
+                    "anomalous_pixels": int(mask.sum()),
+                    "mask": str(mask_path),
+                    "overlay": str(overlay_path),
+                }
+            )
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.run_dir is not None
+        rows = self._rows
+        if trainer.world_size > 1:
+            gathered = trainer.strategy.all_gather(torch.tensor(0))  # sync point
+            del gathered
+            name = f"predictions_rank{trainer.global_rank}.csv"
+        else:
+            name = "predictions.csv"
+        with atomic_write(self.run_dir / name) as tmp:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["path", "image_score", "anomalous_pixels", "mask", "overlay"])
+                writer.writeheader()
+                writer.writerows(rows)
+        if trainer.is_global_zero:
+            print(f"clipsam: wrote {len(rows)} masks and overlays to {self.run_dir}")

@@ -1,0 +1,99 @@
+"""The ``clipsam`` (and ``lightning``) command line.
+
+``clipsam fit|validate|test|predict --config configs/X.yaml [--key.sub=value ...]`` is Lightning's
+own :class:`~lightning.pytorch.cli.LightningCLI` over :class:`clipsam.module.ClipSamModule` and
+:class:`clipsam.data.datamodule.AnomalyDataModule`. Configs are parsed in omegaconf mode, so YAML
+files may use ``${oc.env:MVTEC_ROOT,data/mvtec}`` for dataset roots.
+
+``clipsam data synth|download ...`` handles data on disk (see :mod:`clipsam.data.cli`).
+
+Errors the user can fix (:class:`clipsam.errors.ClipSamError`) are printed as one line without a
+traceback, and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from clipsam.errors import ClipSamError
+
+__all__ = ["ClipSamCLI", "VersionedSaveConfigCallback", "main"]
+
+
+class VersionedSaveConfigCallback(SaveConfigCallback):
+    """Save the resolved config into the run directory without ever overwriting a file.
+
+    Lightning's callback refuses to start when ``config.yaml`` already exists in ``trainer.log_dir``
+    (for instance ``fit`` then ``test`` with a logger-less trainer, which share
+    ``default_root_dir``). This one writes ``config.yaml`` if free, else ``config_<stage>.yaml``,
+    else ``config_<stage>_<n>.yaml``.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir
+        if log_dir is not None and trainer.is_global_zero:
+            directory = Path(log_dir)
+            name = self.config_filename
+            candidate = directory / name
+            stem, suffix = Path(name).stem, Path(name).suffix
+            n = 0
+            while candidate.exists():
+                n += 1
+                candidate = directory / (f"{stem}_{stage}{suffix}" if n == 1 else f"{stem}_{stage}_{n}{suffix}")
+            self.config_filename = candidate.name
+        # Broadcast the chosen name so all ranks agree, then let Lightning do the writing.
+        self.config_filename = trainer.strategy.broadcast(self.config_filename)
+        super().setup(trainer, pl_module, stage)
+
+
+class ClipSamCLI(LightningCLI):
+    """LightningCLI with clipsam's argument links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One frame size for data, CLIP and SAM prompts: set it once, as data.image_size.
+        parser.link_arguments("data.image_size", "model.image_size")
+
+
+def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
+    from clipsam.data.datamodule import AnomalyDataModule
+    from clipsam.module import ClipSamModule
+
+    return ClipSamCLI(
+        ClipSamModule,
+        AnomalyDataModule,
+        save_config_callback=VersionedSaveConfigCallback,
+        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``clipsam`` and ``lightning`` console scripts."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        if args and args[0] == "data":
+            from clipsam.data.cli import data_main
+
+            return data_main(args[1:])
+        _build_cli(args)
+    except ClipSamError as err:
+        print(f"clipsam: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipsam: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

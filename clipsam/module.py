@@ -1,0 +1,413 @@
+"""ClipSamModule: the Lightning glue around the CLIP stage and the SAM stage.
+
+The module owns no math of its own: the CLIP anomaly map comes from
+:class:`clipsam.models.clip.ClipAnomalyModel`, the point prompts (PPG) and the cascade (CPS) from
+:class:`clipsam.models.sam.SamRefiner`, the fusion from :func:`clipsam.fusion.fuse_scores`, the
+metrics from :class:`clipsam.metrics.collection.PerCategoryMetrics`.
+
+Stages:
+- ``fit``: only the CLIP adapters train (Adam, focal + dice loss per tapped layer, METHOD.md).
+  SAM is never built during fit.
+- ``test``: CLIP map -> SAM refinement -> fused pixel scores -> per-category metrics, reported as
+  a table, JSON/CSV in the run directory and W&B (see :mod:`clipsam.reporting`).
+- ``predict``: the same pipeline; :class:`clipsam.callbacks.PredictionWriter` writes one mask PNG
+  and one overlay PNG per image.
+
+Frozen backbones are built in :meth:`configure_model` (not in ``__init__``), so printing or
+validating a config never loads weights. Checkpoints hold the adapter weights and the
+hyper-parameters only (a few MB for ViT-L, not 1.7 GB); loading one rebuilds the frozen parts from
+the config.
+
+Shapes: B batch, H x W the frame (``image_size`` x ``image_size``), L tapped layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from clipsam.errors import ConfigError, WeightsError
+from clipsam.models.clip import ClipConfig
+from clipsam.models.sam import SamConfig
+from clipsam.prompting import PromptConfig
+from clipsam.cascade import CascadeConfig
+
+__all__ = ["ClipSamModule", "OptimizerConfig", "EvalConfig"]
+
+ADAPTER_PREFIX = "clip_model.adapters."
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """Adam for the adapters (METHOD.md: Adam, lr 1e-3, batch 16).
+
+    Attributes:
+        lr: learning rate.
+        betas: Adam's (beta1, beta2).
+        weight_decay: L2 penalty (0 in the paper).
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """How test/predict turn the two stages into pixel scores and reports.
+
+    Attributes:
+        use_sam: run the SAM stage (PPG + CPS). False evaluates the CLIP map alone.
+        fusion: how the SAM mask and the CLIP map become pixel scores
+            (:func:`clipsam.fusion.fuse_scores`; "clip" = CLIP-stage baseline).
+        report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
+            report shows the SAM stage's gain (doubles the score memory of the metric).
+        image_score: how an image score is reduced from the final pixel scores.
+        aupro: also compute pixel AUPRO (FPR limit 0.3).
+        metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
+            "float16" halves memory, approximate).
+        num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
+        predict_dir: root folder of predict outputs; each run writes a fresh ``version_N``.
+        predict_mask_threshold: threshold on the fused score for the written mask when SAM is
+            off (with SAM on, the written mask is SAM's final cascade mask).
+    """
+
+    use_sam: bool = True
+    fusion: str = "mean"
+    report_clip_baseline: bool = True
+    image_score: Literal["max", "mean"] = "max"
+    aupro: bool = False
+    metric_score_dtype: Literal["float32", "float16"] = "float32"
+    num_overlays: int = 8
+    predict_dir: str = "outputs/predict"
+    predict_mask_threshold: float = 0.5
+
+
+def _as_dataclass(cls: type, value: Any) -> Any:
+    """Accept a dataclass instance, a mapping (from a checkpoint's hparams) or None."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"unknown keys {unknown} for {cls.__name__}; valid keys: {sorted(names)}")
+        return cls(**value)
+    raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+def _to_plain(value: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists: hparams that load with torch.load(weights_only=True)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+class ClipSamModule(LightningModule):
+    """CLIP adapters + frozen SAM with PPG and cascaded prompts (arXiv 2510.11028).
+
+    Args:
+        clip: the CLIP stage (backbone, tapped layers, map combination).
+        sam: the SAM variant and checkpoint.
+        prompt: Point Prompt Generation (PPG) settings: k, threshold, dilation kernel.
+        cascade: Cascaded Prompts (CPS) settings: number of decoder steps.
+        optimizer: Adam settings for the adapters.
+        evaluation: fusion, reports and predict outputs.
+        focal_gamma: focal-loss gamma (2 in the paper).
+        image_size: the frame size; linked from ``data.image_size`` by the CLI.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: ClipConfig = ClipConfig(),
+        sam: SamConfig = SamConfig(),
+        prompt: PromptConfig = PromptConfig(),
+        cascade: CascadeConfig = CascadeConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        focal_gamma: float = 2.0,
+        image_size: int = 518,
+    ) -> None:
+        super().__init__()
+        self.clip_config: ClipConfig = _as_dataclass(ClipConfig, clip)
+        self.sam_config: SamConfig = _as_dataclass(SamConfig, sam)
+        self.prompt_config: PromptConfig = _as_dataclass(PromptConfig, prompt)
+        self.cascade_config: CascadeConfig = _as_dataclass(CascadeConfig, cascade)
+        self.optimizer_config: OptimizerConfig = _as_dataclass(OptimizerConfig, optimizer)
+        self.eval_config: EvalConfig = _as_dataclass(EvalConfig, evaluation)
+        self.focal_gamma = float(focal_gamma)
+        self.image_size = int(image_size)
+        self.save_hyperparameters(
+            {
+                "clip": _to_plain(self.clip_config),
+                "sam": _to_plain(self.sam_config),
+                "prompt": _to_plain(self.prompt_config),
+                "cascade": _to_plain(self.cascade_config),
+                "optimizer": _to_plain(self.optimizer_config),
+                "evaluation": _to_plain(self.eval_config),
+                "focal_gamma": self.focal_gamma,
+                "image_size": self.image_size,
+            }
+        )
+        # Frozen parts are missing from checkpoints on purpose; we check adapters ourselves.
+        self.strict_loading = False
+        self.clip_model: torch.nn.Module | None = None
+        self.refiner: torch.nn.Module | None = None
+        self._pending_adapter_state: dict[str, torch.Tensor] | None = None
+        self._categories: list[str] = []
+        self.test_metrics: torch.nn.Module | None = None
+        self.clip_metrics: torch.nn.Module | None = None
+        self._overlays: list[dict[str, Any]] = []
+        self._timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        """Build the frozen CLIP (always) and SAM (test/predict only), once."""
+        if self.clip_model is None:
+            from clipsam.models.clip import build_clip_model
+
+            self.clip_model = build_clip_model(self.clip_config, image_size=self.image_size)
+            if self._pending_adapter_state is not None:
+                self.clip_model.load_adapter_state_dict(self._pending_adapter_state)
+                self._pending_adapter_state = None
+        stage = self._stage()
+        if self.refiner is None and self.eval_config.use_sam and stage in ("test", "validate", "predict"):
+            self.refiner = self._build_refiner()
+
+    def _build_refiner(self) -> torch.nn.Module:
+        from clipsam.models.sam import EmbeddingCache, SamRefiner, build_sam, weights_identity
+
+        sam = build_sam(self.sam_config)
+        cache = None
+        if self.sam_config.embedding_cache_dir:
+            cache = EmbeddingCache(self.sam_config.embedding_cache_dir)
+        return SamRefiner(
+            sam=sam,
+            prompt=self.prompt_config,
+            cascade=self.cascade_config,
+            embedding_cache=cache,
+            weights_id=weights_identity(self.sam_config),
+        )
+
+    def _stage(self) -> str | None:
+        trainer = self._trainer
+        if trainer is None or trainer.state.stage is None:
+            return None
+        return str(trainer.state.stage.value)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapter weights (frozen CLIP/SAM are rebuilt from the config)."""
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        checkpoint["clipsam"] = {
+            "clip_model_name": self.clip_config.model_name,
+            "clip_pretrained": self.clip_config.pretrained,
+            "layers": list(self.clip_config.layers),
+            "adapter_shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Validate the adapters against this config before Lightning loads them."""
+        state = checkpoint.get("state_dict", {})
+        adapters = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        meta = checkpoint.get("clipsam", {})
+        if not adapters:
+            raise WeightsError(
+                "the checkpoint holds no CLIP adapter weights (keys 'clip_model.adapters.*'): "
+                "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
+            )
+        trained_with = meta.get("clip_model_name")
+        if self.clip_model is not None:
+            # Raises WeightsError naming both backbones on any key/shape mismatch.
+            self.clip_model.load_adapter_state_dict(adapters)
+        else:
+            if trained_with is not None and trained_with != self.clip_config.model_name:
+                raise WeightsError(
+                    f"checkpoint adapters were trained for CLIP backbone '{trained_with}' but "
+                    f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
+                    "checkpoint was trained with, or a checkpoint trained for this backbone"
+                )
+            self._pending_adapter_state = adapters
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        assert self.clip_model is not None
+        params = [p for p in self.clip_model.parameters() if p.requires_grad]
+        opt = self.optimizer_config
+        return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        from clipsam.losses import anomaly_loss
+
+        assert self.clip_model is not None
+        out = self.clip_model(batch["image"], batch["category"])
+        losses = anomaly_loss(out.layer_probs, batch["mask"], focal_gamma=self.focal_gamma)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
+        self.log("train/focal", losses["focal"], batch_size=batch_size)
+        self.log("train/dice", losses["dice"], batch_size=batch_size)
+        return losses["loss"]
+
+    # ------------------------------------------------------------------ inference
+    def _segment(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Run both stages on a batch.
+
+        Returns:
+            dict with ``anomaly_map`` (B, H, W) CLIP map in [0, 1] (Map_a), ``scores`` (B, H, W)
+            fused pixel scores in [0, 1], ``mask`` (B, H, W) bool final mask, ``image_scores`` (B,)
+            and ``clip_image_scores`` (B,).
+        """
+        from clipsam.data.transforms import denormalize
+        from clipsam.fusion import fuse_scores
+
+        assert self.clip_model is not None
+        t0 = time.perf_counter()
+        out = self.clip_model(batch["image"], batch["category"])
+        self._add_time("clip_forward", time.perf_counter() - t0)
+        anomaly_map = out.anomaly_map.float()  # (B, H, W) Map_a
+        if self.refiner is None:
+            scores = anomaly_map
+            mask = anomaly_map >= self.eval_config.predict_mask_threshold
+        else:
+            images_uint8 = denormalize(batch["image"])  # (B, 3, H, W) uint8
+            scores_list, masks = [], []
+            for image, amap in zip(images_uint8, anomaly_map):
+                refined = self.refiner.refine(image, amap)
+                for key, seconds in refined.timings.items():
+                    self._add_time(key, seconds)
+                t1 = time.perf_counter()
+                scores_list.append(
+                    fuse_scores(amap, refined.mask_probs, refined.mask, method=self.eval_config.fusion)
+                )
+                self._add_time("fusion", time.perf_counter() - t1)
+                masks.append(refined.mask)
+            scores = torch.stack(scores_list)
+            mask = torch.stack(masks)
+        return {
+            "anomaly_map": anomaly_map,
+            "scores": scores,
+            "mask": mask,
+            "image_scores": self._image_score(scores),
+            "clip_image_scores": self._image_score(anomaly_map),
+        }
+
+    def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.flatten(1)
+        return flat.amax(dim=1) if self.eval_config.image_score == "max" else flat.mean(dim=1)
+
+    def _add_time(self, key: str, seconds: float) -> None:
+        self._timings[key] = self._timings.get(key, 0.0) + float(seconds)
+
+    # ------------------------------------------------------------------ test
+    def on_test_start(self) -> None:
+        from clipsam.metrics.collection import PerCategoryMetrics
+
+        datamodule = getattr(self.trainer, "datamodule", None)
+        categories = list(getattr(datamodule, "test_categories", []) or [])
+        if not categories:
+            raise ConfigError("the test dataset has no categories: check data.test")
+        self._categories = categories
+        dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
+        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype}
+        self.test_metrics = PerCategoryMetrics(categories, **kwargs).to(self.device)
+        self.clip_metrics = None
+        if self.eval_config.report_clip_baseline and self.refiner is not None and self.eval_config.fusion != "clip":
+            self.clip_metrics = PerCategoryMetrics(categories, **kwargs).to(self.device)
+        self._overlays = []
+        self._timings = {}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        result = self._segment(batch)
+        cat_index = {c: i for i, c in enumerate(self._categories)}
+        category_ids = torch.tensor([cat_index[c] for c in batch["category"]], device=self.device)
+        common = {
+            "masks": batch["mask"] > 0.5,
+            "labels": batch["label"],
+            "category_ids": category_ids,
+            "sample_ids": batch["index"],
+            "has_mask": batch["has_mask"],
+        }
+        assert self.test_metrics is not None
+        self.test_metrics.update(result["scores"], image_scores=result["image_scores"], **common)
+        if self.clip_metrics is not None:
+            self.clip_metrics.update(result["anomaly_map"], image_scores=result["clip_image_scores"], **common)
+        self._collect_overlays(batch, result)
+
+    def _collect_overlays(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:
+        from clipsam.data.transforms import denormalize
+
+        budget = self.eval_config.num_overlays - len(self._overlays)
+        if budget <= 0 or not self.trainer.is_global_zero:
+            return
+        # Prefer anomalous images: they show what the method does.
+        order = sorted(range(len(batch["path"])), key=lambda i: -int(batch["label"][i]))
+        for i in order[:budget]:
+            self._overlays.append(
+                {
+                    "path": batch["path"][i],
+                    "category": batch["category"][i],
+                    "image": denormalize(batch["image"][i]).cpu(),
+                    "gt": (batch["mask"][i] > 0.5).cpu(),
+                    "clip_map": result["anomaly_map"][i].cpu(),
+                    "scores": result["scores"][i].cpu(),
+                    "mask": result["mask"][i].cpu(),
+                }
+            )
+
+    def on_test_epoch_end(self) -> None:
+        from clipsam.reporting import report_test_results
+
+        assert self.test_metrics is not None
+        results = self.test_metrics.compute()
+        baseline = self.clip_metrics.compute() if self.clip_metrics is not None else None
+        for key, value in results["mean"].items():
+            self.log(f"test/{key}", float(value), sync_dist=False, rank_zero_only=True)
+        for category, values in results["per_category"].items():
+            for key, value in values.items():
+                if isinstance(value, float):
+                    self.log(f"test/{category}/{key}", value, rank_zero_only=True)
+        if baseline is not None:
+            for key, value in baseline["mean"].items():
+                self.log(f"test_clip_only/{key}", float(value), rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            report_test_results(
+                trainer=self.trainer,
+                results=results,
+                baseline=baseline,
+                overlays=self._overlays,
+                timings=self._timings,
+                config=dict(self.hparams),
+            )
+        self.test_metrics.reset()
+        if self.clip_metrics is not None:
+            self.clip_metrics.reset()
+        self._overlays = []
+
+    # ------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        result = self._segment(batch)
+        return {
+            "path": list(batch["path"]),
+            "original_size": batch["original_size"].cpu(),
+            "scores": result["scores"].to(torch.float16).cpu(),  # (B, H, W), half to keep memory low
+            "mask": result["mask"].cpu(),
+            "image_scores": result["image_scores"].cpu(),
+        }
+
+    def configure_callbacks(self) -> list[Any]:
+        from clipsam.callbacks import PredictionWriter
+
+        return [PredictionWriter(self.eval_config.predict_dir)]

@@ -1,0 +1,220 @@
+"""Reporting at the end of ``clipsam test``: console table, JSON/CSV files, W&B.
+
+Everything goes to the run directory (``trainer.log_dir``, a fresh ``version_N`` per run):
+
+```
+metrics.json     per-category and mean metrics, the CLIP-only baseline, timings, config
+metrics.csv      one row per category (+ "mean"), the table printed on the console
+overlays/*.png   image | ground truth | CLIP map | final scores | final mask, per logged image
+```
+
+With a :class:`~lightning.pytorch.loggers.WandbLogger` (offline by default in the shipped configs)
+the same numbers go to W&B: scalars with per-category keys (logged by the module), a
+``metrics/per_category`` table, an ``examples`` table with the overlay panels, and a
+``pr_curve/<category>`` line plot per category when the results carry PR-curve points.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipsam.io import atomic_write
+
+__all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
+
+# Column order of the report; keys missing from the results are skipped.
+METRIC_COLUMNS = (
+    "pixel_auroc",
+    "pixel_f1_max",
+    "pixel_ap",
+    "pixel_aupro",
+    "image_auroc",
+    "image_f1_max",
+    "image_ap",
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100.0 * value:.1f}"
+    return str(value)
+
+
+def _columns(results: dict[str, Any]) -> list[str]:
+    present: set[str] = set(results.get("mean", {}))
+    for values in results.get("per_category", {}).values():
+        present.update(values)
+    return [c for c in METRIC_COLUMNS if c in present]
+
+
+def table_rows(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings, metrics in percent) of the per-category table."""
+    columns = _columns(results)
+    header = ["category", "images", *columns]
+    rows: list[list[str]] = []
+    for category, values in results.get("per_category", {}).items():
+        rows.append([category, str(values.get("num_images", "")), *(_fmt(values.get(c)) for c in columns)])
+    rows.append(["mean", str(results.get("num_images", "")), *(_fmt(results["mean"].get(c)) for c in columns)])
+    if baseline is not None:
+        rows.append(["mean (CLIP only)", "", *(_fmt(baseline["mean"].get(c)) for c in columns)])
+    return header, rows
+
+
+def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None, *, title: str = "clipsam test") -> Any:
+    """A :class:`rich.table.Table` of the per-category metrics (percent)."""
+    from rich.table import Table
+
+    header, rows = table_rows(results, baseline)
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row, end_section=row[0] in ("mean",) and baseline is not None)
+    return table
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_metrics_files(run_dir: Path, payload: dict[str, Any], results: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Path]:
+    """Write ``metrics.json`` and ``metrics.csv`` atomically into ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = run_dir / "metrics.json", run_dir / "metrics.csv"
+    with atomic_write(json_path) as tmp:
+        tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
+    columns = _columns(results)
+    with atomic_write(csv_path) as tmp:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["category", "num_images", *columns])
+            for category, values in results.get("per_category", {}).items():
+                writer.writerow([category, values.get("num_images", ""), *(_jsonable(values.get(c)) for c in columns)])
+            writer.writerow(["mean", results.get("num_images", ""), *(_jsonable(results["mean"].get(c)) for c in columns)])
+            if baseline is not None:
+                writer.writerow(["mean_clip_only", "", *(_jsonable(baseline["mean"].get(c)) for c in columns)])
+    return {"json": json_path, "csv": csv_path}
+
+
+def _colorize(values: np.ndarray) -> np.ndarray:
+    import cv2
+
+    heat = cv2.applyColorMap(np.clip(values * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+
+
+def render_panel(overlay: dict[str, Any]) -> np.ndarray:
+    """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8."""
+    image = overlay["image"].permute(1, 2, 0).numpy().astype(np.uint8)
+    gt = np.repeat(overlay["gt"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
+    clip_map = _colorize(overlay["clip_map"].float().numpy())
+    scores = _colorize(overlay["scores"].float().numpy())
+    mask = np.repeat(overlay["mask"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
+    return np.concatenate([image, gt, clip_map, scores, mask], axis=1)
+
+
+def _wandb_logger(trainer: Any) -> Any:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, WandbLogger):
+            return logger
+    return None
+
+
+def report_test_results(
+    *,
+    trainer: Any,
+    results: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    overlays: list[dict[str, Any]],
+    timings: dict[str, float],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """Print the table and write every report of a test run (rank 0 only).
+
+    Returns:
+        dict of the written paths ("json", "csv", "overlays", and "wandb" when a W&B run exists).
+    """
+    from rich.console import Console
+
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    num_images = int(results.get("num_images", 0)) or 1
+    payload = {
+        "results": results,
+        "clip_only": baseline,
+        "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
+        "config": config,
+    }
+    paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline)
+
+    overlay_dir = run_dir / "overlays"
+    panels = []
+    for i, overlay in enumerate(overlays):
+        panel = render_panel(overlay)
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+        path = overlay_dir / f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}.png"
+        with atomic_write(path) as tmp:
+            Image.fromarray(panel).save(tmp, format="PNG")
+        panels.append((overlay, panel))
+    paths["overlays"] = overlay_dir
+
+    console = Console()
+    console.print(format_table(results, baseline))
+    console.print(f"metrics: {paths['json']}  {paths['csv']}")
+    if panels:
+        console.print(f"overlays: {overlay_dir}  (image | ground truth | CLIP map | final scores | final mask)")
+
+    wandb_logger = _wandb_logger(trainer)
+    if wandb_logger is not None:
+        paths["wandb"] = _log_to_wandb(wandb_logger, results, baseline, panels)
+        console.print(f"W&B run: {paths['wandb']}")
+    return paths
+
+
+def _log_to_wandb(logger: Any, results: dict[str, Any], baseline: dict[str, Any] | None, panels: list[tuple[dict[str, Any], np.ndarray]]) -> str:
+    import wandb
+
+    run = logger.experiment
+    header, rows = table_rows(results, baseline)
+    columns = _columns(results)
+    table = wandb.Table(columns=["category", "num_images", *columns])
+    for category, values in results.get("per_category", {}).items():
+        table.add_data(category, values.get("num_images"), *(_jsonable(values.get(c)) for c in columns))
+    table.add_data("mean", results.get("num_images"), *(_jsonable(results["mean"].get(c)) for c in columns))
+    payload: dict[str, Any] = {"metrics/per_category": table}
+    if panels:
+        examples = wandb.Table(columns=["category", "path", "panel (image | gt | CLIP map | scores | mask)"])
+        for overlay, panel in panels:
+            examples.add_data(overlay["category"], overlay["path"], wandb.Image(panel))
+        payload["examples"] = examples
+        payload["overlays"] = [wandb.Image(panel, caption=f"{o['category']}: {Path(o['path']).name}") for o, panel in panels]
+    for category, values in results.get("per_category", {}).items():
+        curve = values.get("pr_curve")
+        if curve:
+            recall, precision = curve["recall"], curve["precision"]
+            data = [[r, p] for r, p in zip(recall, precision)]
+            pr_table = wandb.Table(data=data, columns=["recall", "precision"])
+            payload[f"pr_curve/{category}"] = wandb.plot.line(pr_table, "recall", "precision", title=f"PR curve: {category}")
+    run.log(payload)
+    return str(getattr(run, "dir", "") or logger.save_dir)
