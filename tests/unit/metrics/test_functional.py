@@ -1,0 +1,196 @@
+"""clipsam.metrics.functional against scikit-learn."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from clipsam.metrics import MetricUndefinedWarning, aupro, image_metrics, pixel_metrics
+
+
+def sklearn_metrics(scores, labels) -> dict[str, float]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(int)
+    precision, recall, _ = precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {"auroc": roc_auc_score(y, s), "f1_max": float(f1.max()), "ap": average_precision_score(y, s)}
+
+
+def assert_close(ours: dict, ref: dict, tol: float = 1e-12) -> None:
+    assert set(ours) == {"auroc", "f1_max", "ap"}
+    for k in ref:
+        assert isinstance(ours[k], float)
+        assert ours[k] == pytest.approx(ref[k], abs=tol), k
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 3, None])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_equals_sklearn_with_ties(decimals, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(5000) < rng.uniform(0.02, 0.5)
+    scores = rng.random(5000) + 0.3 * labels  # informative
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    scores = scores.astype(np.float32)
+    assert_close(pixel_metrics(torch.from_numpy(scores), torch.from_numpy(labels)), sklearn_metrics(scores, labels))
+    assert_close(pixel_metrics(scores, labels), sklearn_metrics(scores, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32])
+def test_label_dtypes(dtype):
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(np.round(rng.random((4, 16, 16)), 1).astype(np.float32))
+    labels = torch.from_numpy(rng.random((4, 16, 16)) < 0.2)
+    ref = sklearn_metrics(scores.numpy(), labels.numpy())
+    assert_close(pixel_metrics(scores, labels.to(dtype)), ref)
+
+
+def test_multidimensional_and_score_dtypes():
+    rng = np.random.default_rng(4)
+    scores = torch.rand(3, 2, 20, 20, generator=torch.Generator().manual_seed(0))
+    labels = torch.from_numpy(rng.random((3, 2, 20, 20)) < 0.1)
+    ref = sklearn_metrics(scores.numpy(), labels.numpy())
+    assert_close(pixel_metrics(scores, labels), ref)
+    assert_close(pixel_metrics(scores.double(), labels), ref)
+    half = scores.half()
+    assert_close(pixel_metrics(half, labels), sklearn_metrics(half.float().numpy(), labels.numpy()))
+    # labels may have a different shape as long as the sizes match (both are flattened)
+    assert_close(pixel_metrics(scores, labels.reshape(-1)), ref)
+
+
+def test_all_tied_scores():
+    labels = np.array([0, 1, 0, 0, 1, 1, 0, 0], dtype=bool)
+    scores = np.full(labels.shape, 0.7, dtype=np.float32)
+    ours = pixel_metrics(scores, labels)
+    assert_close(ours, sklearn_metrics(scores, labels))
+    assert ours == {"auroc": 0.5, "f1_max": pytest.approx(2 * 3 / (8 + 3)), "ap": pytest.approx(3 / 8)}
+
+
+def test_hand_computed():
+    # scores sorted descending: 0.9(+) 0.8(-) 0.7(+) 0.6(-)
+    scores = torch.tensor([0.6, 0.9, 0.7, 0.8])
+    labels = torch.tensor([0, 1, 1, 0])
+    out = pixel_metrics(scores, labels)
+    assert out["auroc"] == pytest.approx(0.75)  # 3 of 4 pairs ordered
+    assert out["ap"] == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3)
+    assert out["f1_max"] == pytest.approx(max(2 * 1 / (1 + 0 + 2), 2 * 2 / (2 + 1 + 2)))
+
+
+def test_perfect_and_inverted():
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9], dtype=np.float32)
+    assert pixel_metrics(scores, labels) == {"auroc": 1.0, "f1_max": 1.0, "ap": 1.0}
+    inv = pixel_metrics(-scores, labels)
+    assert_close(inv, sklearn_metrics(-scores, labels))
+    assert inv["auroc"] == 0.0
+
+
+def test_no_positive_is_nan_with_warning():
+    scores = np.array([0.1, 0.5, 0.3], dtype=np.float32)
+    with pytest.warns(MetricUndefinedWarning, match="no positive"):
+        out = pixel_metrics(scores, np.zeros(3, dtype=bool))
+    assert all(np.isnan(v) for v in out.values())
+    assert set(out) == {"auroc", "f1_max", "ap"}
+
+
+def test_no_negative_auroc_nan_others_one():
+    scores = np.array([0.1, 0.5, 0.3], dtype=np.float32)
+    with pytest.warns(MetricUndefinedWarning, match="no negative"):
+        out = image_metrics(scores, np.ones(3, dtype=np.int64))
+    assert np.isnan(out["auroc"])
+    assert out["ap"] == 1.0 and out["f1_max"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert out["ap"] == pytest.approx(average_precision_score(np.ones(3), scores))
+
+
+def test_two_classes_emit_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixel_metrics(np.array([0.1, 0.2]), np.array([0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels", "match"),
+    [
+        (np.zeros(4, np.float32), np.zeros(3, bool), "same number of elements"),
+        (np.zeros(3, np.float32), np.array([0, 1, 2]), "binary"),
+        (np.zeros(3, np.float32), np.array([0, -1, 1]), "binary"),
+        (np.zeros(3, np.float32), np.array([0.0, 0.5, 1.0]), "binary"),
+        (np.array([0.1, np.nan, 0.3], np.float32), np.array([0, 1, 0]), "NaN"),
+        (np.array([0.1, np.nan, 0.3], np.float32), np.array([0, 0, 0]), "NaN"),
+        (np.zeros(0, np.float32), np.zeros(0, bool), "empty"),
+        (np.zeros(3, bool), np.array([0, 1, 0]), "float"),
+    ],
+)
+def test_bad_inputs_raise(scores, labels, match):
+    with pytest.raises(ValueError, match=match):
+        pixel_metrics(scores, labels)
+
+
+def test_does_not_modify_inputs():
+    scores = torch.tensor([0.3, 0.1, 0.2, 0.9])
+    labels = torch.tensor([True, False, False, True])
+    before = scores.clone()
+    pixel_metrics(scores, labels)
+    assert torch.equal(scores, before)
+
+
+# --------------------------------------------------------------------------------------------
+# AUPRO
+
+
+def reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
+    """Brute force: one curve point per distinct score, regions per image (4-connectivity)."""
+    from scipy import ndimage
+
+    regions = []
+    for m, g in zip(maps, masks):
+        lab, n = ndimage.label(g)
+        regions += [m[lab == i + 1] for i in range(n)]
+    bg = maps[~masks]
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps):
+        fprs.append(float(np.mean(bg >= t)))
+        pros.append(float(np.mean([np.mean(r >= t) for r in regions])))
+    order = np.lexsort((pros, fprs))
+    f, p = np.asarray(fprs)[order], np.asarray(pros)[order]
+    grid_f = np.append(f[f <= fpr_limit], fpr_limit)
+    grid_p = np.append(p[f <= fpr_limit], np.interp(fpr_limit, f, p))
+    return float(np.trapezoid(grid_p, grid_f) / fpr_limit)
+
+
+def test_aupro_matches_brute_force_when_thresholds_cover_all_scores():
+    rng = np.random.default_rng(5)
+    masks = np.zeros((3, 24, 24), dtype=bool)
+    masks[0, 2:8, 2:8] = True
+    masks[0, 15:20, 10:22] = True
+    masks[1, 5:18, 5:9] = True
+    # 17 levels on a 1/16 grid: exactly the thresholds linspace(0, 1, 17) samples
+    maps = (np.minimum(rng.integers(0, 17, size=masks.shape) + 4 * masks, 16) / 16).astype(np.float32)
+    assert np.unique(maps).size == 17
+    ours = aupro(torch.from_numpy(maps), torch.from_numpy(masks), num_thresholds=17)
+    assert ours == pytest.approx(reference_aupro(maps, masks, 0.3), abs=1e-9)
+    assert 0.0 < ours < 1.0
+
+
+def test_aupro_perfect_and_tied():
+    masks = np.zeros((2, 10, 10), dtype=bool)
+    masks[0, 2:5, 2:5] = True
+    assert aupro(masks.astype(np.float32), masks) == pytest.approx(1.0)
+    # one tied score: the curve is the diagonal, area to 0.3 is 0.3^2 / 2, normalised 0.15
+    assert aupro(np.zeros((2, 10, 10), np.float32), masks) == pytest.approx(0.15)
+
+
+def test_aupro_undefined_and_bad_inputs():
+    with pytest.warns(MetricUndefinedWarning, match="no anomalous region"):
+        assert np.isnan(aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool)))
+    with pytest.raises(ValueError, match="same shape"):
+        aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 5), bool))
+    with pytest.raises(ValueError, match="fpr_limit"):
+        aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool), fpr_limit=0.0)
