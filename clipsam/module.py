@@ -321,7 +321,8 @@ class ClipSamModule(LightningModule):
             raise ConfigError("the test dataset has no categories: check data.test")
         self._categories = categories
         dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
-        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype}
+        # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
+        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
         self.test_metrics = PerCategoryMetrics(categories, **kwargs).to(self.device)
         self.clip_metrics = None
         if self.eval_config.report_clip_baseline and self.refiner is not None and self.eval_config.fusion != "clip":

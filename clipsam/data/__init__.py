@@ -1,0 +1,45 @@
+"""Datasets: parsing and validation, transforms, the DataModule, synthetic data and downloads.
+
+- :mod:`~clipsam.data.samples`: :class:`Sample`, image/mask readers, :func:`validate_samples`;
+- :mod:`~clipsam.data.mvtec`, :mod:`~clipsam.data.visa`, :mod:`~clipsam.data.folder`: parsers;
+- :mod:`~clipsam.data.transforms`: resize to the frame + CLIP normalisation, :func:`denormalize`;
+- :mod:`~clipsam.data.dataset`: :class:`AnomalyDataset` (the Data contract of docs/design.md);
+- :mod:`~clipsam.data.datamodule`: :class:`AnomalyDataModule`, :class:`DatasetSpec`;
+- :mod:`~clipsam.data.synthetic`: :func:`render_sample`, :func:`generate_synthetic`;
+- :mod:`~clipsam.data.download`: :func:`download_dataset`, :func:`detect_layout`.
+"""
+
+from clipsam.data.datamodule import AnomalyDataModule, DatasetSpec
+from clipsam.data.dataset import AnomalyDataset
+from clipsam.data.download import detect_layout, download_dataset
+from clipsam.data.folder import list_images, parse_folder
+from clipsam.data.mvtec import MVTEC_CATEGORIES, parse_mvtec
+from clipsam.data.samples import Sample, validate_samples
+from clipsam.data.synthetic import DEFECT_TYPES, SYNTH_CATEGORIES, generate_synthetic, render_sample
+from clipsam.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig, build_transform, denormalize
+from clipsam.data.visa import VISA_CATEGORIES, parse_visa
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DEFECT_TYPES",
+    "MVTEC_CATEGORIES",
+    "SYNTH_CATEGORIES",
+    "VISA_CATEGORIES",
+    "AnomalyDataModule",
+    "AnomalyDataset",
+    "AugmentConfig",
+    "DatasetSpec",
+    "Sample",
+    "build_transform",
+    "denormalize",
+    "detect_layout",
+    "download_dataset",
+    "generate_synthetic",
+    "list_images",
+    "parse_folder",
+    "parse_mvtec",
+    "parse_visa",
+    "render_sample",
+    "validate_samples",
+]

@@ -1,0 +1,251 @@
+"""The LightningDataModule of the cross-dataset protocol: fit reads one dataset, test another.
+
+One config serves zero-shot evaluation::
+
+    data:
+      train: {format: mvtec, root: ${oc.env:MVTEC_ROOT,data/mvtec}}     # fit: auxiliary dataset
+      test:  {format: visa,  root: ${oc.env:VISA_ROOT,data/visa}}       # test/validate: target
+      image_size: 518
+
+Per METHOD.md the fit stage trains on the auxiliary dataset's TEST split (only it has anomalies
+and masks), so :class:`DatasetSpec` defaults to ``split="test"`` for both stages. ``predict``
+reads a plain folder of the user's images (``predict_dir``).
+
+Every stage parses and validates its dataset in ``setup`` (:func:`clipsam.data.samples.
+validate_samples`), so a broken layout fails before the first step with one message naming the
+file. During ``fit`` the test dataset is not read: no validation on the zero-shot target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, default_collate
+
+from clipsam.data.dataset import AnomalyDataset
+from clipsam.data.folder import list_images, parse_folder
+from clipsam.data.mvtec import parse_mvtec
+from clipsam.data.samples import Sample, ValidationMode, validate_samples
+from clipsam.data.transforms import AugmentConfig, build_transform
+from clipsam.data.visa import parse_visa
+from clipsam.errors import ConfigError, DatasetError
+
+__all__ = ["AnomalyDataModule", "DatasetSpec", "parse_spec"]
+
+log = logging.getLogger(__name__)
+
+_NAMES = {"mvtec": "MVTec-AD", "visa": "VisA", "folder": "image folder"}
+_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT"}
+
+
+@dataclass
+class DatasetSpec:
+    """Which dataset a stage reads.
+
+    Attributes:
+        format: ``"mvtec"`` (MVTec-AD layout), ``"visa"`` (VisA with ``split_csv/1cls.csv``) or
+            ``"folder"`` (``good/``, ``anomalous/``, optional ``masks/``; see
+            :mod:`clipsam.data.folder`).
+        root: dataset folder; ``~`` is expanded. In YAML configs use
+            ``${oc.env:MVTEC_ROOT,data/mvtec}``.
+        categories: category names to read; None reads all present (folder: ignored, the
+            category is the root's folder name).
+        split: ``"test"`` (default: normal + anomalous images with masks, used for training too,
+            per the protocol) or ``"train"`` (normal images only). Ignored for ``folder``.
+    """
+
+    format: Literal["mvtec", "visa", "folder"]
+    root: str
+    categories: list[str] | None = None
+    split: Literal["train", "test"] = "test"
+
+
+def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sample], bool, str]:
+    """Parse the dataset a spec names.
+
+    Args:
+        spec: the dataset spec.
+        key: its config key, for messages (``"data.train"`` or ``"data.test"``).
+
+    Returns:
+        ``(samples, require_masks, what)``: the samples, whether anomalous images must have
+        masks (False for folder datasets), and a description for validation messages.
+
+    Raises:
+        ConfigError: unknown format or empty root.
+        DatasetError: the root does not exist, or the parser's own layout errors.
+    """
+    if spec.format not in _NAMES:
+        raise ConfigError(f"{key}.format is {spec.format!r}: use one of {', '.join(_NAMES)}")
+    if not str(spec.root).strip():
+        env = f" (or the {_ENV[spec.format]} environment variable)" if spec.format in _ENV else ""
+        raise ConfigError(f"{key}.root is empty: set it{env} to the {_NAMES[spec.format]} folder")
+    root = Path(os.path.expanduser(str(spec.root)))
+    if not root.is_dir():
+        hint = f" or the {_ENV[spec.format]} environment variable" if spec.format in _ENV else ""
+        fetch = (
+            f", or run `clipsam data download {spec.format} --root {root}`" if spec.format in _ENV else ""
+        )
+        raise DatasetError(f"{_NAMES[spec.format]} root {root} does not exist: set {key}.root{hint}{fetch}")
+    if spec.format == "mvtec":
+        samples = parse_mvtec(root, categories=spec.categories, split=spec.split)
+    elif spec.format == "visa":
+        samples = parse_visa(root, categories=spec.categories, split=spec.split)
+    else:
+        samples = parse_folder(root)
+    what = f"{_NAMES[spec.format]} root {root}" + ("" if spec.format == "folder" else f", split {spec.split!r}")
+    if spec.categories:
+        what += f", categories {', '.join(spec.categories)}"
+    return samples, spec.format != "folder", what
+
+
+class AnomalyDataModule(LightningDataModule):
+    """Data for fit (``train`` spec), validate/test (``test`` spec) and predict (``predict_dir``).
+
+    Args:
+        train: dataset the adapters train on (``clipsam fit``).
+        test: dataset evaluated zero-shot (``clipsam test`` / ``validate``).
+        predict_dir: folder of images to predict on (searched recursively; non-image files are
+            skipped and listed in one warning).
+        image_size: side of the square frame every image is resized to.
+        batch_size: training batch size.
+        test_batch_size: batch size of validate/test/predict.
+        num_workers: dataloader worker processes.
+        augment: training augmentations (None: none; test/predict never augment).
+        validation: how thoroughly files are checked in ``setup`` (``"full"`` decodes all,
+            ``"headers"`` reads sizes only, ``"off"``).
+        seed: seeds the training shuffle and augmentations.
+        predict_category: object name for predict images (used in the text prompts); None uses
+            each image's parent folder name.
+    """
+
+    def __init__(
+        self,
+        *,
+        train: DatasetSpec | None = None,
+        test: DatasetSpec | None = None,
+        predict_dir: str | None = None,
+        image_size: int = 518,
+        batch_size: int = 16,
+        test_batch_size: int = 8,
+        num_workers: int = 2,
+        augment: AugmentConfig | None = None,
+        validation: Literal["full", "headers", "off"] = "full",
+        seed: int = 0,
+        predict_category: str | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size <= 0:
+            raise ConfigError(f"data.image_size must be positive, got {image_size}")
+        if batch_size <= 0 or test_batch_size <= 0:
+            raise ConfigError("data.batch_size and data.test_batch_size must be positive")
+        if validation not in ("full", "headers", "off"):
+            raise ConfigError(f"data.validation is {validation!r}: use 'full', 'headers' or 'off'")
+        self.train_spec = train
+        self.test_spec = test
+        self.predict_dir = predict_dir
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.test_batch_size = test_batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.validation: ValidationMode = validation
+        self.seed = seed
+        self.predict_category = predict_category
+        self.skipped_files: list[Path] = []
+        self.train_dataset: AnomalyDataset | None = None
+        self.test_dataset: AnomalyDataset | None = None
+        self.predict_dataset: AnomalyDataset | None = None
+
+    # ---------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        """Parse and validate the dataset of ``stage`` (fit, validate, test or predict)."""
+        if stage == "fit":
+            self.train_dataset = self._build(self.train_spec, "data.train", "fit", augment=self.augment)
+        elif stage in ("validate", "test"):
+            self.test_dataset = self._build(self.test_spec, "data.test", stage, augment=None)
+        elif stage == "predict":
+            self.predict_dataset = self._build_predict()
+        else:
+            raise ConfigError(f"unknown stage {stage!r}: use fit, validate, test or predict")
+
+    def _build(
+        self, spec: DatasetSpec | None, key: str, command: str, *, augment: AugmentConfig | None
+    ) -> AnomalyDataset:
+        if spec is None:
+            need = "a training dataset" if command == "fit" else "a dataset to evaluate"
+            raise ConfigError(f"{key} is not set: `clipsam {command}` needs {need}")
+        samples, require_masks, what = parse_spec(spec, key=key)
+        validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
+        transform = build_transform(self.image_size, augment=augment, seed=self.seed)
+        return AnomalyDataset(samples, transform)
+
+    def _build_predict(self) -> AnomalyDataset:
+        if not self.predict_dir:
+            raise ConfigError("data.predict_dir is not set: `clipsam predict` needs a folder of images")
+        folder = Path(os.path.expanduser(self.predict_dir))
+        images, self.skipped_files = list_images(folder)
+        if self.skipped_files:
+            listed = ", ".join(str(p) for p in self.skipped_files[:20])
+            more = f" and {len(self.skipped_files) - 20} more" if len(self.skipped_files) > 20 else ""
+            log.warning("skipping %d non-image file(s) in %s: %s%s", len(self.skipped_files), folder, listed, more)
+        if not images:
+            raise DatasetError(
+                f"0 images found in {folder} (data.predict_dir): put .png/.jpg/... files there"
+            )
+        samples = [Sample(p, None, -1, self.predict_category or p.parent.name, "unknown") for p in images]
+        validate_samples(samples, check=self.validation, what=f"predict folder {folder}", require_masks=False)
+        return AnomalyDataset(samples, build_transform(self.image_size), has_labels=False)
+
+    # ------------------------------------------------------------------------------ accessors
+    @property
+    def test_categories(self) -> list[str]:
+        """Sorted category names of the test dataset (available after ``setup("test")``)."""
+        if self.test_dataset is None:
+            raise RuntimeError("test_categories is available after datamodule.setup('test') or setup('validate')")
+        return sorted({s.category for s in self.test_dataset.samples})
+
+    @property
+    def train_categories(self) -> list[str]:
+        """Sorted category names of the training dataset (available after ``setup("fit")``)."""
+        if self.train_dataset is None:
+            raise RuntimeError("train_categories is available after datamodule.setup('fit')")
+        return sorted({s.category for s in self.train_dataset.samples})
+
+    # ---------------------------------------------------------------------------- dataloaders
+    def _loader(self, dataset: AnomalyDataset | None, stage: str, *, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call datamodule.setup({stage!r}) before asking for its dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=default_collate,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "fit", batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        # ``validate`` evaluates the test spec; during ``fit`` (no test dataset set up) there is
+        # no validation loop: looking at the zero-shot target while training would break it.
+        if self.test_dataset is None:
+            return []
+        return self._loader(self.test_dataset, "validate", batch_size=self.test_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", batch_size=self.test_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, "predict", batch_size=self.test_batch_size, shuffle=False)

@@ -1,0 +1,86 @@
+"""The torch Dataset over parsed samples; its items follow the Data contract of docs/design.md.
+
+Dimension symbols: H x W frame (``image_size`` x ``image_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clipsam.data.samples import Sample, read_image, read_mask
+from clipsam.errors import DatasetError
+
+__all__ = ["AnomalyDataset"]
+
+
+class AnomalyDataset(Dataset):
+    """Samples -> frame tensors.
+
+    Each item is a dict:
+
+    - ``image`` float32 (3, H, W): CLIP-normalised frame image;
+    - ``mask`` float32 (H, W) in {0, 1}: ground truth; zeros for normal images and for images
+      without a mask;
+    - ``has_mask`` bool (0-d tensor): False for an anomalous image without a mask, and for every
+      image when ``has_labels`` is False;
+    - ``label`` int64 (0-d): 0 normal, 1 anomalous, -1 unknown (``has_labels`` False);
+    - ``category`` str; ``path`` str (image file);
+    - ``index`` int64 (0-d): position in this dataset;
+    - ``original_size`` int64 (2,): (height, width) of the file on disk.
+
+    ``torch.utils.data.default_collate`` batches these (strings become lists of str).
+
+    Args:
+        samples: the parsed samples.
+        transform: albumentations-style callable, ``transform(image=uint8 (H0,W0,3),
+            mask=uint8 (H0,W0)) -> {"image": (3,H,W) float32, "mask": (H,W)}``
+            (:func:`clipsam.data.transforms.build_transform`).
+        has_labels: False for images to predict on: labels are -1 and masks are not read.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[..., dict[str, Any]],
+        *,
+        has_labels: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.has_labels = has_labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = read_image(sample.image_path)  # (H0, W0, 3) uint8
+        height, width = image.shape[:2]
+        has_mask = self.has_labels and (sample.label == 0 or sample.mask_path is not None)
+        mask = np.zeros((height, width), dtype=np.uint8)
+        if self.has_labels and sample.mask_path is not None:
+            gt = read_mask(sample.mask_path)  # (H0, W0) bool
+            if gt.shape != (height, width):
+                raise DatasetError(
+                    f"mask {sample.mask_path} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image "
+                    f"{sample.image_path} is {width}x{height}: fix or remove the pair"
+                )
+            mask = gt.astype(np.uint8)
+        out = self.transform(image=image, mask=mask)
+        frame = out["image"]
+        frame_mask = torch.as_tensor(out["mask"]).to(torch.float32)  # (H, W) in {0, 1}
+        return {
+            "image": frame.to(torch.float32),
+            "mask": frame_mask,
+            "has_mask": torch.tensor(has_mask, dtype=torch.bool),
+            "label": torch.tensor(sample.label if self.has_labels else -1, dtype=torch.int64),
+            "category": sample.category,
+            "path": str(sample.image_path),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "original_size": torch.tensor([height, width], dtype=torch.int64),
+        }

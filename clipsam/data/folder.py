@@ -1,0 +1,119 @@
+"""Datasets of the user's own images: a labelled folder, or a plain folder to predict on.
+
+Labelled folder layout (defaults; every folder name is an argument)::
+
+    <root>/good/**/*.png|jpg|...         normal images (label 0)
+    <root>/anomalous/**/*.png|jpg|...    anomalous images (label 1); a sub-folder name becomes
+                                         the defect type, images directly inside get "anomalous"
+    <root>/masks/**/<stem>.png           optional masks, matched to anomalous images by file stem
+                                         (``<stem>.png`` or ``<stem>_mask.png``); any non-zero
+                                         pixel is anomalous
+
+Masks are optional: without a ``masks`` folder only image-level results exist (anomalous images
+get ``mask_path=None`` and the dataset reports ``has_mask=False``). When the masks folder exists,
+every anomalous image must have a mask (a half-annotated set would silently skew pixel metrics).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from clipsam.data.samples import Sample, is_image_file
+from clipsam.errors import DatasetError
+
+__all__ = ["list_images", "parse_folder"]
+
+
+def list_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> tuple[list[Path], list[Path]]:
+    """Split the files of ``folder`` into images and everything else.
+
+    Args:
+        folder: the directory to list.
+        recursive: descend into sub-folders (default), skipping hidden folders.
+
+    Returns:
+        ``(images, skipped)``: image files by suffix (:data:`~clipsam.data.samples.IMAGE_EXTENSIONS`,
+        case-insensitive), and the other files (hidden files included), both sorted by path.
+
+    Raises:
+        DatasetError: ``folder`` does not exist or is not a directory.
+    """
+    base = Path(os.path.expanduser(os.fspath(folder)))
+    if not base.is_dir():
+        raise DatasetError(f"image folder {base} does not exist or is not a directory: check the path")
+    images: list[Path] = []
+    skipped: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+        for name in filenames:
+            path = Path(dirpath) / name
+            (images if is_image_file(path) else skipped).append(path)
+    return sorted(images), sorted(skipped)
+
+
+def _mask_index(mask_root: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for path in list_images(mask_root)[0]:
+        stem = path.stem[: -len("_mask")] if path.stem.endswith("_mask") else path.stem
+        if stem in index:
+            raise DatasetError(
+                f"two masks for image stem {stem!r}: {index[stem]} and {path}: keep one"
+            )
+        index[stem] = path
+    return index
+
+
+def parse_folder(
+    root: str | os.PathLike[str],
+    *,
+    category: str | None = None,
+    normal_dir: str = "good",
+    anomalous_dir: str = "anomalous",
+    mask_dir: str | None = "masks",
+) -> list[Sample]:
+    """List the samples of a labelled folder of the user's images (layout in the module doc).
+
+    Args:
+        root: the dataset folder.
+        category: the object name used in the text prompts; defaults to ``root``'s folder name.
+        normal_dir: sub-folder of normal images, relative to ``root``.
+        anomalous_dir: sub-folder of anomalous images, relative to ``root``.
+        mask_dir: sub-folder of masks, relative to ``root``; None (or a missing folder) means
+            no masks.
+
+    Returns:
+        normal samples then anomalous ones, each sorted by path.
+
+    Raises:
+        DatasetError: missing root; neither image folder exists; two masks for one stem; a masks
+            folder exists but an anomalous image has no mask.
+    """
+    base = Path(os.path.expanduser(os.fspath(root)))
+    if not base.is_dir():
+        raise DatasetError(f"image folder dataset root {base} does not exist: check data.*.root")
+    name = category or base.resolve().name
+    normal, anomalous = base / normal_dir, base / anomalous_dir
+    if not normal.is_dir() and not anomalous.is_dir():
+        raise DatasetError(
+            f"folder dataset {base} has neither {normal_dir}/ (normal images) nor "
+            f"{anomalous_dir}/ (anomalous images): create them, or use `predict` on a plain folder"
+        )
+    masks = _mask_index(base / mask_dir) if mask_dir is not None and (base / mask_dir).is_dir() else None
+    samples: list[Sample] = []
+    if normal.is_dir():
+        samples += [Sample(p, None, 0, name, "good") for p in list_images(normal)[0]]
+    if anomalous.is_dir():
+        for path in list_images(anomalous)[0]:
+            defect = path.parent.name if path.parent != anomalous else "anomalous"
+            mask = None
+            if masks is not None:
+                mask = masks.get(path.stem)
+                if mask is None:
+                    raise DatasetError(
+                        f"anomalous image {path} has no mask in {base / mask_dir} (expected "
+                        f"{path.stem}.png or {path.stem}_mask.png): add it, or remove the masks "
+                        "folder for image-level results only"
+                    )
+            samples.append(Sample(path, mask, 1, name, defect))
+    return samples

@@ -1,0 +1,98 @@
+"""Transforms and AnomalyDataset items (the Data contract of docs/design.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipsam.data.dataset import AnomalyDataset
+from clipsam.data.mvtec import parse_mvtec
+from clipsam.data.samples import Sample
+from clipsam.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig, build_transform, denormalize
+from clipsam.errors import DatasetError
+from tests.helpers.data import write_image
+
+CONTRACT = {
+    "image": (torch.float32, (3, 32, 32)),
+    "mask": (torch.float32, (32, 32)),
+    "has_mask": (torch.bool, ()),
+    "label": (torch.int64, ()),
+    "index": (torch.int64, ()),
+    "original_size": (torch.int64, (2,)),
+}
+
+
+def test_clip_constants_match_open_clip() -> None:
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
+def test_item_matches_the_data_contract(synth_root: Path) -> None:
+    samples = parse_mvtec(synth_root / "mvtec")
+    dataset = AnomalyDataset(samples, build_transform(32))
+    assert len(dataset) == len(samples)
+    for index in (0, len(samples) - 1):
+        item = dataset[index]
+        assert set(item) == set(CONTRACT) | {"category", "path"}
+        for key, (dtype, shape) in CONTRACT.items():
+            assert item[key].dtype == dtype and tuple(item[key].shape) == shape, key
+        assert isinstance(item["category"], str) and item["path"] == str(samples[index].image_path)
+        assert set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert item["original_size"].tolist() == [48, 48] and item["index"].item() == index
+    anomalous = dataset[[s.label for s in samples].index(1)]
+    assert anomalous["label"].item() == 1 and anomalous["has_mask"].item() and anomalous["mask"].sum() > 0
+    normal = dataset[0]
+    assert normal["label"].item() == 0 and normal["has_mask"].item() and normal["mask"].sum() == 0
+
+
+def test_predict_items_and_missing_masks(tmp_path: Path) -> None:
+    path = write_image(tmp_path / "gray.png", np.full((20, 30), 77, np.uint8))  # grayscale, not square
+    dataset = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False)
+    item = dataset[0]
+    assert item["image"].shape == (3, 16, 16) and item["label"].item() == -1 and not item["has_mask"].item()
+    assert item["original_size"].tolist() == [20, 30]
+    no_mask = AnomalyDataset([Sample(path, None, 1, "x", "anomalous")], build_transform(16))[0]
+    assert not no_mask["has_mask"].item() and no_mask["mask"].sum() == 0
+
+
+def test_decode_error_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match=str(bad)):
+        AnomalyDataset([Sample(bad, None, 0, "x", "good")], build_transform(16))[0]
+
+
+def test_mask_resize_is_nearest_and_aligned() -> None:
+    image = np.zeros((40, 40, 3), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:20, 20:30] = 1
+    out = build_transform(20)(image=image, mask=mask)
+    expected = np.zeros((20, 20), np.uint8)
+    expected[5:10, 10:15] = 1
+    assert np.array_equal(np.asarray(out["mask"]), expected)
+
+
+def test_denormalize_inverts_normalisation() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    tensor = build_transform(16)(image=image, mask=np.zeros((16, 16), np.uint8))["image"]
+    back = denormalize(tensor)
+    assert back.dtype == torch.uint8 and back.shape == (3, 16, 16)
+    # a 1:1 bicubic resize is the identity, so only rounding remains
+    assert (back.permute(1, 2, 0).int() - torch.from_numpy(image).int()).abs().max() <= 1
+    batch = denormalize(tensor[None].repeat(2, 1, 1, 1))
+    assert batch.shape == (2, 3, 16, 16) and torch.equal(batch[1], back)
+
+
+def test_augmentations_off_by_default_and_flip_masks_with_images() -> None:
+    assert AugmentConfig().transforms() == []
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, :4] = 255
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :4] = 1
+    out = build_transform(8, augment=AugmentConfig(hflip=1.0), seed=0)(image=image, mask=mask)
+    assert np.asarray(out["mask"])[:, 4:].all() and not np.asarray(out["mask"])[:, :4].any()
+    assert (denormalize(out["image"])[:, :, 4:] > 200).all()
