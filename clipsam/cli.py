@@ -65,15 +65,22 @@ def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
     from clipsam.data.datamodule import AnomalyDataModule
     from clipsam.module import ClipSamModule
 
-    return ClipSamCLI(
-        ClipSamModule,
-        AnomalyDataModule,
-        save_config_callback=VersionedSaveConfigCallback,
-        parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
-        auto_configure_optimizers=False,
-        args=args,
-        run=run,
-    )
+    try:
+        return ClipSamCLI(
+            ClipSamModule,
+            AnomalyDataModule,
+            save_config_callback=VersionedSaveConfigCallback,
+            parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+    finally:
+        # Close the W&B run of this command, so the next command in the same process (the demo,
+        # tests) starts its own run instead of silently appending to this one.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Everything goes to the run directory (``trainer.log_dir``, a fresh ``version_N`` per run):
 
 ```
-metrics.json     per-category and mean metrics, the CLIP-only baseline, timings, config
-metrics.csv      one row per category (+ "mean"), the table printed on the console
+test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config
+test_results.csv      one row per category (+ "mean"), the table printed on the console
 overlays/*.png   image | ground truth | CLIP map | final scores | final mask, per logged image
 ```
 
@@ -98,9 +98,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_metrics_files(run_dir: Path, payload: dict[str, Any], results: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Path]:
-    """Write ``metrics.json`` and ``metrics.csv`` atomically into ``run_dir``."""
+    """Write ``test_results.json`` and ``test_results.csv`` atomically into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = run_dir / "metrics.json", run_dir / "metrics.csv"
+    json_path, csv_path = run_dir / "test_results.json", run_dir / "test_results.csv"
     with atomic_write(json_path) as tmp:
         tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
     columns = _columns(results)

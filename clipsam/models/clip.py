@@ -1,0 +1,568 @@
+"""CLIP stage: a frozen open_clip model, linear adapters on tapped layers, the anomaly map.
+
+METHOD.md, "CLIP localises" and "The protocol the baselines share" (APRIL-GAN's recipe):
+
+1. the frozen visual tower runs on the frame image; the residual-stream tokens after the
+   configured transformer blocks are taken (open_clip's ``forward_intermediates``, no hooks)
+   and the class token dropped;
+2. one trainable ``nn.Linear`` per tapped layer maps the patch tokens (token width, e.g. 1024
+   for ViT-L) to the joint embedding width D (768 for ViT-L);
+3. the L2-normalised adapted tokens are compared with the prompt-ensemble text features of the
+   image's category, ``softmax(logit_scale * token . text)`` over (normal, anomalous), and the
+   per-layer probabilities are upsampled bilinearly to the frame;
+4. the anomalous channel is combined over layers (mean by default), optionally smoothed with a
+   Gaussian, and reduced to an image score.
+
+Only the adapters train; the open_clip model is frozen, stays in eval mode, and runs in
+``ClipConfig.frozen_dtype`` by casting its weights (no autocast: CPU bf16 autocast of
+``nn.MultiheadAttention`` is pathologically slow at batch >= 2). Adapters, similarities,
+softmax and maps are always float32 with autocast disabled, so Lightning's ``precision``
+does not change this stage; use ``precision="32-true"`` and choose ``model.clip.frozen_dtype``.
+
+Dimension symbols: B batch, L tapped layers, D joint embedding width, C token width,
+H x W frame image, h x w patch grid (H / patch, W / patch), N = h * w patch tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipsam.errors import ConfigError, WeightsError
+from clipsam.models.presets import is_tiny_preset, register_tiny_configs
+from clipsam.prompts import build_prompts, object_name_for
+
+__all__ = ["ClipAnomalyModel", "ClipConfig", "ClipOutput", "build_clip_model", "gaussian_blur"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class ClipConfig:
+    """Everything that defines the CLIP stage (config section ``model.clip``).
+
+    Attributes:
+        model_name: open_clip architecture name (``open_clip.list_models()``) or a clipsam
+            preset (``"clipsam-tiny"``, random weights only).
+        pretrained: open_clip pretrained tag (e.g. ``"openai"``) or a local checkpoint file;
+            ``None`` or ``""`` gives random weights seeded with ``seed``. A tag never silently
+            falls back to random weights: missing weights raise :class:`WeightsError`.
+        layers: Tapped transformer blocks, 1-based and increasing, as APRIL-GAN counts them
+            (``[6, 12, 18, 24]`` for ViT-L-14-336; ``[1, 2, 3, 4]`` for ``clipsam-tiny``).
+        cache_dir: Where open_clip caches downloaded weights (``None``: its default, i.e. the
+            Hugging Face cache or ``~/.cache/clip``).
+        object_name: ``"category"`` writes the category's name into the prompts (``metal_nut``
+            -> "metal nut"); ``"generic"`` writes "object" for all categories.
+        layer_combine: ``"mean"`` of the per-layer anomalous probabilities keeps the map in
+            [0, 1]; ``"sum"`` (APRIL-GAN's test code) ranks pixels identically but ranges over
+            [0, L], which breaks the [0, 1] contract of ``anomaly_map``; only for comparison.
+        smoothing_sigma: Standard deviation in frame pixels of the Gaussian applied to the
+            combined map (APRIL-GAN/AnomalyCLIP test code use 4; 0 disables). Kernel radius
+            ``round(4 * sigma)``, symmetric padding (as ``scipy.ndimage.gaussian_filter``).
+        image_score: Reduction of ``anomaly_map`` to the image score: ``"max"``, ``"mean"``,
+            or ``"topk_mean"`` (mean of the top ``topk_fraction`` of pixels).
+        topk_fraction: Fraction of pixels averaged by ``image_score="topk_mean"``.
+        frozen_dtype: dtype the frozen open_clip weights are cast to. ``"bfloat16"`` (default)
+            was 1.5-5x faster than float32 on the CPUs measured (AVX512-BF16/AMX;
+            ``scripts/benchmark_clip.py``) and is the fast path on GPUs; ``"float32"`` for exact
+            reference numbers; ``"float16"`` for GPUs without bf16.
+        quick_gelu: Override the activation of the built architecture. ``None`` follows the
+            pretrained tag (OpenAI tags use QuickGELU, which the plain ``ViT-L-14-336`` config
+            does not say); set ``True`` when ``pretrained`` is a local copy of OpenAI weights.
+        seed: Seed of the random frozen weights (when ``pretrained`` is empty) and of the
+            adapter initialisation.
+        logit_scale: Temperature of the patch-text similarity (APRIL-GAN: 100).
+    """
+
+    model_name: str = "ViT-L-14-336"
+    pretrained: str | None = "openai"
+    layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    cache_dir: str | None = None
+    object_name: Literal["category", "generic"] = "category"
+    layer_combine: Literal["mean", "sum"] = "mean"
+    smoothing_sigma: float = 4.0
+    image_score: Literal["max", "mean", "topk_mean"] = "max"
+    topk_fraction: float = 0.01
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    quick_gelu: bool | None = None
+    seed: int = 0
+    logit_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        self.layers = [int(v) for v in self.layers]
+        if not self.layers or any(v < 1 for v in self.layers):
+            raise ConfigError(
+                f"model.clip.layers={self.layers}: give 1-based transformer block indices, "
+                "e.g. [6, 12, 18, 24] for ViT-L-14-336."
+            )
+        if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ConfigError(f"model.clip.layers={self.layers} must be strictly increasing.")
+        _check_choice("object_name", self.object_name, ("category", "generic"))
+        _check_choice("layer_combine", self.layer_combine, ("mean", "sum"))
+        _check_choice("image_score", self.image_score, ("max", "mean", "topk_mean"))
+        _check_choice("frozen_dtype", self.frozen_dtype, tuple(_DTYPES))
+        if self.smoothing_sigma < 0:
+            raise ConfigError(
+                f"model.clip.smoothing_sigma={self.smoothing_sigma} must be >= 0 (0 disables)."
+            )
+        if not 0 < self.topk_fraction <= 1:
+            raise ConfigError(f"model.clip.topk_fraction={self.topk_fraction} must be in (0, 1].")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.clip.{key}={value!r} is not a choice: use one of {list(choices)}.")
+
+
+@dataclass
+class ClipOutput:
+    """Result of :meth:`ClipAnomalyModel.forward`.
+
+    Attributes:
+        layer_probs: (B, L, 2, H, W) float32, per tapped layer the softmax over
+            (normal, anomalous), upsampled to the frame; sums to 1 over dim 2. Used by the loss.
+        anomaly_map: (B, H, W) float32, ``Map_a``: anomalous channel combined over layers, then
+            smoothed; in [0, 1] with ``layer_combine="mean"``.
+        image_scores: (B,) float32, the map reduced by ``ClipConfig.image_score``.
+    """
+
+    layer_probs: Tensor
+    anomaly_map: Tensor
+    image_scores: Tensor
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian filter with symmetric padding, as ``scipy.ndimage.gaussian_filter``.
+
+    Args:
+        maps: (B, H, W) float32.
+        sigma: Standard deviation in pixels; radius ``round(4 * sigma)`` (scipy's truncate=4).
+
+    Returns:
+        (B, H, W) float32, same range as the input (the kernel sums to 1).
+    """
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    x = maps.unsqueeze(1)  # (B, 1, H, W)
+    for dim in (3, 2):  # along W, then along H
+        x = _pad_symmetric(x, radius, dim)
+        weight = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
+        x = F.conv2d(x, weight)
+    return x.squeeze(1)
+
+
+def _pad_symmetric(x: Tensor, radius: int, dim: int) -> Tensor:
+    """Pad ``radius`` samples on both sides of ``dim`` as scipy's 'reflect' (d c b a | a b c d)."""
+    size = x.shape[dim]
+    index = torch.arange(-radius, size + radius, device=x.device) % (2 * size)
+    index = torch.where(index >= size, 2 * size - 1 - index, index)
+    return x.index_select(dim, index)
+
+
+class ClipAnomalyModel(nn.Module):
+    """Frozen open_clip model + per-layer linear adapters -> per-pixel anomaly probabilities.
+
+    Knows nothing of Lightning. The frozen model is built outside (:func:`build_clip_model`)
+    and passed in; this class freezes it, casts it to ``config.frozen_dtype``, and keeps it in
+    eval mode whatever ``.train()`` is called with. Text features of the prompt ensemble are
+    computed once per object name (on first use) and cached on the model, not per batch.
+
+    Args:
+        clip_model: An open_clip ``CLIP`` whose ``visual`` is an open_clip
+            ``VisionTransformer`` (any size), already holding its weights.
+        tokenizer: open_clip tokenizer of that model: list of str -> (P, context) int64.
+        config: The stage's configuration.
+        image_size: Frame side length H = W the visual tower was built for.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip_model: nn.Module,
+        tokenizer: Callable[[list[str]], Tensor],
+        config: ClipConfig,
+        image_size: int,
+    ) -> None:
+        super().__init__()
+        visual = getattr(clip_model, "visual", None)
+        if visual is None or not hasattr(visual, "forward_intermediates") or not hasattr(visual, "transformer"):
+            raise ConfigError(
+                f"model.clip.model_name={config.model_name!r} has no open_clip VisionTransformer "
+                "tower with forward_intermediates: choose a ViT model (e.g. ViT-L-14-336)."
+            )
+        num_blocks = len(visual.transformer.resblocks)
+        bad = [v for v in config.layers if v > num_blocks]
+        if bad:
+            raise ConfigError(
+                f"model.clip.layers={config.layers}: {config.model_name} has {num_blocks} "
+                f"transformer blocks, so {bad} do not exist (indices are 1-based)."
+            )
+        self.config = config
+        self.image_size = int(image_size)
+        self.frozen_dtype = _DTYPES[config.frozen_dtype]
+        self.patch_size = _as_pair(visual.patch_size)
+        token_width = int(visual.transformer.width)
+        embed_dim = int(_embed_dim(clip_model))
+
+        self.clip = clip_model
+        self.clip.requires_grad_(False)
+        self.clip.to(self.frozen_dtype)
+        self.clip.eval()
+        self.tokenizer = tokenizer
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.adapters = nn.ModuleList(nn.Linear(token_width, embed_dim) for _ in config.layers)
+
+        self._take_indices = [v - 1 for v in config.layers]
+        self._text_cache: dict[str, Tensor] = {}  # object name -> (D, 2) float32
+
+    # ------------------------------------------------------------------ modes and state
+    def train(self, mode: bool = True) -> ClipAnomalyModel:
+        """Set train mode on the adapters; the frozen open_clip model always stays in eval."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def adapter_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) per tapped layer, e.g. [(1024, 768)] * 4 for ViT-L."""
+        return [(a.in_features, a.out_features) for a in self.adapters]
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights only: ``{"<i>.weight": (D, C), "<i>.bias": (D,)}``, detached CPU copies.
+
+        For ViT-L-14-336 with 4 layers this is 4 x (1024 x 768 + 768) float32 = 12.6 MB.
+        """
+        return {k: v.detach().cpu().clone() for k, v in self.adapters.state_dict().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        """Load adapter weights saved by :meth:`adapter_state_dict`.
+
+        Args:
+            state: ``{"<i>.weight": (D, C), "<i>.bias": (D,)}`` tensors.
+            strict: Raise on missing or unexpected keys (shape mismatches always raise).
+
+        Raises:
+            WeightsError: The checkpoint was trained with another backbone, layer list or
+                embedding width, or keys are missing/unexpected with ``strict``.
+        """
+        expected = self.adapters.state_dict()
+        ckpt_shapes = _adapter_shapes_of(state)
+        mismatched = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+        if mismatched:
+            got = _describe_shapes(ckpt_shapes)
+            need = _describe_shapes(self.adapter_shapes)
+            raise WeightsError(
+                f"checkpoint adapters map {got} but model.clip.model_name={self.config.model_name} "
+                f"needs {need}: the checkpoint was trained with another backbone; set "
+                "model.clip.model_name (and layers) to the ones it was trained with."
+            )
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if strict and (missing or unexpected):
+            raise WeightsError(
+                f"checkpoint has {len(ckpt_shapes)} adapters ({sorted(state)[:8]}...) but "
+                f"model.clip.layers={self.config.layers} needs {len(self.adapters)}: missing "
+                f"{missing}, unexpected {unexpected}; set model.clip.layers to the ones it was "
+                "trained with."
+            )
+        self.adapters.load_state_dict(state, strict=False)
+
+    # ------------------------------------------------------------------ text features
+    def clear_text_cache(self) -> None:
+        """Forget cached text features (e.g. after changing the tokenizer or text weights)."""
+        self._text_cache.clear()
+
+    def text_features(self, categories: Sequence[str], device: torch.device | None = None) -> Tensor:
+        """Prompt-ensemble text features of each category, from the per-object-name cache.
+
+        Args:
+            categories: B category names as on disk.
+            device: Where the result lives (default: the model's device).
+
+        Returns:
+            (B, D, 2) float32, columns (normal, anomalous), each unit-norm.
+        """
+        device = device or self._device()
+        feats = []
+        for category in categories:
+            name = object_name_for(category, self.config.object_name)
+            cached = self._text_cache.get(name)
+            if cached is None:
+                cached = self._encode_object(name)
+            if cached.device != device:
+                cached = cached.to(device)
+            self._text_cache[name] = cached
+            feats.append(cached)
+        return torch.stack(feats, dim=0)
+
+    def _encode_object(self, object_name: str) -> Tensor:
+        """Encode the 245 + 175 prompts of one object name: (D, 2) float32, unit columns."""
+        prompts = build_prompts(object_name)
+        sentences = prompts["normal"] + prompts["anomalous"]
+        device = self._device()
+        # Normal tensors even when called under torch.inference_mode (Lightning's validation):
+        # the cache is reused by training steps, which save it for backward.
+        with torch.inference_mode(False), torch.no_grad(), _no_autocast(device):
+            tokens = self.tokenizer(sentences).to(device)  # (P, context) int64
+            emb = self.clip.encode_text(tokens).float()  # (P, D)
+            emb = F.normalize(emb, dim=-1)
+            n = len(prompts["normal"])
+            classes = [emb[:n].mean(0), emb[n:].mean(0)]
+            feats = F.normalize(torch.stack(classes, dim=1), dim=0)  # (D, 2)
+        return feats.clone()
+
+    # ------------------------------------------------------------------ forward
+    def patch_tokens(self, images: Tensor) -> list[Tensor]:
+        """Frozen residual-stream patch tokens of the tapped layers (no class token).
+
+        Args:
+            images: (B, 3, H, W) float32, CLIP-normalised frame images.
+
+        Returns:
+            L tensors (B, N, C) float32, N = h * w patch tokens in row-major grid order.
+        """
+        with torch.no_grad(), _no_autocast(images.device):
+            out = self.clip.visual.forward_intermediates(
+                images.to(self.frozen_dtype),
+                indices=self._take_indices,
+                stop_early=True,
+                intermediates_only=True,
+                output_fmt="NLC",
+            )
+        return [t.float() for t in out["image_intermediates"]]
+
+    def forward(self, images: Tensor, categories: Sequence[str]) -> ClipOutput:
+        """Per-layer anomaly probabilities, the combined map and image scores.
+
+        Args:
+            images: (B, 3, H, W) float32, CLIP-normalised; H and W multiples of the patch size.
+            categories: B category names (the object name of the prompts comes from these).
+
+        Returns:
+            :class:`ClipOutput` with (B, L, 2, H, W), (B, H, W) and (B,) float32 tensors.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        batch, _, height, width = images.shape
+        if len(categories) != batch:
+            raise ValueError(f"got {len(categories)} categories for {batch} images")
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise ConfigError(
+                f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw} of "
+                f"model.clip.model_name={self.config.model_name}: set data.image_size accordingly."
+            )
+        grid_h, grid_w = height // ph, width // pw
+
+        tokens = self.patch_tokens(images)
+        text = self.text_features(categories, device=images.device)  # (B, D, 2)
+        layer_probs = []
+        with _no_autocast(images.device):
+            for adapter, layer_tokens in zip(self.adapters, tokens):
+                feats = F.normalize(adapter(layer_tokens), dim=-1)  # (B, N, D)
+                logits = self.config.logit_scale * torch.bmm(feats, text)  # (B, N, 2)
+                probs = logits.softmax(dim=-1).transpose(1, 2)  # (B, 2, N)
+                probs = probs.reshape(batch, 2, grid_h, grid_w)  # (B, 2, h, w)
+                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True)
+                layer_probs.append(probs)
+            stacked = torch.stack(layer_probs, dim=1)  # (B, L, 2, H, W)
+            anomalous = stacked[:, :, 1]  # (B, L, H, W)
+            combined = anomalous.mean(1) if self.config.layer_combine == "mean" else anomalous.sum(1)
+            anomaly_map = gaussian_blur(combined, self.config.smoothing_sigma)
+            if self.config.layer_combine == "mean":
+                anomaly_map = anomaly_map.clamp(0.0, 1.0)
+            image_scores = self._image_scores(anomaly_map)
+        return ClipOutput(layer_probs=stacked, anomaly_map=anomaly_map, image_scores=image_scores)
+
+    def _image_scores(self, anomaly_map: Tensor) -> Tensor:
+        flat = anomaly_map.flatten(1)  # (B, H * W)
+        if self.config.image_score == "max":
+            return flat.amax(dim=1)
+        if self.config.image_score == "mean":
+            return flat.mean(dim=1)
+        k = max(1, int(math.ceil(self.config.topk_fraction * flat.shape[1])))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+
+    def _device(self) -> torch.device:
+        return self.adapters[0].weight.device
+
+
+# ---------------------------------------------------------------------- building
+def build_clip_model(config: ClipConfig, *, image_size: int) -> ClipAnomalyModel:
+    """Build the frozen open_clip model for ``config`` and wrap it with fresh adapters.
+
+    The architecture comes from open_clip's config registry (clipsam's tiny presets are
+    registered on demand), with ``force_image_size=image_size`` so the positional embedding is
+    interpolated to the frame. Weights load through open_clip's own pretrained mechanism
+    (tag -> cache -> download, or a local file). Nothing downloads when the Hugging Face hub is
+    offline (``HF_HUB_OFFLINE=1``): a missing cache raises at once.
+
+    Args:
+        config: The stage's configuration.
+        image_size: Frame side length (e.g. 518); a multiple of the model's patch size.
+
+    Returns:
+        The model on CPU, adapters in train mode, frozen parts in eval mode.
+
+    Raises:
+        ConfigError: Unknown model name, layers out of range, preset with a pretrained tag.
+        WeightsError: The pretrained weights cannot be found or loaded.
+    """
+    import open_clip
+
+    name = config.model_name
+    if is_tiny_preset(name):
+        register_tiny_configs()
+        if config.pretrained and not os.path.isfile(str(config.pretrained)):
+            raise ConfigError(
+                f"model.clip.model_name={name} is a clipsam preset without pretrained tags: set "
+                f"model.clip.pretrained=null for random weights or to a local file "
+                f"(got {config.pretrained!r})."
+            )
+    has_schema = name.startswith(("hf-hub:", "local-dir:"))
+    if not has_schema and open_clip.get_model_config(name) is None:
+        raise ConfigError(
+            f"model.clip.model_name={name!r} is not an open_clip model config. Available ViTs "
+            f"include: {[m for m in open_clip.list_models() if m.startswith('ViT')][:12]} ... "
+            "(open_clip.list_models() lists all)."
+        )
+
+    kwargs: dict[str, Any] = {"force_image_size": image_size, "cache_dir": config.cache_dir}
+    quick_gelu = config.quick_gelu
+    if not config.pretrained:
+        if quick_gelu:
+            kwargs["force_quick_gelu"] = True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            clip_model = _quiet_create(open_clip, name, None, kwargs)
+    else:
+        checkpoint = _resolve_pretrained(open_clip, config)
+        if quick_gelu is None:
+            quick_gelu = bool(checkpoint.get("quick_gelu", False))
+        if quick_gelu:
+            kwargs["force_quick_gelu"] = True
+        try:
+            clip_model = _quiet_create(open_clip, name, config.pretrained, kwargs)
+        except Exception as err:  # open_clip raises RuntimeError/FileNotFoundError/OSError
+            raise WeightsError(_weights_help(config, f"{type(err).__name__}: {err}")) from err
+
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=config.cache_dir)
+    return ClipAnomalyModel(clip_model=clip_model, tokenizer=tokenizer, config=config, image_size=image_size)
+
+
+def _quiet_create(open_clip: Any, name: str, pretrained: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``open_clip.create_model`` with its root-logger chatter about random init silenced."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR) if pretrained is None else level)
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
+    finally:
+        root.setLevel(level)
+
+
+def _resolve_pretrained(open_clip: Any, config: ClipConfig) -> dict[str, Any]:
+    """Check ``config.pretrained`` is a known tag or a file before creating anything.
+
+    Returns:
+        The open_clip pretrained config of the tag ({} for a local file or a schema name).
+
+    Raises:
+        WeightsError: Unknown tag and no such file; or offline with the weights not cached.
+    """
+    pretrained = str(config.pretrained)
+    name = config.model_name
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return {}
+    if os.path.isfile(pretrained):
+        return {}
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise WeightsError(
+            f"model.clip.pretrained={pretrained!r} is neither a pretrained tag of {name} "
+            f"(available: {tags or 'none'}) nor an existing file: fix the tag, or give the "
+            "path of a local checkpoint file."
+        )
+    if _hub_offline() and not cfg.get("hf_hub") and cfg.get("url"):
+        # URL-only tags would try urllib; fail fast offline unless open_clip's cache has the file.
+        cache = config.cache_dir or os.path.expanduser("~/.cache/clip")
+        if not os.path.isfile(os.path.join(cache, os.path.basename(cfg["url"]))):
+            raise WeightsError(_weights_help(config, "HF_HUB_OFFLINE is set and the file is not cached"))
+    return cfg
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _weights_help(config: ClipConfig, reason: str) -> str:
+    cache = config.cache_dir or "the default Hugging Face cache"
+    return (
+        f"cannot load pretrained weights model.clip.model_name={config.model_name} "
+        f"model.clip.pretrained={config.pretrained!r} from {cache} ({reason.splitlines()[0][:300]}). "
+        "To get them: run once on a machine with internet access (open_clip downloads and caches "
+        "them), then copy the cache and set model.clip.cache_dir to it; or set "
+        "model.clip.pretrained to the path of a local checkpoint file."
+    )
+
+
+def _as_pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def _embed_dim(clip_model: nn.Module) -> int:
+    visual = clip_model.visual
+    proj = getattr(visual, "proj", None)
+    if isinstance(proj, Tensor):
+        return int(proj.shape[1])
+    output_dim = getattr(visual, "output_dim", None)
+    if output_dim is None:
+        raise ConfigError("cannot determine the joint embedding width of this open_clip model.")
+    return int(output_dim)
+
+
+def _adapter_shapes_of(state: dict[str, Tensor]) -> list[tuple[int, int]]:
+    weights = sorted((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))
+    return [(int(state[k].shape[1]), int(state[k].shape[0])) for k in weights if state[k].dim() == 2]
+
+
+def _describe_shapes(shapes: list[tuple[int, int]]) -> str:
+    unique = sorted(set(shapes))
+    text = ", ".join(f"{i}->{o}" for i, o in unique) or "nothing"
+    return f"{text} ({len(shapes)} layers)"
+
+
+class _no_autocast:
+    """Context manager disabling autocast for one device type (CPU bf16 autocast is slow)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._ctx = torch.autocast(device_type=device.type, enabled=False)
+
+    def __enter__(self) -> None:
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)

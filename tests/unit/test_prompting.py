@@ -1,0 +1,184 @@
+"""PPG (clipsam.prompting): hand-built maps and features whose answers are worked out on paper."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from clipsam.errors import ConfigError
+from clipsam.prompting import (
+    PromptConfig,
+    _sample_features,
+    anomaly_ring,
+    generate_point_prompts,
+    structuring_element,
+)
+
+
+def _ppg(amap, feats, **overrides):
+    kwargs = dict(num_positive=3, num_negative=0, threshold=0.5, kernel_shape="rect", kernel_size=3)
+    kwargs.update(overrides)
+    return generate_point_prompts(amap, feats, **kwargs)
+
+
+def test_square_anomaly_positives_are_the_peaks_in_xy_order():
+    amap = torch.zeros(10, 12)
+    amap[3:6, 4:7] = 0.6  # S_a: rows 3-5, columns 4-6
+    amap[4, 5] = 0.95
+    amap[3, 6] = 0.9
+    amap[5, 4] = 0.8
+    coords, labels = _ppg(amap, torch.ones(4, 10, 12), num_positive=3)
+    assert coords.dtype == torch.float32 and labels.dtype == torch.int64
+    assert coords.tolist() == [[5.0, 4.0], [6.0, 3.0], [4.0, 5.0]]  # (x, y), descending score
+    assert labels.tolist() == [1, 1, 1]
+
+
+def test_positive_ties_follow_raster_order_and_stay_inside_region():
+    amap = torch.zeros(8, 8)
+    amap[2:4, 3:5] = 0.7  # 4 equal pixels
+    coords, labels = _ppg(amap, torch.ones(2, 8, 8), num_positive=10)
+    assert coords.tolist() == [[3.0, 2.0], [4.0, 2.0], [3.0, 3.0], [4.0, 3.0]]  # only S_a, raster order
+    assert labels.tolist() == [1, 1, 1, 1]
+
+
+def test_non_square_map_does_not_swap_x_and_y():
+    amap = torch.zeros(6, 15)
+    amap[1, 12] = 1.0
+    coords, _ = _ppg(amap, torch.ones(2, 6, 15), num_positive=1)
+    assert coords.tolist() == [[12.0, 1.0]]
+
+
+def test_negatives_are_the_ring_pixels_least_like_the_mean_anomaly_feature():
+    amap = torch.zeros(11, 11)
+    amap[4:7, 4:7] = 0.9  # S_a: the 3x3 centre; rect 3 ring = the 16 pixels of the 5x5 border
+    feats = torch.zeros(2, 11, 11)
+    feats[0] = 1.0  # every pixel (1, 0): cosine 1 to the anomaly's mean
+    feats[:, 4:7, 4:7] = torch.tensor([1.0, 0.0])[:, None, None]
+    feats[:, 4, 4] = torch.tensor([1.0, 1.0])  # inside: pulls the mean towards (1, 1/9)
+    feats[:, 4, 5] = torch.tensor([1.0, -1.0])  # ... and back: mean exactly (1, 0)
+    feats[:, 3, 5] = torch.tensor([0.0, 1.0])  # ring (x=5, y=3): orthogonal, cosine 0
+    feats[:, 7, 3] = torch.tensor([-1.0, 0.0])  # ring (x=3, y=7): opposite, cosine -1
+    feats[:, 5, 7] = torch.tensor([1.0, 1.0])  # ring (x=7, y=5): cosine 0.707
+    feats[:, 0, 0] = torch.tensor([-1.0, 0.0])  # outside the ring: never a negative
+    coords, labels = _ppg(amap, feats, num_positive=0, num_negative=3, kernel_shape="rect", kernel_size=3)
+    assert coords.tolist() == [[3.0, 7.0], [5.0, 3.0], [7.0, 5.0]]  # ascending similarity
+    assert labels.tolist() == [0, 0, 0]
+
+
+def test_negatives_use_the_mean_feature_not_any_single_pixel():
+    amap = torch.zeros(9, 9)
+    amap[4, 3:5] = 0.9  # two anomaly pixels with features (1, 0) and (0, 1): mean (0.5, 0.5)
+    feats = torch.ones(2, 9, 9)  # (1, 1) everywhere: cosine 1 to the mean
+    feats[:, 4, 3] = torch.tensor([1.0, 0.0])
+    feats[:, 4, 4] = torch.tensor([0.0, 1.0])
+    feats[:, 3, 4] = torch.tensor([1.0, -1.0])  # cosine 0 to the mean, 0.707 to pixel (x=3, y=4)
+    coords, labels = _ppg(amap, feats, num_positive=0, num_negative=1)
+    assert coords.tolist() == [[4.0, 3.0]] and labels.tolist() == [0]
+
+
+def test_points_come_positives_first_then_negatives():
+    amap = torch.zeros(9, 9)
+    amap[4, 4] = 0.9
+    coords, labels = _ppg(amap, torch.ones(2, 9, 9), num_positive=2, num_negative=2)
+    assert labels.tolist() == [1, 0, 0]  # one S_a pixel; 8 ring pixels with equal features
+    assert coords.tolist() == [[4.0, 4.0], [3.0, 3.0], [4.0, 3.0]]  # ties: raster order
+
+
+@pytest.mark.parametrize(("shape", "ring_size"), [("ellipse", 16), ("rect", 24), ("cross", 8)])
+def test_ring_size_for_each_kernel_shape(shape, ring_size):
+    # 5x5 kernels: ellipse has 17 ones (1, 5, 5, 5, 1), rect 25, cross 9; the centre pixel is S_a.
+    amap = torch.zeros(11, 11)
+    amap[5, 5] = 1.0
+    ring = anomaly_ring(amap >= 0.5, structuring_element(shape, 5))
+    assert int(ring.sum()) == ring_size
+    coords, labels = _ppg(amap, torch.ones(3, 11, 11), num_positive=0, num_negative=100, kernel_shape=shape, kernel_size=5)
+    assert labels.numel() == ring_size  # fewer ring pixels than asked: all of them
+    expected = cv2.getStructuringElement({"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}[shape], (5, 5))
+    for x, y in coords.int().tolist():
+        assert expected[y - 5 + 2, x - 5 + 2] == 1 and (x, y) != (5, 5)
+
+
+@pytest.mark.parametrize("shape", ["ellipse", "rect", "cross"])
+@pytest.mark.parametrize("size", [1, 3, 4, 20, 25])
+def test_ring_matches_cv2_dilate(shape, size):
+    rng = np.random.default_rng(size)
+    region = rng.random((40, 53)) > 0.97
+    region[0, 0] = region[39, 52] = region[20, 0] = True  # touch the borders
+    kernel = cv2.getStructuringElement({"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}[shape], (size, size))
+    expected = cv2.dilate(region.astype(np.uint8), kernel).astype(bool) & ~region
+    ring = anomaly_ring(torch.from_numpy(region), structuring_element(shape, size))
+    assert torch.equal(ring, torch.from_numpy(expected))
+
+
+def test_empty_region_returns_empty_tensors():
+    amap = torch.full((7, 9), 0.3)
+    coords, labels = _ppg(amap, torch.ones(2, 7, 9), threshold=0.5, num_negative=4)
+    assert coords.shape == (0, 2) and coords.dtype == torch.float32
+    assert labels.shape == (0,) and labels.dtype == torch.int64
+
+
+def test_region_covering_everything_has_no_negatives():
+    coords, labels = _ppg(torch.ones(4, 5), torch.ones(2, 4, 5), num_positive=2, num_negative=3)
+    assert labels.tolist() == [1, 1]
+
+
+def test_features_are_sampled_at_pixel_centres():
+    feats = torch.arange(4, dtype=torch.float32)[None, None, :].expand(1, 3, 4).clone()  # value = column
+    full = torch.randn(5, 6, 7)
+    exact = _sample_features(full, torch.tensor([0, 5, 2]), torch.tensor([6, 0, 3]), (6, 7))
+    assert torch.equal(exact, full[:, [0, 5, 2], [6, 0, 3]].T)
+    # Frame 8 px wide on a 4-cell grid: pixel x's centre is at cell (x + 0.5) / 2 - 0.5.
+    xs = torch.tensor([1, 3, 4, 7])
+    got = _sample_features(feats, torch.zeros(4, dtype=torch.long), xs, (3, 8))[:, 0]
+    assert torch.allclose(got, torch.tensor([0.25, 1.25, 1.75, 3.0]))  # border-clamped at the right edge
+
+
+def test_prompt_config_defaults_and_validation():
+    config = PromptConfig()
+    assert (config.kernel_shape, config.kernel_size) == ("ellipse", 25)
+    assert set(config.kwargs()) == {"num_positive", "num_negative", "threshold", "kernel_shape", "kernel_size"}
+    with pytest.raises(ConfigError, match="kernel_shape"):
+        PromptConfig(kernel_shape="disk")
+    with pytest.raises(ConfigError, match="kernel_size"):
+        PromptConfig(kernel_size=0)
+    with pytest.raises(ValueError, match="kernel_shape"):
+        generate_point_prompts(torch.ones(3, 3), torch.ones(1, 3, 3), num_positive=1, num_negative=1,
+                               threshold=0.5, kernel_shape="disk", kernel_size=3)
+
+
+@pytest.mark.parametrize(("frame", "grid"), [((13, 17), (13, 17)), ((40, 52), (7, 9)), ((518, 518), (64, 64))])
+def test_ring_similarity_equals_cosine_of_interpolated_features(frame, grid):
+    from clipsam.prompting import _pixel_similarity
+
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(16, *grid, generator=gen)
+    target = torch.randn(16, generator=gen)
+    ys = torch.randint(0, frame[0], (300,), generator=gen)
+    xs = torch.randint(0, frame[1], (300,), generator=gen)
+    ys[:2], xs[:2] = torch.tensor([0, frame[0] - 1]), torch.tensor([0, frame[1] - 1])  # clamped borders
+    expected = torch.nn.functional.cosine_similarity(_sample_features(feats, ys, xs, frame), target[None], dim=1)
+    assert torch.allclose(_pixel_similarity(feats, target, ys, xs, frame), expected, atol=1e-5)
+
+
+def test_mean_feature_equals_mean_of_interpolated_features():
+    from clipsam.prompting import _mean_feature
+
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(8, 6, 5, generator=gen)
+    region = torch.rand(30, 22, generator=gen) > 0.6
+    ys, xs = torch.nonzero(region, as_tuple=True)
+    expected = _sample_features(feats, ys, xs, (30, 22)).mean(0)
+    assert torch.allclose(_mean_feature(feats, region), expected, atol=1e-5)
+
+
+def test_stable_topk_matches_a_stable_sort():
+    from clipsam.prompting import _stable_topk
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 5, (200,), generator=gen).float()  # many ties
+    for k in (0, 1, 7, 40, 200, 300):
+        for largest in (True, False):
+            expected = torch.sort(values, descending=largest, stable=True).indices[:k]
+            assert torch.equal(_stable_topk(values, k, largest=largest), expected)
