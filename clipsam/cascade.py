@@ -65,7 +65,7 @@ class CascadeConfig:
 
     def __post_init__(self) -> None:
         if self.num_steps not in (1, 2, 3):
-            raise ConfigError(f"cascade.num_steps={self.num_steps} must be 1, 2 or 3")
+            raise ConfigError(f"model.cascade.num_steps={self.num_steps} must be 1, 2 or 3")
 
 
 @dataclasses.dataclass

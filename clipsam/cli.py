@@ -60,6 +60,34 @@ class ClipSamCLI(LightningCLI):
         # One frame size for data, CLIP and SAM prompts: set it once, as data.image_size.
         parser.link_arguments("data.image_size", "model.image_size")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the user's config when ``--ckpt_path`` is given.
+
+        Lightning 2.6's CLI replaces the ``model`` config with the checkpoint's hyper-parameters.
+        For clipsam that would silently undo every test-time setting (PPG kernel, cascade depth,
+        fusion: the paper's ablations) in favour of the values at training time. The config
+        stays the interface; :meth:`clipsam.module.ClipSamModule.on_load_checkpoint` instead
+        checks that the checkpoint's adapters fit the configured backbone and layers, and says
+        which keys to change when they don't.
+        """
+
+    # Check the dataset of the subcommand before the trainer starts (and before loggers create
+    # run directories), so a bad layout is one clear error and nothing is written.
+    def _check_data(self, stage: str) -> None:
+        self.datamodule.setup(stage)
+
+    def before_fit(self) -> None:
+        self._check_data("fit")
+
+    def before_validate(self) -> None:
+        self._check_data("validate")
+
+    def before_test(self) -> None:
+        self._check_data("test")
+
+    def before_predict(self) -> None:
+        self._check_data("predict")
+
 
 def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
     from clipsam.data.datamodule import AnomalyDataModule

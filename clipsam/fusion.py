@@ -2,7 +2,7 @@
 
 Pixel AUROC and AP rank pixels, so a binary SAM mask alone ranks poorly (two values, many ties);
 the paper does not say how M_3 and Map_a are combined, so the combination is a config choice
-(``eval.fusion``). Every method takes and returns values in [0, 1]:
+(``model.evaluation.fusion``). Every method takes and returns values in [0, 1]:
 
 ==============  ==========================================================================
 method          score per pixel
@@ -29,7 +29,7 @@ import torch
 __all__ = ["DEFAULT_FUSION", "FUSION_METHODS", "fuse_scores"]
 
 FUSION_METHODS: tuple[str, ...] = ("clip", "sam", "product", "mean", "max", "clip_boost", "clip_masked")
-"""The valid values of ``method`` (config key ``eval.fusion``)."""
+"""The valid values of ``method`` (config key ``model.evaluation.fusion``)."""
 
 DEFAULT_FUSION = "clip_boost"
 """The documented default fusion."""

@@ -36,6 +36,7 @@ from clipsam.models.clip import ClipConfig
 from clipsam.models.sam import SamConfig
 from clipsam.prompting import PromptConfig
 from clipsam.cascade import CascadeConfig
+from clipsam.fusion import FUSION_METHODS
 
 __all__ = ["ClipSamModule", "OptimizerConfig", "EvalConfig"]
 
@@ -48,12 +49,13 @@ class OptimizerConfig:
 
     Attributes:
         lr: learning rate.
-        betas: Adam's (beta1, beta2).
+        betas: Adam's (beta1, beta2). METHOD.md names no betas; the default (0.5, 0.999) is
+            APRIL-GAN's train.py, the protocol the paper builds on.
         weight_decay: L2 penalty (0 in the paper).
     """
 
     lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
 
 
@@ -63,8 +65,11 @@ class EvalConfig:
 
     Attributes:
         use_sam: run the SAM stage (PPG + CPS). False evaluates the CLIP map alone.
-        fusion: how the SAM mask and the CLIP map become pixel scores
-            (:func:`clipsam.fusion.fuse_scores`; "clip" = CLIP-stage baseline).
+        fusion: how the SAM mask and the CLIP map become pixel scores, one of
+            :data:`clipsam.fusion.FUSION_METHODS` (see :func:`clipsam.fusion.fuse_scores`). The
+            paper does not spell this out; the default "clip_boost" is (Map_a + M_3) / 2: pixels
+            inside SAM's final mask rank first, the CLIP map orders pixels within each side.
+            "clip" is the CLIP-stage baseline (SAM ignored).
         report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
             report shows the SAM stage's gain (doubles the score memory of the metric).
         image_score: how an image score is reduced from the final pixel scores.
@@ -78,7 +83,7 @@ class EvalConfig:
     """
 
     use_sam: bool = True
-    fusion: str = "mean"
+    fusion: str = "clip_boost"
     report_clip_baseline: bool = True
     image_score: Literal["max", "mean"] = "max"
     aupro: bool = False
@@ -147,6 +152,11 @@ class ClipSamModule(LightningModule):
         self.cascade_config: CascadeConfig = _as_dataclass(CascadeConfig, cascade)
         self.optimizer_config: OptimizerConfig = _as_dataclass(OptimizerConfig, optimizer)
         self.eval_config: EvalConfig = _as_dataclass(EvalConfig, evaluation)
+        if self.eval_config.fusion not in FUSION_METHODS:
+            raise ConfigError(
+                f"model.evaluation.fusion={self.eval_config.fusion!r} is not a fusion method; "
+                f"choose one of {', '.join(FUSION_METHODS)}"
+            )
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
         self.save_hyperparameters(
@@ -230,16 +240,23 @@ class ClipSamModule(LightningModule):
                 "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
             )
         trained_with = meta.get("clip_model_name")
+        if trained_with is not None and trained_with != self.clip_config.model_name:
+            raise WeightsError(
+                f"checkpoint adapters were trained for CLIP backbone '{trained_with}' but "
+                f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
+                "checkpoint was trained with, or a checkpoint trained for this backbone"
+            )
+        trained_layers = meta.get("layers")
+        if trained_layers is not None and list(trained_layers) != list(self.clip_config.layers):
+            raise WeightsError(
+                f"checkpoint adapters were trained on CLIP layers {list(trained_layers)} but "
+                f"model.clip.layers is {list(self.clip_config.layers)}: set model.clip.layers to "
+                "the layers the checkpoint was trained with"
+            )
         if self.clip_model is not None:
-            # Raises WeightsError naming both backbones on any key/shape mismatch.
+            # Raises WeightsError on any key/shape mismatch.
             self.clip_model.load_adapter_state_dict(adapters)
         else:
-            if trained_with is not None and trained_with != self.clip_config.model_name:
-                raise WeightsError(
-                    f"checkpoint adapters were trained for CLIP backbone '{trained_with}' but "
-                    f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
-                    "checkpoint was trained with, or a checkpoint trained for this backbone"
-                )
             self._pending_adapter_state = adapters
 
     # ------------------------------------------------------------------ training
@@ -283,9 +300,14 @@ class ClipSamModule(LightningModule):
             mask = anomaly_map >= self.eval_config.predict_mask_threshold
         else:
             images_uint8 = denormalize(batch["image"])  # (B, 3, H, W) uint8
+            t_enc = time.perf_counter()
+            # F = Enc_I(img) (Eq. 4): one batched encoder call (cache hits skip it), reused by
+            # PPG and every cascade step.
+            embeddings = self.refiner.embed_images(images_uint8)  # (B, C, h, w)
+            self._add_time("sam_encoder", time.perf_counter() - t_enc)
             scores_list, masks = [], []
-            for image, amap in zip(images_uint8, anomaly_map):
-                refined = self.refiner.refine(image, amap)
+            for image, amap, embedding in zip(images_uint8, anomaly_map, embeddings):
+                refined = self.refiner.refine(image, amap, embedding=embedding)
                 for key, seconds in refined.timings.items():
                     self._add_time(key, seconds)
                 t1 = time.perf_counter()

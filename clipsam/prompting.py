@@ -82,18 +82,18 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.kernel_shape not in KERNEL_SHAPES:
             raise ConfigError(
-                f"prompt.kernel_shape={self.kernel_shape!r} is not a kernel shape; "
+                f"model.prompt.kernel_shape={self.kernel_shape!r} is not a kernel shape; "
                 f"use one of {sorted(KERNEL_SHAPES)}"
             )
         if int(self.kernel_size) < 1:
-            raise ConfigError(f"prompt.kernel_size={self.kernel_size} must be >= 1 (pixels)")
+            raise ConfigError(f"model.prompt.kernel_size={self.kernel_size} must be >= 1 (pixels)")
         if int(self.num_positive) < 0 or int(self.num_negative) < 0:
             raise ConfigError(
-                f"prompt.num_positive={self.num_positive} and prompt.num_negative="
+                f"model.prompt.num_positive={self.num_positive} and model.prompt.num_negative="
                 f"{self.num_negative} must be >= 0"
             )
         if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ConfigError(f"prompt.threshold={self.threshold} must be in [0, 1] (Map_a's range)")
+            raise ConfigError(f"model.prompt.threshold={self.threshold} must be in [0, 1] (Map_a's range)")
 
     def kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`generate_point_prompts`."""

@@ -165,7 +165,14 @@ class AnomalyDataModule(LightningDataModule):
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        """Parse and validate the dataset of ``stage`` (fit, validate, test or predict)."""
+        """Parse and validate the dataset of ``stage`` (fit, validate, test or predict).
+
+        Idempotent: a stage whose dataset is already built is not parsed again (the CLI checks
+        the data before the trainer starts, then the trainer calls ``setup`` once more).
+        """
+        built = {"fit": self.train_dataset, "validate": self.test_dataset, "test": self.test_dataset, "predict": self.predict_dataset}
+        if built.get(stage) is not None:
+            return
         if stage == "fit":
             self.train_dataset = self._build(self.train_spec, "data.train", "fit", augment=self.augment)
         elif stage in ("validate", "test"):

@@ -42,8 +42,6 @@ from clipsam.prompts import build_prompts, object_name_for
 
 __all__ = ["ClipAnomalyModel", "ClipConfig", "ClipOutput", "build_clip_model", "gaussian_blur"]
 
-log = logging.getLogger(__name__)
-
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -555,14 +553,6 @@ def _describe_shapes(shapes: list[tuple[int, int]]) -> str:
     return f"{text} ({len(shapes)} layers)"
 
 
-class _no_autocast:
-    """Context manager disabling autocast for one device type (CPU bf16 autocast is slow)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._ctx = torch.autocast(device_type=device.type, enabled=False)
-
-    def __enter__(self) -> None:
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast disabled for ``device``'s type (CPU bf16 autocast of attention is pathologically slow)."""
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -24,7 +24,7 @@ HELD_OUT_CATEGORIES = ("stripes", "hexnut")
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 STEPS, BATCH = 40, 8
-MARGIN = 0.15  # measured: 0.36 -> 0.84 at the time of writing
+MARGIN = 0.15  # measured 0.596 -> 0.791 (seeds 1, 2: 0.555 -> 0.779, 0.546 -> 0.753)
 
 
 def _dataset(categories: tuple[str, ...], count: int, seed: int):
