@@ -29,7 +29,11 @@ from clipsam.data.synthetic import generate_synthetic
 
 __all__ = [
     "InterruptAt",
+    "RecordBatchOrder",
+    "RecordTestIndices",
     "adapter_state",
+    "assert_complete_adapter_checkpoint",
+    "checkpoints",
     "clipsam_cli",
     "count_test_images",
     "make_odd_synth_root",
@@ -44,17 +48,24 @@ ADAPTER_PREFIX = "clip_model.adapters."
 
 
 def make_odd_synth_root(
-    tmp_path: Path, *, num_test_good: int = 2, num_test_anomalous: int = 3, image_size: int = 64
+    tmp_path: Path,
+    *,
+    num_test_good: int = 2,
+    num_test_anomalous: int = 3,
+    image_size: int = 64,
+    layouts: Sequence[str] = ("mvtec", "visa"),
 ) -> Path:
     """Generated data for configs/demo.yaml with an odd number of test images per category.
 
     With the defaults every category has 5 test images, so the demo's 3 train categories give
     15 training images and its 3 test categories 15 test images: an odd total, so a 2-rank
-    ``DistributedSampler`` must pad with a repeated image.
+    ``DistributedSampler`` must pad with a repeated image. ``layouts=("mvtec",)`` is enough for
+    ``fit`` alone (the demo trains on the MVTec layout).
     """
     root = tmp_path / "synth_odd"
     generate_synthetic(
         root,
+        layouts=tuple(layouts),
         categories=[*TRAIN_CATEGORIES, *TEST_CATEGORIES],
         image_size=image_size,
         num_train_good=1,
@@ -120,21 +131,32 @@ def clipsam_cli(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         # Lets the child import tests.helpers.runs (the callbacks below) by class path.
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+        PYTHONPATH=os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(REPO)) if p),
     )
-    env.pop("PL_GLOBAL_SEED", None)
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
+    for name in ("PL_GLOBAL_SEED", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT"):
+        env.pop(name, None)  # never inherit a distributed setup from the caller
+    # Own session: on a timeout the whole group (the CLI and any DDP rank it launched) is killed.
+    child = subprocess.Popen(
         [sys.executable, "-m", "clipsam.cli", *args],
         cwd=cwd,
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        raise AssertionError(
+            f"clipsam {args[0]} did not finish in {timeout:.0f} s (a DDP hang?)\n--- stderr (tail)\n{stderr[-6000:]}"
+        ) from None
+    proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"clipsam {' '.join(args[:1])} exited with {proc.returncode}\n--- stdout (tail)\n"
+            f"clipsam {args[0]} exited with {proc.returncode}\n--- stdout (tail)\n"
             f"{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-6000:]}"
         )
     return proc
@@ -144,6 +166,29 @@ def adapter_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """The state_dict of a checkpoint, loaded the safe way (``weights_only=True``)."""
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     return saved["state_dict"]
+
+
+def assert_complete_adapter_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint file is a complete torch file, safe to load, holding the adapters only.
+
+    Returns:
+        the loaded checkpoint.
+    """
+    assert ckpt.is_file() and ckpt.stat().st_size > 0, f"{ckpt} is missing or empty"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # raises on a truncated file
+    state = saved["state_dict"]
+    assert state, f"{ckpt}: no adapter weights"
+    leaked = sorted(k for k in state if not k.startswith(ADAPTER_PREFIX))
+    assert not leaked, f"{ckpt}: frozen weights leaked into the checkpoint: {leaked[:5]}"
+    assert all(torch.isfinite(v).all() for v in state.values()), f"{ckpt}: non-finite adapter weights"
+    stray = sorted(p.name for p in ckpt.parent.iterdir() if not p.name.endswith(".ckpt"))
+    assert not stray, f"{ckpt.parent}: stray (temporary?) files next to the checkpoints: {stray}"
+    return saved
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The ``*.ckpt`` files of a run directory, sorted by name."""
+    return sorted((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 class InterruptAt(Callback):
@@ -171,3 +216,17 @@ class RecordBatchOrder(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{trainer.current_epoch}\t{batch_idx}\t{batch['index'].tolist()}\n")
+
+
+class RecordTestIndices(Callback):
+    """Append the dataset ``index`` of every test image this rank evaluates to ``dir/rank<R>.txt``."""
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.dir) / f"rank{trainer.global_rank}.txt", "a", encoding="utf-8") as f:
+            f.writelines(f"{i}\n" for i in batch["index"].tolist())
