@@ -77,6 +77,8 @@ class EvalConfig:
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
         num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
+        pr_curve_points: points of the per-category pixel PR curve kept for the report and
+            W&B (exact points, thinned; 0 disables).
         predict_dir: root folder of predict outputs; each run writes a fresh ``version_N``.
         predict_mask_threshold: threshold on the fused score for the written mask when SAM is
             off (with SAM on, the written mask is SAM's final cascade mask).
@@ -89,6 +91,7 @@ class EvalConfig:
     aupro: bool = False
     metric_score_dtype: Literal["float32", "float16"] = "float32"
     num_overlays: int = 8
+    pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
 
@@ -345,7 +348,9 @@ class ClipSamModule(LightningModule):
         dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
         # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
         kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
-        self.test_metrics = PerCategoryMetrics(categories, **kwargs).to(self.device)
+        self.test_metrics = PerCategoryMetrics(
+            categories, pr_curve_points=self.eval_config.pr_curve_points, **kwargs
+        ).to(self.device)
         self.clip_metrics = None
         if self.eval_config.report_clip_baseline and self.refiner is not None and self.eval_config.fusion != "clip":
             self.clip_metrics = PerCategoryMetrics(categories, **kwargs).to(self.device)

@@ -57,16 +57,28 @@ def _columns(results: dict[str, Any]) -> list[str]:
     return [c for c in METRIC_COLUMNS if c in present]
 
 
+# Short column titles keep the table readable in an 80-column terminal.
+COLUMN_TITLES = {
+    "pixel_auroc": "P-AUROC",
+    "pixel_f1_max": "P-F1max",
+    "pixel_ap": "P-AP",
+    "pixel_aupro": "P-AUPRO",
+    "image_auroc": "I-AUROC",
+    "image_f1_max": "I-F1max",
+    "image_ap": "I-AP",
+}
+
+
 def table_rows(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings, metrics in percent) of the per-category table."""
     columns = _columns(results)
-    header = ["category", "images", *columns]
+    header = ["category", "images", *(COLUMN_TITLES[c] for c in columns)]
     rows: list[list[str]] = []
     for category, values in results.get("per_category", {}).items():
         rows.append([category, str(values.get("num_images", "")), *(_fmt(values.get(c)) for c in columns)])
     rows.append(["mean", str(results.get("num_images", "")), *(_fmt(results["mean"].get(c)) for c in columns)])
     if baseline is not None:
-        rows.append(["mean (CLIP only)", "", *(_fmt(baseline["mean"].get(c)) for c in columns)])
+        rows.append(["CLIP only", "", *(_fmt(baseline["mean"].get(c)) for c in columns)])
     return header, rows
 
 
@@ -75,7 +87,7 @@ def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None
     from rich.table import Table
 
     header, rows = table_rows(results, baseline)
-    table = Table(title=title)
+    table = Table(title=title, caption="pixel (P-) and image (I-) metrics in percent; n/a: undefined (one class only)")
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
@@ -210,7 +222,7 @@ def _log_to_wandb(logger: Any, results: dict[str, Any], baseline: dict[str, Any]
         payload["examples"] = examples
         payload["overlays"] = [wandb.Image(panel, caption=f"{o['category']}: {Path(o['path']).name}") for o, panel in panels]
     for category, values in results.get("per_category", {}).items():
-        curve = values.get("pr_curve")
+        curve = values.get("pixel_pr_curve")
         if curve:
             recall, precision = curve["recall"], curve["precision"]
             data = [[r, p] for r, p in zip(recall, precision)]

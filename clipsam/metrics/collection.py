@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from clipsam.metrics.functional import MetricUndefinedWarning, aupro, image_metrics, pixel_metrics
+from clipsam.metrics.functional import MetricUndefinedWarning, aupro, image_metrics, pixel_metrics, pr_curve
 
 __all__ = ["PerCategoryMetrics"]
 
@@ -67,6 +67,8 @@ class PerCategoryMetrics(Metric):
         image: compute image-level AUROC, F1-max and AP.
         aupro: also compute pixel-level AUPRO (FPR limit 0.3, threshold-sampled).
         score_dtype: dtype of the stored maps, torch.float32 (exact) or torch.float16.
+        pr_curve_points: when > 0, each category also gets ``pixel_pr_curve`` (recall,
+            precision, threshold lists thinned to this many points) for plots.
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
     """
 
@@ -82,6 +84,7 @@ class PerCategoryMetrics(Metric):
         image: bool = True,
         aupro: bool = False,
         score_dtype: torch.dtype = torch.float32,
+        pr_curve_points: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,6 +99,7 @@ class PerCategoryMetrics(Metric):
         self.image = image
         self.aupro = aupro
         self.score_dtype = score_dtype
+        self.pr_curve_points = int(pr_curve_points)
         # one row per image
         for name in ("image_scores", "labels", "category_ids", "sample_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -214,6 +218,10 @@ class PerCategoryMetrics(Metric):
                         if self.pixel:
                             values = pixel_metrics(maps, masks)
                             out.update({f"pixel_{k}": values[k] for k in ("auroc", "f1_max", "ap")})
+                            if self.pr_curve_points > 0:
+                                curve = pr_curve(maps, masks, max_points=self.pr_curve_points)
+                                if curve is not None:
+                                    out["pixel_pr_curve"] = curve
                         if self.aupro:
                             out["pixel_aupro"] = aupro(maps, masks)
                         del maps, masks
@@ -231,6 +239,7 @@ class PerCategoryMetrics(Metric):
             out["num_anomalous"] = int((labels[sel] == 1).sum())
             per_category[name] = out
 
+        # Only float-valued keys are averaged (not the PR curve).
         all_keys = (*_PIXEL_KEYS, "pixel_aupro", *_IMAGE_KEYS)
         metric_keys = [k for k in all_keys if any(k in v for v in per_category.values())]
         mean: dict[str, float] = {}

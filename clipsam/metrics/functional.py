@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["MetricUndefinedWarning", "aupro", "image_metrics", "pixel_metrics"]
+__all__ = ["MetricUndefinedWarning", "aupro", "image_metrics", "pixel_metrics", "pr_curve"]
 
 
 class MetricUndefinedWarning(UserWarning):
@@ -111,7 +111,16 @@ def _labels_1d(labels: Any, name: str = "labels") -> np.ndarray:
 # exact binary metrics
 
 
-def _binary_metrics(scores: Any, labels: Any, level: str) -> dict[str, float]:
+def _threshold_counts(scores: Any, labels: Any, level: str) -> dict[str, Any] | None:
+    """Confusion counts at every distinct positive score, from two in-place sorts.
+
+    Returns None when there is no positive label (after warning); else a dict with ``values``
+    (distinct positive scores, ascending), ``count_eq`` (#positives equal to each), ``tp`` and
+    ``fp`` (#positives / #negatives >= each value, float64), ``neg_lt`` (#negatives < each
+    value), the sorted negatives ``neg`` and the class sizes ``n_pos``, ``n_neg``. Between two
+    distinct positive values TP is constant and FP can only fall as the threshold rises, so
+    these thresholds carry every value AP and F1-max can take.
+    """
     s = _scores_1d(scores)
     y = _labels_1d(labels)
     if s.shape != y.shape:
@@ -136,9 +145,9 @@ def _binary_metrics(scores: Any, labels: Any, level: str) -> dict[str, float]:
             f"{level} metrics are undefined: no positive label among {n_neg} samples "
             "(all labels 0); auroc, ap and f1_max are NaN",
             MetricUndefinedWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return {"auroc": float("nan"), "f1_max": float("nan"), "ap": float("nan")}
+        return None
 
     # distinct positive values v (ascending), how many positives equal v, and #pos >= v
     starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))
@@ -146,9 +155,26 @@ def _binary_metrics(scores: Any, labels: Any, level: str) -> dict[str, float]:
     count_eq = np.diff(np.append(starts, n_pos))
     tp = (n_pos - starts).astype(np.float64)
     del pos
-
     neg_lt = np.searchsorted(neg, values, side="left")  # #neg < v
     fp = (n_neg - neg_lt).astype(np.float64)  # #neg >= v
+    return {
+        "values": values,
+        "count_eq": count_eq,
+        "tp": tp,
+        "fp": fp,
+        "neg_lt": neg_lt,
+        "neg": neg,
+        "n_pos": n_pos,
+        "n_neg": n_neg,
+    }
+
+
+def _binary_metrics(scores: Any, labels: Any, level: str) -> dict[str, float]:
+    counts = _threshold_counts(scores, labels, level)
+    if counts is None:
+        return {"auroc": float("nan"), "f1_max": float("nan"), "ap": float("nan")}
+    tp, fp, n_pos, n_neg = counts["tp"], counts["fp"], counts["n_pos"], counts["n_neg"]
+    count_eq, neg_lt = counts["count_eq"], counts["neg_lt"]
     ap = float(np.sum(count_eq / n_pos * (tp / (tp + fp))))
     f1_max = float(np.max(2.0 * tp / (tp + fp + n_pos)))
 
@@ -161,11 +187,40 @@ def _binary_metrics(scores: Any, labels: Any, level: str) -> dict[str, float]:
         )
         auroc = float("nan")
     else:
-        neg_le = np.searchsorted(neg, values, side="right")  # #neg <= v
+        neg_le = np.searchsorted(counts["neg"], counts["values"], side="right")  # #neg <= v
         # twice the Mann-Whitney U, exact in int64 (<= 2 P Q)
         u2 = 2 * int(np.dot(count_eq, neg_lt)) + int(np.dot(count_eq, neg_le - neg_lt))
         auroc = u2 / (2.0 * n_pos * n_neg)
     return {"auroc": auroc, "f1_max": f1_max, "ap": ap}
+
+
+def pr_curve(
+    scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, *, max_points: int | None = 200
+) -> dict[str, list[float]] | None:
+    """Precision-recall curve at the distinct positive scores, for plots (W&B, reports).
+
+    The points are exact (the same thresholds :func:`pixel_metrics` uses); with ``max_points``
+    they are thinned to at most that many, evenly spaced in recall, always keeping the first
+    and last point. Returns None when there is no positive label.
+
+    Returns:
+        ``{"recall": [...], "precision": [...], "threshold": [...]}``, recall descending
+        (threshold ascending).
+    """
+    counts = _threshold_counts(scores, labels, "pr-curve")
+    if counts is None:
+        return None
+    tp, fp = counts["tp"], counts["fp"]
+    recall = tp / counts["n_pos"]
+    precision = tp / (tp + fp)
+    threshold = counts["values"].astype(np.float64)
+    if max_points is not None and recall.size > max_points:
+        targets = np.linspace(recall[-1], recall[0], max_points)
+        # recall is non-increasing in the threshold: search on the reversed (ascending) array.
+        idx = recall.size - 1 - np.searchsorted(recall[::-1], targets, side="left")
+        idx = np.unique(np.clip(idx, 0, recall.size - 1))
+        recall, precision, threshold = recall[idx], precision[idx], threshold[idx]
+    return {"recall": recall.tolist(), "precision": precision.tolist(), "threshold": threshold.tolist()}
 
 
 def pixel_metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> dict:

@@ -194,3 +194,23 @@ def test_aupro_undefined_and_bad_inputs():
         aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 5), bool))
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro(np.zeros((1, 4, 4)), np.zeros((1, 4, 4), bool), fpr_limit=0.0)
+
+
+def test_pr_curve_points_match_sklearn_and_thin_out() -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    from clipsam.metrics import pr_curve
+
+    rng = np.random.default_rng(7)
+    labels = rng.random(5000) < 0.2
+    scores = np.round(rng.random(5000) + labels * 0.3, 2).astype(np.float32)
+    exact = pr_curve(torch.from_numpy(scores), torch.from_numpy(labels), max_points=None)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    # our thresholds are the distinct positive scores: each is one of sklearn's points
+    lookup = {float(t): (p, r) for p, r, t in zip(precision[:-1], recall[:-1], thresholds)}
+    for r, p, t in zip(exact["recall"], exact["precision"], exact["threshold"]):
+        assert lookup[t] == pytest.approx((p, r), abs=1e-12)
+    thin = pr_curve(scores, labels, max_points=20)
+    assert 2 <= len(thin["recall"]) <= 20
+    assert thin["recall"][0] == exact["recall"][0] and thin["recall"][-1] == exact["recall"][-1]
+    assert pr_curve(scores, np.zeros_like(labels)) is None
