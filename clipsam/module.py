@@ -336,8 +336,10 @@ class ClipSamModule(LightningModule):
     def _add_time(self, key: str, seconds: float) -> None:
         self._timings[key] = self._timings.get(key, 0.0) + float(seconds)
 
-    # ------------------------------------------------------------------ test
-    def on_test_start(self) -> None:
+    # ------------------------------------------------------------------ test / validate
+    # ``clipsam test`` and ``clipsam validate`` run the same evaluation on ``data.test``; they
+    # differ only in the prefix of the logged keys and the name of the report files.
+    def _eval_start(self) -> None:
         from clipsam.metrics.collection import PerCategoryMetrics
 
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -357,7 +359,7 @@ class ClipSamModule(LightningModule):
         self._overlays = []
         self._timings = {}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _eval_step(self, batch: dict[str, Any]) -> None:
         result = self._segment(batch)
         cat_index = {c: i for i, c in enumerate(self._categories)}
         category_ids = torch.tensor([cat_index[c] for c in batch["category"]], device=self.device)
@@ -395,21 +397,21 @@ class ClipSamModule(LightningModule):
                 }
             )
 
-    def on_test_epoch_end(self) -> None:
+    def _eval_end(self, prefix: str) -> None:
         from clipsam.reporting import report_test_results
 
         assert self.test_metrics is not None
-        results = self.test_metrics.compute()
+        results = self.test_metrics.compute()  # synced over ranks: every rank holds the same values
         baseline = self.clip_metrics.compute() if self.clip_metrics is not None else None
         for key, value in results["mean"].items():
-            self.log(f"test/{key}", float(value), sync_dist=False, rank_zero_only=True)
+            self.log(f"{prefix}/{key}", float(value), rank_zero_only=True)
         for category, values in results["per_category"].items():
             for key, value in values.items():
                 if isinstance(value, float):
-                    self.log(f"test/{category}/{key}", value, rank_zero_only=True)
+                    self.log(f"{prefix}/{category}/{key}", value, rank_zero_only=True)
         if baseline is not None:
             for key, value in baseline["mean"].items():
-                self.log(f"test_clip_only/{key}", float(value), rank_zero_only=True)
+                self.log(f"{prefix}_clip_only/{key}", float(value), rank_zero_only=True)
         if self.trainer.is_global_zero:
             report_test_results(
                 trainer=self.trainer,
@@ -418,11 +420,30 @@ class ClipSamModule(LightningModule):
                 overlays=self._overlays,
                 timings=self._timings,
                 config=dict(self.hparams),
+                stage=prefix,
             )
         self.test_metrics.reset()
         if self.clip_metrics is not None:
             self.clip_metrics.reset()
         self._overlays = []
+
+    def on_test_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    def on_validation_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("validate")
 
     # ------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -109,10 +109,12 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_metrics_files(run_dir: Path, payload: dict[str, Any], results: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Path]:
-    """Write ``test_results.json`` and ``test_results.csv`` atomically into ``run_dir``."""
+def write_metrics_files(
+    run_dir: Path, payload: dict[str, Any], results: dict[str, Any], baseline: dict[str, Any] | None, *, stem: str = "test_results"
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` and ``<stem>.csv`` atomically into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = run_dir / "test_results.json", run_dir / "test_results.csv"
+    json_path, csv_path = run_dir / f"{stem}.json", run_dir / f"{stem}.csv"
     with atomic_write(json_path) as tmp:
         tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
     columns = _columns(results)
@@ -162,8 +164,11 @@ def report_test_results(
     overlays: list[dict[str, Any]],
     timings: dict[str, float],
     config: dict[str, Any],
+    stage: str = "test",
 ) -> dict[str, Any]:
-    """Print the table and write every report of a test run (rank 0 only).
+    """Print the table and write every report of a test (or validate) run (rank 0 only).
+
+    Files are named after ``stage``: ``test_results.json`` / ``validate_results.json``.
 
     Returns:
         dict of the written paths ("json", "csv", "overlays", and "wandb" when a W&B run exists).
@@ -178,7 +183,7 @@ def report_test_results(
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
         "config": config,
     }
-    paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline)
+    paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline, stem=f"{stage}_results")
 
     overlay_dir = run_dir / "overlays"
     panels = []
@@ -192,7 +197,7 @@ def report_test_results(
     paths["overlays"] = overlay_dir
 
     console = Console()
-    console.print(format_table(results, baseline))
+    console.print(format_table(results, baseline, title=f"clipsam {stage}"))
     console.print(f"metrics: {paths['json']}  {paths['csv']}")
     if panels:
         console.print(f"overlays: {overlay_dir}  (image | ground truth | CLIP map | final scores | final mask)")

@@ -86,6 +86,10 @@ def test_fit_test_predict_end_to_end(in_tmp_cwd: Path, synth_root: Path) -> None
     wandb_runs = list((in_tmp_cwd / "runs" / "demo" / "wandb").glob("offline-run-*"))
     assert wandb_runs, "an offline W&B run directory is left behind"
 
+    validate = run_cli(["validate", *args, "--ckpt_path", str(ckpt)])
+    validate_results = json.loads((Path(validate.trainer.log_dir) / "validate_results.json").read_text())
+    assert validate_results["results"]["mean"] == metrics["results"]["mean"], "validate evaluates data.test like test"
+
     predict = run_cli(["predict", *args, "--ckpt_path", str(ckpt)])
     writer = next(cb for cb in predict.trainer.callbacks if type(cb).__name__ == "PredictionWriter")
     inputs = sorted(p for p in (synth_root / "mvtec" / "capsule" / "test").rglob("*") if p.is_file())
