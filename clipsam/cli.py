@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             from clipsam.data.cli import data_main
 
             return data_main(args[1:])
-        _build_cli(args)
+        # No explicit args from the console script: LightningCLI reads sys.argv itself.
+        _build_cli(None if argv is None else args)
     except ClipSamError as err:
         print(f"clipsam: error: {err}", file=sys.stderr)
         return 2

@@ -24,9 +24,11 @@ reward. Dimension symbols: H x W the evaluation frame.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["DEFAULT_FUSION", "FUSION_METHODS", "fuse_scores"]
+__all__ = ["DEFAULT_FUSION", "FUSION_METHODS", "IMAGE_SCORE_METHODS", "fuse_scores", "image_scores"]
 
 FUSION_METHODS: tuple[str, ...] = ("clip", "sam", "product", "mean", "max", "clip_boost", "clip_masked")
 """The valid values of ``method`` (config key ``model.evaluation.fusion``)."""
@@ -81,3 +83,33 @@ def fuse_scores(
     else:  # clip_masked
         out = amap * inside.to(torch.float32)
     return out.clamp_(0.0, 1.0)
+
+
+IMAGE_SCORE_METHODS: tuple[str, ...] = ("max", "mean", "topk_mean")
+"""The valid values of ``method`` of :func:`image_scores` (config key ``model.clip.image_score``)."""
+
+
+def image_scores(maps: torch.Tensor, *, method: str = "max", topk_fraction: float = 0.01) -> torch.Tensor:
+    """Reduce pixel score maps to one anomaly score per image.
+
+    Used for the CLIP map and for the fused scores alike, so image metrics of the CLIP-only
+    baseline and of the full method are computed the same way.
+
+    Args:
+        maps: (B, H, W) float pixel scores.
+        method: "max" (default), "mean", or "topk_mean" (mean of the top ``topk_fraction`` of
+            the pixels, at least one).
+        topk_fraction: fraction of pixels averaged by "topk_mean", in (0, 1].
+
+    Returns:
+        (B,) float image scores.
+    """
+    flat = maps.flatten(1)  # (B, H * W)
+    if method == "max":
+        return flat.amax(dim=1)
+    if method == "mean":
+        return flat.mean(dim=1)
+    if method == "topk_mean":
+        k = max(1, math.ceil(topk_fraction * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    raise ValueError(f"image score method must be one of {IMAGE_SCORE_METHODS}, got {method!r}")

@@ -72,7 +72,6 @@ class EvalConfig:
             "clip" is the CLIP-stage baseline (SAM ignored).
         report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
             report shows the SAM stage's gain (doubles the score memory of the metric).
-        image_score: how an image score is reduced from the final pixel scores.
         aupro: also compute pixel AUPRO (FPR limit 0.3).
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
@@ -87,7 +86,6 @@ class EvalConfig:
     use_sam: bool = True
     fusion: str = "clip_boost"
     report_clip_baseline: bool = True
-    image_score: Literal["max", "mean"] = "max"
     aupro: bool = False
     metric_score_dtype: Literal["float32", "float16"] = "float32"
     num_overlays: int = 8
@@ -330,8 +328,10 @@ class ClipSamModule(LightningModule):
         }
 
     def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        flat = maps.flatten(1)
-        return flat.amax(dim=1) if self.eval_config.image_score == "max" else flat.mean(dim=1)
+        from clipsam.fusion import image_scores
+
+        clip = self.clip_config
+        return image_scores(maps, method=clip.image_score, topk_fraction=clip.topk_fraction)
 
     def _add_time(self, key: str, seconds: float) -> None:
         self._timings[key] = self._timings.get(key, 0.0) + float(seconds)

@@ -26,7 +26,6 @@ H x W frame image, h x w patch grid (H / patch, W / patch), N = h * w patch toke
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipsam.errors import ConfigError, WeightsError
+from clipsam.fusion import image_scores
 from clipsam.models.presets import is_tiny_preset, register_tiny_configs
 from clipsam.prompts import build_prompts, object_name_for
 
@@ -71,7 +71,8 @@ class ClipConfig:
         smoothing_sigma: Standard deviation in frame pixels of the Gaussian applied to the
             combined map (APRIL-GAN/AnomalyCLIP test code use 4; 0 disables). Kernel radius
             ``round(4 * sigma)``, symmetric padding (as ``scipy.ndimage.gaussian_filter``).
-        image_score: Reduction of ``anomaly_map`` to the image score: ``"max"``, ``"mean"``,
+        image_score: Reduction of a pixel-score map to the image score (the CLIP map, and in
+            test/predict the fused scores too): ``"max"``, ``"mean"``,
             or ``"topk_mean"`` (mean of the top ``topk_fraction`` of pixels).
         topk_fraction: Fraction of pixels averaged by ``image_score="topk_mean"``.
         frozen_dtype: dtype the frozen open_clip weights are cast to. ``"bfloat16"`` (default)
@@ -393,13 +394,7 @@ class ClipAnomalyModel(nn.Module):
         return ClipOutput(layer_probs=stacked, anomaly_map=anomaly_map, image_scores=image_scores)
 
     def _image_scores(self, anomaly_map: Tensor) -> Tensor:
-        flat = anomaly_map.flatten(1)  # (B, H * W)
-        if self.config.image_score == "max":
-            return flat.amax(dim=1)
-        if self.config.image_score == "mean":
-            return flat.mean(dim=1)
-        k = max(1, int(math.ceil(self.config.topk_fraction * flat.shape[1])))
-        return flat.topk(k, dim=1).values.mean(dim=1)
+        return image_scores(anomaly_map, method=self.config.image_score, topk_fraction=self.config.topk_fraction)
 
     def _device(self) -> torch.device:
         return self.adapters[0].weight.device
