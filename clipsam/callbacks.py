@@ -1,4 +1,4 @@
-"""Lightning callbacks: writing predictions for the user's own images.
+"""Lightning callbacks and plugins: writing predictions, writing checkpoints atomically.
 
 :class:`PredictionWriter` turns ``ClipSamModule.predict_step`` outputs into files:
 
@@ -24,11 +24,30 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 
-from clipsam.io import atomic_write, next_version_dir
+from clipsam.io import atomic_torch_save, atomic_write, next_version_dir
 
-__all__ = ["PredictionWriter", "render_overlay"]
+__all__ = ["AtomicCheckpointIO", "PredictionWriter", "render_overlay"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temp file in the target directory, then renamed over the target.
+
+    Lightning's default writer stages the file in ``$TMPDIR`` and moves it into place, which is
+    only a rename when ``$TMPDIR`` and the run directory share a file system; otherwise an
+    interrupted copy can leave a truncated ``last.ckpt`` that a later ``--ckpt_path`` run loads.
+    Here the temp file always sits next to the target, so the final step is always an atomic
+    ``os.replace``. Remote paths (``s3://``...) fall back to Lightning's writer. The ``clipsam``
+    CLI installs this plugin by default (``trainer.plugins``).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
 
 
 def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:

@@ -98,6 +98,8 @@ def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
             ClipSamModule,
             AnomalyDataModule,
             save_config_callback=VersionedSaveConfigCallback,
+            # Checkpoints are written next to their target and renamed: never half-written.
+            trainer_defaults={"plugins": [{"class_path": "clipsam.callbacks.AtomicCheckpointIO"}]},
             parser_kwargs={"parser_mode": "omegaconf", "default_env": False},
             auto_configure_optimizers=False,
             args=args,

@@ -412,9 +412,13 @@ class ClipSamModule(LightningModule):
         if baseline is not None:
             for key, value in baseline["mean"].items():
                 self.log(f"{prefix}_clip_only/{key}", float(value), rank_zero_only=True)
+        # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank must
+        # ask for it, not rank 0 alone, or rank 0 waits on a peer that has already finished.
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
         if self.trainer.is_global_zero:
             report_test_results(
                 trainer=self.trainer,
+                run_dir=run_dir,
                 results=results,
                 baseline=baseline,
                 overlays=self._overlays,

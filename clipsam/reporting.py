@@ -165,6 +165,7 @@ def report_test_results(
     timings: dict[str, float],
     config: dict[str, Any],
     stage: str = "test",
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Print the table and write every report of a test (or validate) run (rank 0 only).
 
@@ -175,7 +176,9 @@ def report_test_results(
     """
     from rich.console import Console
 
-    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    # Under DDP the caller passes run_dir, asked for on every rank: trainer.log_dir broadcasts,
+    # so calling it here (rank 0 only) would hang or crash.
+    run_dir = Path(run_dir if run_dir is not None else (trainer.log_dir or trainer.default_root_dir))
     num_images = int(results.get("num_images", 0)) or 1
     payload = {
         "results": results,

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images, parse_folder
@@ -36,7 +36,7 @@ from clipsam.data.transforms import AugmentConfig, build_transform
 from clipsam.data.visa import parse_visa
 from clipsam.errors import ConfigError, DatasetError
 
-__all__ = ["AnomalyDataModule", "DatasetSpec", "parse_spec"]
+__all__ = ["AnomalyDataModule", "DatasetSpec", "EpochSeededRandomSampler", "parse_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,30 @@ def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sampl
     if spec.categories:
         what += f", categories {', '.join(spec.categories)}"
     return samples, spec.format != "folder", what
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A random order that is a pure function of ``(seed, epoch)``.
+
+    A ``RandomSampler`` with a seeded generator draws each epoch's order from the generator's
+    running state, so a fit resumed from a checkpoint (fresh generator) would replay epoch 0's
+    order at epoch 1. Lightning calls :meth:`set_epoch` at the start of every training epoch,
+    also after a resume, so here epoch ``e`` always sees the same order. Under DDP Lightning
+    replaces this sampler (a ``RandomSampler``) with a ``DistributedSampler`` seeded from
+    ``seed_everything``, which is resume-safe in the same way.
+    """
+
+    def __init__(self, data_source: AnomalyDataset, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):  # type: ignore[override]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class AnomalyDataModule(LightningDataModule):
@@ -229,12 +253,13 @@ class AnomalyDataModule(LightningDataModule):
     def _loader(self, dataset: AnomalyDataset | None, stage: str, *, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call datamodule.setup({stage!r}) before asking for its dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # The shuffle order depends on (seed, epoch) only, so a resumed fit sees the same order.
+        sampler = EpochSeededRandomSampler(dataset, seed=self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=default_collate,

@@ -126,3 +126,34 @@ def test_interrupted_checkpoint_write_leaves_previous_file_intact(
     assert path.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name != "last.ckpt" and "ckpt" in p.name and p.stat().st_size < len(before)]
     torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_atomic_checkpoint_io_never_leaves_a_partial_file(
+    tmp_path: Path, datamodule: AnomalyDataModule, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's default plugin: temp file beside the target, then os.replace."""
+    import io as _io
+
+    from clipsam.callbacks import AtomicCheckpointIO
+
+    module = _module()
+    trainer = _trainer(tmp_path, plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, datamodule=datamodule)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def save_half_then_die(obj, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        buffer = _io.BytesIO()
+        real_save(obj, buffer)
+        Path(target).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt  # Ctrl+C half-way through the write
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["last.ckpt"], "temp file left behind"
