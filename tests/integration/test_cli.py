@@ -108,3 +108,33 @@ def test_missing_dataset_root_is_one_clear_error(in_tmp_cwd: Path, capsys: pytes
     assert code == 2
     assert "/nonexistent/mvtec" in err and "Traceback" not in err
     assert not (in_tmp_cwd / "runs" / "demo" / "version_0" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script", ["clipsam", "lightning"])
+def test_console_scripts_are_the_same_lightningcli(script: str) -> None:
+    """`lightning fit --config ...` (the user's habit) and `clipsam fit ...` are one entry point."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / script
+    assert exe.is_file(), f"console script {script} is not installed next to {sys.executable}"
+    out = subprocess.run(
+        [str(exe), "fit", "--config", "configs/demo.yaml", "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "clipsam.module.ClipSamModule" in out.stdout or "clipsam-tiny" in out.stdout
+
+
+def test_data_synth_subcommand_writes_both_layouts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "synth"
+    args = ["data", "synth", "--root", str(root), "--image-size", "32", "--categories", "disk", "--no-progress"]
+    assert main(args) == 0
+    assert (root / "mvtec" / "disk" / "test").is_dir()
+    assert (root / "visa" / "split_csv" / "1cls.csv").is_file()
+    # a second run refuses to overwrite what is there
+    assert main(args) == 2
+    assert "clipsam: error:" in capsys.readouterr().err
