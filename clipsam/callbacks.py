@@ -106,8 +106,19 @@ class PredictionWriter(BasePredictionWriter):
                 tmp.write_text("".join(f"{p}\n" for p in skipped))
 
     def _unique_name(self, path: str, trainer: Trainer) -> str:
-        stem = Path(path).stem
-        name = stem if trainer.world_size == 1 else f"{stem}_rank{trainer.global_rank}"
+        """File name for an input image: its path below the predict folder, '/' -> '__'.
+
+        ``good/000.png`` and ``hole/000.png`` become ``good__000`` and ``hole__000``; names that
+        still collide (or come from outside the folder) get a numeric suffix.
+        """
+        source = Path(path)
+        root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
+        try:
+            relative = source.resolve().relative_to(Path(root).expanduser().resolve()) if root else Path(source.name)
+        except ValueError:
+            relative = Path(source.name)
+        # Unique across processes too: each image is predicted by one process only.
+        name = "__".join((*relative.parent.parts, relative.stem))
         candidate, n = name, 1
         while candidate in self._used_names:
             n += 1
@@ -150,18 +161,35 @@ class PredictionWriter(BasePredictionWriter):
             )
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write ``predictions.csv`` (under DDP: each process its part, then rank 0 merges)."""
         assert self.run_dir is not None
-        rows = self._rows
-        if trainer.world_size > 1:
-            gathered = trainer.strategy.all_gather(torch.tensor(0))  # sync point
-            del gathered
-            name = f"predictions_rank{trainer.global_rank}.csv"
+        fields = ["path", "image_score", "anomalous_pixels", "mask", "overlay"]
+
+        def write(path: Path, rows: list[dict[str, Any]]) -> None:
+            with atomic_write(path) as tmp:
+                with tmp.open("w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+
+        final = self.run_dir / "predictions.csv"
+        if trainer.world_size == 1:
+            write(final, self._rows)
+            total = len(self._rows)
         else:
-            name = "predictions.csv"
-        with atomic_write(self.run_dir / name) as tmp:
-            with tmp.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["path", "image_score", "anomalous_pixels", "mask", "overlay"])
-                writer.writeheader()
-                writer.writerows(rows)
+            part = self.run_dir / f".predictions_rank{trainer.global_rank}.csv"
+            write(part, self._rows)
+            trainer.strategy.barrier("clipsam_predictions_written")
+            total = 0
+            if trainer.is_global_zero:
+                rows: list[dict[str, Any]] = []
+                for rank in range(trainer.world_size):
+                    rank_part = self.run_dir / f".predictions_rank{rank}.csv"
+                    with rank_part.open(newline="") as handle:
+                        rows.extend(csv.DictReader(handle))
+                    rank_part.unlink()
+                rows.sort(key=lambda row: row["path"])
+                write(final, rows)
+                total = len(rows)
         if trainer.is_global_zero:
-            print(f"clipsam: wrote {len(rows)} masks and overlays to {self.run_dir}")
+            print(f"clipsam: wrote {total} masks and overlays to {self.run_dir}")

@@ -57,15 +57,25 @@ class CascadeConfig:
             predicted IoU at every step (SAM's advice for ambiguous prompts). False (default):
             one mask, SAM's advice for several points; the paper does not say.
         mask_threshold: logit threshold of the binary masks (SAM's ``mask_threshold``, 0.0).
+        per_region: run one cascade per connected component of ``S_a`` (PPG on that region
+            alone) and take the union of the masks and the max of their probabilities, instead
+            of one cascade per image. The paper runs one per image (default False); this helps
+            images with several separate defects.
+        max_regions: with ``per_region``, at most this many regions (highest ``Map_a`` peak
+            first), bounding the decoder calls per image.
     """
 
     num_steps: int = 3
     multimask: bool = False
     mask_threshold: float = 0.0
+    per_region: bool = False
+    max_regions: int = 8
 
     def __post_init__(self) -> None:
         if self.num_steps not in (1, 2, 3):
             raise ConfigError(f"model.cascade.num_steps={self.num_steps} must be 1, 2 or 3")
+        if self.max_regions < 1:
+            raise ConfigError(f"model.cascade.max_regions={self.max_regions} must be >= 1")
 
 
 @dataclasses.dataclass

@@ -34,13 +34,15 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import cv2
+import numpy as np
 import torch
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from clipsam.cascade import CascadeConfig, CascadeStep, run_cascade
+from clipsam.cascade import CascadeConfig, CascadeResult, CascadeStep, run_cascade
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.io import atomic_torch_save
 from clipsam.prompting import PromptConfig, generate_point_prompts
@@ -505,6 +507,22 @@ class SamRefiner(nn.Module):
                 found[i] = emb[None]
         return torch.cat([emb.to(self.device) for emb in found])  # (B, C, h, w)
 
+    def _region_maps(self, anomaly_map: torch.Tensor) -> list[torch.Tensor]:
+        """``Map_a`` restricted to each connected component of ``S_a`` (8-connectivity).
+
+        Components are ordered by their peak value (highest first) and capped at
+        ``cascade.max_regions``. Each returned map is ``Map_a`` on one component and 0 elsewhere,
+        so PPG on it sees that region alone as ``S_a``.
+        """
+        region = (anomaly_map >= self.prompt.threshold).cpu().numpy().astype(np.uint8)
+        count, components = cv2.connectedComponents(region, connectivity=8)
+        if count <= 1:
+            return []
+        components_t = torch.from_numpy(components).to(anomaly_map.device)  # (H, W) int32
+        peaks = [(float(anomaly_map[components_t == c].max()), c) for c in range(1, count)]
+        chosen = [c for _, c in sorted(peaks, key=lambda pc: (-pc[0], pc[1]))[: self.cascade.max_regions]]
+        return [torch.where(components_t == c, anomaly_map, torch.zeros_like(anomaly_map)) for c in chosen]
+
     def _valid_features(self, embedding: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
         """Crop a (C, h, w) embedding to the cells covering the un-padded input (the frame).
 
@@ -554,10 +572,8 @@ class SamRefiner(nn.Module):
         timings["sam_encoder"] = time.perf_counter() - start if embedding is None else 0.0
 
         input_size = self.input_size(frame)
-        start = time.perf_counter()
         features = self._valid_features(emb[0], input_size)  # (C, h_valid, w_valid)
-        coords, labels = generate_point_prompts(anomaly_map.to(self.device), features, **self.prompt.kwargs())
-        timings["ppg"] = time.perf_counter() - start
+        amap = anomaly_map.to(self.device)
 
         def decode(point_coords, point_labels, box, mask_input):
             points = self.transform.apply_coords_torch(point_coords, frame)[None]  # (1, N, 2) input px
@@ -576,16 +592,39 @@ class SamRefiner(nn.Module):
             logits = self.sam.postprocess_masks(low_res, input_size, frame)  # (1, 1, H, W)
             return logits[0, 0], low_res[0], iou[0, best]
 
-        result = run_cascade(
-            decode,
-            point_coords=coords,
-            point_labels=labels,
-            num_steps=self.cascade.num_steps,
-            mask_threshold=self.cascade.mask_threshold,
-            frame_size=frame,
-        )
-        for i, step in enumerate(result.steps, start=1):
-            timings[f"cascade_step_{i}"] = step.seconds
+        def cascade(region_map: torch.Tensor) -> tuple[CascadeResult, torch.Tensor, torch.Tensor]:
+            start = time.perf_counter()
+            coords, labels = generate_point_prompts(region_map, features, **self.prompt.kwargs())
+            timings["ppg"] = timings.get("ppg", 0.0) + time.perf_counter() - start
+            result = run_cascade(
+                decode,
+                point_coords=coords,
+                point_labels=labels,
+                num_steps=self.cascade.num_steps,
+                mask_threshold=self.cascade.mask_threshold,
+                frame_size=frame,
+            )
+            return result, coords, labels
+
+        if self.cascade.per_region:
+            results = [cascade(region_map) for region_map in self._region_maps(amap)]
+        else:
+            results = [cascade(amap)]
+        if not results:  # per_region with an empty S_a: one (empty) cascade defines the output
+            results = [cascade(amap)]
+        result = results[0][0]
+        if len(results) > 1:  # union of the region masks, max of their logits
+            result = CascadeResult(
+                mask=torch.stack([r.mask for r, _, _ in results]).any(0),
+                mask_logits=torch.stack([r.mask_logits for r, _, _ in results]).amax(0),
+                steps=[step for r, _, _ in results for step in r.steps],
+            )
+        coords = torch.cat([c for _, c, _ in results])
+        labels = torch.cat([lab for _, _, lab in results])
+        steps_per_cascade = max(1, len(results[0][0].steps))
+        for i, step in enumerate(result.steps):
+            key = f"cascade_step_{i % steps_per_cascade + 1}"
+            timings[key] = timings.get(key, 0.0) + step.seconds
         return RefineOutput(
             mask=result.mask.to(out_device),
             mask_probs=torch.sigmoid(result.mask_logits).to(out_device),

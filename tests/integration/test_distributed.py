@@ -155,3 +155,25 @@ def test_ddp_test_matches_one_process(ddp_fit: Path, odd_root: Path, tmp_path: P
     _assert_same_numbers(runs[1]["results"], runs[2]["results"], "full method")
     assert runs[1]["clip_only"] is not None
     _assert_same_numbers(runs[1]["clip_only"], runs[2]["clip_only"], "CLIP-only baseline")
+
+
+def test_ddp_predict_writes_every_image_once(tmp_path: Path, odd_root: Path, ddp_fit: Path) -> None:
+    """Predict with 2 processes: each image of the folder gets exactly one mask and overlay, and
+    one merged predictions.csv lists them all."""
+    folder = odd_root / "mvtec" / "capsule" / "test"
+    images = sorted(p for p in folder.rglob("*.png"))
+    ckpt = ddp_fit / "checkpoints" / "last.ckpt"
+    out = tmp_path / "predict_out"
+    clipsam_cli(
+        ["predict", *run_args(tmp_path), *DDP, f"--data.predict_dir={folder}", "--ckpt_path", str(ckpt)],
+        cwd=tmp_path,
+        synth_root=odd_root,
+    )
+    (run_dir,) = sorted(out.glob("version_*"))
+    masks = sorted(p.name for p in (run_dir / "masks").iterdir())
+    expected = sorted("__".join((*p.relative_to(folder).parent.parts, p.stem)) + ".png" for p in images)
+    assert masks == expected
+    assert sorted(p.name for p in (run_dir / "overlays").iterdir()) == expected
+    rows = (run_dir / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(images)
+    assert not list(run_dir.glob(".predictions_rank*")), "per-process parts are merged and removed"

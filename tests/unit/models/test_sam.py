@@ -256,3 +256,33 @@ def test_config_validation():
         SamConfig(variant="vit_g")
     with pytest.raises(ConfigError, match="model.sam.dtype"):
         SamConfig(dtype="float16")
+
+
+def test_per_region_runs_one_cascade_per_connected_region(tiny):
+    amap = torch.zeros(FRAME)
+    amap[5:10, 5:10] = 0.9  # region A, the brighter peak
+    amap[7, 7] = 0.99
+    amap[30:36, 40:46] = 0.7  # region B, far from A
+    image = _image()
+    prompt = PromptConfig(num_positive=2, num_negative=2, threshold=0.5, kernel_size=5)
+
+    whole = SamRefiner(sam=tiny, prompt=prompt, cascade=CascadeConfig(num_steps=3)).refine(image, amap)
+    assert len(whole.steps) == 3
+    positives = whole.point_coords[whole.point_labels == 1]
+    assert all(5 <= float(y) < 10 for _, y in positives), "image-level top-k only sees the brighter region"
+
+    per_region = SamRefiner(sam=tiny, prompt=prompt, cascade=CascadeConfig(num_steps=3, per_region=True))
+    out = per_region.refine(image, amap)
+    assert len(out.steps) == 6, "two regions: two three-step cascades"
+    positives = out.point_coords[out.point_labels == 1]
+    assert positives.shape[0] == 4
+    assert {bool(float(y) >= 30) for _, y in positives} == {False, True}, "each region gets its own positives"
+    assert out.mask.shape == FRAME and out.mask_probs.shape == FRAME
+
+    capped = SamRefiner(sam=tiny, prompt=prompt, cascade=CascadeConfig(num_steps=1, per_region=True, max_regions=1))
+    out = capped.refine(image, amap)
+    assert len(out.steps) == 1
+    assert all(float(y) < 10 for _, y in out.point_coords[out.point_labels == 1]), "the highest-peak region is kept"
+
+    empty = per_region.refine(image, torch.zeros(FRAME))
+    assert not bool(empty.mask.any()) and empty.point_coords.shape == (0, 2)
