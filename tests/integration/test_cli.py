@@ -85,6 +85,14 @@ def test_fit_test_predict_end_to_end(in_tmp_cwd: Path, synth_root: Path) -> None
     assert metrics["clip_only"] is not None, "the CLIP-only baseline is reported next to the full method"
     wandb_runs = list((in_tmp_cwd / "runs" / "demo" / "wandb").glob("offline-run-*"))
     assert wandb_runs, "an offline W&B run directory is left behind"
+    media = [run / "files" / "media" for run in wandb_runs if (run / "files" / "media").is_dir()]
+    assert len(media) == 1, "exactly the test run logs tables and images"
+    (table_file,) = (media[0] / "table" / "metrics").glob("per_category*.table.json")
+    table = json.loads(table_file.read_text())
+    assert [row[0] for row in table["data"]] == ["capsule", "mesh", "stripes", "mean"]
+    assert "pixel_auroc" in table["columns"]
+    assert len(list((media[0] / "table" / "pr_curve").glob("*.table.json"))) == 3, "one PR curve per category"
+    assert list((media[0] / "images").glob("*.png")), "overlay panels are logged as images"
 
     validate = run_cli(["validate", *args, "--ckpt_path", str(ckpt)])
     validate_results = json.loads((Path(validate.trainer.log_dir) / "validate_results.json").read_text())
