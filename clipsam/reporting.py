@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipsam.io import atomic_write
+from clipsam.io import atomic_write, next_version_dir
 
 __all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
 
@@ -186,6 +186,10 @@ def report_test_results(
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
         "config": config,
     }
+    if (run_dir / f"{stage}_results.json").exists():
+        # A directory shared between runs (no versioned logger, e.g. fast_dev_run or
+        # trainer.logger=false): never overwrite an earlier report, use a fresh sub-directory.
+        run_dir = next_version_dir(run_dir / f"{stage}_reports")
     paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline, stem=f"{stage}_results")
 
     overlay_dir = run_dir / "overlays"

@@ -200,3 +200,15 @@ def test_predict_on_tiny_and_huge_images(in_tmp_cwd: Path, adapters_ckpt: Path, 
     with Image.open(writer.run_dir / "masks" / "image.png") as mask:
         assert mask.size == (size[1], size[0])
     assert (writer.run_dir / "overlays" / "image.png").is_file()
+
+
+def test_reports_never_overwrite_without_a_versioned_logger(in_tmp_cwd: Path, adapters_ckpt: Path) -> None:
+    """With trainer.logger=false every test run shares default_root_dir: the second report goes
+    to a fresh sub-directory and the first stays as it was."""
+    args = ["test", *fast_args(in_tmp_cwd), "--trainer.logger=false", "--ckpt_path", str(adapters_ckpt)]
+    run_cli(args)
+    first = in_tmp_cwd / "runs" / "demo" / "test_results.json"
+    before = first.read_bytes()
+    run_cli(args)
+    assert first.read_bytes() == before
+    assert (in_tmp_cwd / "runs" / "demo" / "test_reports" / "version_0" / "test_results.json").is_file()
