@@ -184,6 +184,16 @@ class ClipSamModule(LightningModule):
         self._timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ building
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision in ("bf16-true", "16-true", "64-true", "transformer-engine", "transformer-engine-float16"):
+            raise ConfigError(
+                f"trainer.precision={precision} would cast the trainable adapters too: use "
+                "trainer.precision=32-true (the adapters train in fp32) and choose the dtype of the "
+                "frozen models with model.clip.frozen_dtype and model.sam.dtype (bfloat16 is the "
+                "fast path on CPU and GPU)"
+            )
+
     def configure_model(self) -> None:
         """Build the frozen CLIP (always) and SAM (test/predict only), once."""
         if self.clip_model is None:

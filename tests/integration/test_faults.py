@@ -212,3 +212,8 @@ def test_reports_never_overwrite_without_a_versioned_logger(in_tmp_cwd: Path, ad
     run_cli(args)
     assert first.read_bytes() == before
     assert (in_tmp_cwd / "runs" / "demo" / "test_reports" / "version_0" / "test_results.json").is_file()
+
+
+def test_true_half_precision_is_refused_with_the_fast_path_named(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_expecting_error(["fit", *fast_args(in_tmp_cwd), "--trainer.precision=bf16-true"], capsys)
+    assert "trainer.precision=32-true" in err and "model.clip.frozen_dtype" in err
