@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -51,6 +53,22 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
         # Broadcast the chosen name so all ranks agree, then let Lightning do the writing.
         self.config_filename = trainer.strategy.broadcast(self.config_filename)
         super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Log the whole resolved config (trainer, model, data) to W&B, so runs compare there.
+
+        Lightning logs the module's hyper-parameters by itself; the data and trainer sections
+        (which dataset, which categories, how many epochs) only reach W&B through here.
+        """
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        subcommand = str(getattr(stage, "value", stage))  # "fit", "test", ...
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in loggers:
+            logger.experiment.config.update({"cli": config, "subcommand": subcommand}, allow_val_change=True)
 
 
 class ClipSamCLI(LightningCLI):
