@@ -464,10 +464,15 @@ def build_clip_model(config: ClipConfig, *, image_size: int) -> ClipAnomalyModel
 
 
 def _quiet_create(open_clip: Any, name: str, pretrained: str | None, kwargs: dict[str, Any]) -> nn.Module:
-    """``open_clip.create_model`` with its root-logger chatter about random init silenced."""
+    """``open_clip.create_model`` with its root-logger chatter silenced.
+
+    open_clip logs random initialisation as a warning and a failed download as an error on the
+    root logger; the failure is re-raised by the caller as one :class:`WeightsError` that says
+    what to do, so the log line would only repeat it.
+    """
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.ERROR) if pretrained is None else level)
+    root.setLevel(max(level, logging.ERROR) if pretrained is None else max(level, logging.CRITICAL))
     try:
         return open_clip.create_model(name, pretrained=pretrained or None, **kwargs)
     finally:
