@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -107,10 +108,29 @@ class ClipSamCLI(LightningCLI):
         self._check_data("predict")
 
 
+# Lightning warnings that are expected with clipsam's design and would only alarm users.
+_EXPECTED_WARNINGS = (
+    # The frozen CLIP/SAM stay in eval mode while the adapters train: that is the method.
+    r".*module\(s\) in eval mode at the start of training.*",
+    # fit has no validation set on purpose (the zero-shot target is never looked at in training).
+    r".*Total length of `.*` across ranks is zero.*",
+    # test/predict load adapters from a fit run's checkpoint into a new run directory.
+    r".*The dirpath has changed from .* won't be reloaded.*",
+    # internal deprecation inside Lightning 2.6 itself.
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+def _silence_expected_warnings() -> None:
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
     from clipsam.data.datamodule import AnomalyDataModule
     from clipsam.module import ClipSamModule
 
+    _silence_expected_warnings()
     try:
         return ClipSamCLI(
             ClipSamModule,

@@ -415,10 +415,17 @@ class ClipSamModule(LightningModule):
         baseline = self.clip_metrics.compute() if self.clip_metrics is not None else None
         for key, value in results["mean"].items():
             self.log(f"{prefix}/{key}", float(value), rank_zero_only=True)
-        for category, values in results["per_category"].items():
-            for key, value in values.items():
-                if isinstance(value, float):
-                    self.log(f"{prefix}/{category}/{key}", value, rank_zero_only=True)
+        # Per-category scalars go straight to the loggers (W&B, CSV): through self.log they would
+        # also fill Lightning's end-of-test console table, which our own table already shows.
+        per_category = {
+            f"{prefix}/{category}/{key}": value
+            for category, values in results["per_category"].items()
+            for key, value in values.items()
+            if isinstance(value, float)
+        }
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(per_category, step=self.global_step)
         if baseline is not None:
             for key, value in baseline["mean"].items():
                 self.log(f"{prefix}_clip_only/{key}", float(value), rank_zero_only=True)
