@@ -55,3 +55,17 @@ def test_default_and_errors(inputs):
         fuse_scores(amap, probs, mask, method="median")
     with pytest.raises(ValueError, match="must all be"):
         fuse_scores(amap, probs[:, :5], mask, method="mean")
+
+
+def test_image_scores_reductions_by_hand():
+    from clipsam.fusion import image_scores
+
+    maps = torch.tensor([[[0.0, 0.2], [0.4, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])  # (2, 2, 2)
+    assert image_scores(maps, method="max").tolist() == [1.0, 0.5]
+    assert torch.allclose(image_scores(maps, method="mean"), torch.tensor([0.4, 0.5]))
+    # top 50 % of 4 pixels = the 2 highest: (1.0 + 0.4) / 2
+    assert torch.allclose(image_scores(maps, method="topk_mean", topk_fraction=0.5), torch.tensor([0.7, 0.5]))
+    # at least one pixel
+    assert image_scores(maps, method="topk_mean", topk_fraction=1e-9).tolist() == [1.0, 0.5]
+    with pytest.raises(ValueError, match="image score method"):
+        image_scores(maps, method="median")
