@@ -29,7 +29,7 @@ from PIL import Image
 
 from clipsam.io import atomic_torch_save, atomic_write, next_version_dir
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter", "render_overlay"]
+__all__ = ["AtomicCheckpointIO", "PredictionWriter", "heat_map", "render_overlay"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,6 +50,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
+def heat_map(scores: np.ndarray) -> np.ndarray:
+    """JET colour map of scores: (H, W) float in [0, 1] -> (H, W, 3) uint8 RGB."""
+    heat = cv2.applyColorMap(np.clip(scores * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+
+
 def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
     """Blend a heat map of ``scores`` into ``image`` and outline ``mask``.
 
@@ -62,9 +68,7 @@ def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, a
     Returns:
         (H, W, 3) uint8 RGB.
     """
-    heat = cv2.applyColorMap(np.clip(scores * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    blended = cv2.addWeighted(image, 1.0 - alpha, heat, alpha, 0.0)
+    blended = cv2.addWeighted(image, 1.0 - alpha, heat_map(scores), alpha, 0.0)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     thickness = max(1, round(max(image.shape[:2]) / 256))
     cv2.drawContours(blended, contours, -1, (255, 255, 255), thickness)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipsam.callbacks import heat_map
 from clipsam.io import atomic_write, next_version_dir
 
 __all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
@@ -69,17 +70,29 @@ COLUMN_TITLES = {
 }
 
 
+def _metric_rows(
+    results: dict[str, Any], baseline: dict[str, Any] | None, *, baseline_label: str
+) -> tuple[list[str], list[list[Any]]]:
+    """Metric keys and raw rows ``[name, num_images, *values]``: categories, "mean", baseline.
+
+    The one source of the console table, the CSV file and the W&B table.
+    """
+    columns = _columns(results)
+    rows: list[list[Any]] = [
+        [category, values.get("num_images"), *(values.get(c) for c in columns)]
+        for category, values in results.get("per_category", {}).items()
+    ]
+    rows.append(["mean", results.get("num_images"), *(results["mean"].get(c) for c in columns)])
+    if baseline is not None:
+        rows.append([baseline_label, None, *(baseline["mean"].get(c) for c in columns)])
+    return columns, rows
+
+
 def table_rows(results: dict[str, Any], baseline: dict[str, Any] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows (strings, metrics in percent) of the per-category table."""
-    columns = _columns(results)
+    columns, rows = _metric_rows(results, baseline, baseline_label="CLIP only")
     header = ["category", "images", *(COLUMN_TITLES[c] for c in columns)]
-    rows: list[list[str]] = []
-    for category, values in results.get("per_category", {}).items():
-        rows.append([category, str(values.get("num_images", "")), *(_fmt(values.get(c)) for c in columns)])
-    rows.append(["mean", str(results.get("num_images", "")), *(_fmt(results["mean"].get(c)) for c in columns)])
-    if baseline is not None:
-        rows.append(["CLIP only", "", *(_fmt(baseline["mean"].get(c)) for c in columns)])
-    return header, rows
+    return header, [[name, "" if n is None else str(n), *(_fmt(v) for v in values)] for name, n, *values in rows]
 
 
 def format_table(results: dict[str, Any], baseline: dict[str, Any] | None = None, *, title: str = "clipsam test") -> Any:
@@ -117,32 +130,21 @@ def write_metrics_files(
     json_path, csv_path = run_dir / f"{stem}.json", run_dir / f"{stem}.csv"
     with atomic_write(json_path) as tmp:
         tmp.write_text(json.dumps(_jsonable(payload), indent=2, sort_keys=False))
-    columns = _columns(results)
+    columns, rows = _metric_rows(results, baseline, baseline_label="mean_clip_only")
     with atomic_write(csv_path) as tmp:
         with tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["category", "num_images", *columns])
-            for category, values in results.get("per_category", {}).items():
-                writer.writerow([category, values.get("num_images", ""), *(_jsonable(values.get(c)) for c in columns)])
-            writer.writerow(["mean", results.get("num_images", ""), *(_jsonable(results["mean"].get(c)) for c in columns)])
-            if baseline is not None:
-                writer.writerow(["mean_clip_only", "", *(_jsonable(baseline["mean"].get(c)) for c in columns)])
+            writer.writerows(_jsonable(rows))  # NaN (undefined) -> empty cell
     return {"json": json_path, "csv": csv_path}
-
-
-def _colorize(values: np.ndarray) -> np.ndarray:
-    import cv2
-
-    heat = cv2.applyColorMap(np.clip(values * 255.0, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
 
 def render_panel(overlay: dict[str, Any]) -> np.ndarray:
     """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8."""
     image = overlay["image"].permute(1, 2, 0).numpy().astype(np.uint8)
     gt = np.repeat(overlay["gt"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
-    clip_map = _colorize(overlay["clip_map"].float().numpy())
-    scores = _colorize(overlay["scores"].float().numpy())
+    clip_map = heat_map(overlay["clip_map"].float().numpy())
+    scores = heat_map(overlay["scores"].float().numpy())
     mask = np.repeat(overlay["mask"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
     return np.concatenate([image, gt, clip_map, scores, mask], axis=1)
 
@@ -220,12 +222,8 @@ def _log_to_wandb(logger: Any, results: dict[str, Any], baseline: dict[str, Any]
     import wandb
 
     run = logger.experiment
-    header, rows = table_rows(results, baseline)
-    columns = _columns(results)
-    table = wandb.Table(columns=["category", "num_images", *columns])
-    for category, values in results.get("per_category", {}).items():
-        table.add_data(category, values.get("num_images"), *(_jsonable(values.get(c)) for c in columns))
-    table.add_data("mean", results.get("num_images"), *(_jsonable(results["mean"].get(c)) for c in columns))
+    columns, rows = _metric_rows(results, None, baseline_label="")
+    table = wandb.Table(columns=["category", "num_images", *columns], data=_jsonable(rows))
     payload: dict[str, Any] = {"metrics/per_category": table}
     if panels:
         examples = wandb.Table(columns=["category", "path", "panel (image | gt | CLIP map | scores | mask)"])
