@@ -17,8 +17,8 @@ anomaly map, float32, the convention of SAM's clicks (SAM's prompt encoder adds 
 reach the pixel centre). Points are given in the anomaly map's frame; the caller maps them to
 SAM's input frame with SAM's ``ResizeLongestSide.apply_coords``.
 
-Pure torch (OpenCV is used only to build the structuring element, so the ring matches
-``cv2.dilate`` pixel for pixel); no Lightning, no segment_anything.
+Torch and OpenCV (the structuring element and the dilation of the ring); no Lightning, no
+segment_anything.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import dataclasses
 from typing import Literal
 
 import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -119,64 +120,23 @@ def structuring_element(kernel_shape: str, kernel_size: int) -> torch.Tensor:
 
 
 def anomaly_ring(region: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``N_a = dilate(S_a) - S_a`` (Eq. 3), equal to ``cv2.dilate`` with the default anchor.
+    """``N_a = dilate(S_a) - S_a`` (Eq. 3), by ``cv2.dilate`` with its default anchor.
 
-    OpenCV's dilation is ``dst(y, x) = max over K(i, j) of src(y + i - ay, x + j - ax)`` with the
-    anchor ``(ay, ax) = (k // 2, k // 2)``. Every row of OpenCV's ellipse, rect and cross kernels
-    is one run of ones, so the dilation is an OR over kernel rows of a vertical shift of a
-    horizontal run test. The run tests use row-wise cumulative sums (one per distinct run), the
-    OR is one gather over the kernel rows, both on the bounding box of ``S_a`` grown by the
-    kernel: exact integer arithmetic, a handful of tensor operations whatever k is.
+    The (H, W) mask makes a round trip through host memory (one byte per pixel).
 
     Args:
         region: (H, W) bool, ``S_a``.
-        kernel: (k, k) bool structuring element whose rows are runs (see
-            :func:`structuring_element`).
+        kernel: (k, k) bool structuring element (see :func:`structuring_element`).
 
     Returns:
-        (H, W) bool ring: pixels reached by the dilation that are not in ``region``. Outside the
-        map counts as background (OpenCV's default border for dilation).
+        (H, W) bool ring on ``region``'s device: pixels reached by the dilation that are not in
+        ``region``. Outside the map counts as background (OpenCV's default border for dilation).
     """
-    height, width = region.shape
-    ring = torch.zeros_like(region, dtype=torch.bool)
     if not bool(region.any()):
-        return ring
-    kh, kw = kernel.shape
-    ay, ax = kh // 2, kw // 2  # OpenCV's default anchor
-    ys, xs = torch.nonzero(region, as_tuple=True)
-    # Output pixels that can be reached: the bounding box grown by the kernel's reach.
-    y_lo, y_hi = max(int(ys.min()) - (kh - 1 - ay), 0), min(int(ys.max()) + ay, height - 1)
-    x_lo, x_hi = max(int(xs.min()) - (kw - 1 - ax), 0), min(int(xs.max()) + ax, width - 1)
-    device = region.device
-    rows_of_kernel = kernel.cpu().numpy().astype(bool)  # tiny: plain Python/NumPy loops
-    active = [i for i in range(kh) if rows_of_kernel[i].any()]
-    spans = []  # per active kernel row: source columns x + c0 .. x + c1
-    for i in active:
-        cols = rows_of_kernel[i].nonzero()[0]
-        c0, c1 = int(cols.min()), int(cols.max())
-        if cols.size != c1 - c0 + 1:
-            raise ValueError(f"kernel row {i} is not one run of ones; only OpenCV's ellipse/rect/cross kernels are supported")
-        spans.append((c0 - ax, c1 - ax))
-    distinct = sorted(set(spans))
-    run_of_row = torch.tensor([distinct.index(span) for span in spans], device=device)  # (n,)
-    # Source rows any output row of the box can reach; other rows are never read.
-    r_lo, r_hi = max(y_lo - ay, 0), min(y_hi + kh - 1 - ay, height - 1)
-    src = region[r_lo : r_hi + 1].to(torch.int32)
-    csum = F.pad(src.cumsum(dim=1), (1, 0))  # (rows, W + 1): csum[:, j] = sum of src[:, :j]
-    out_x = torch.arange(x_lo, x_hi + 1, device=device)  # (w_box,)
-    starts = torch.tensor([c0 for c0, _ in distinct], device=device)[:, None]
-    stops = torch.tensor([c1 for _, c1 in distinct], device=device)[:, None]
-    lo = (out_x[None] + starts).clamp(0, width)  # (R, w_box)
-    hi = (out_x[None] + stops + 1).clamp(0, width)
-    hits = (csum[:, hi] - csum[:, lo]).permute(1, 0, 2) > 0  # (R, rows, w_box): any src in the run
-    hits = torch.cat((hits, hits.new_zeros((hits.shape[0], 1, hits.shape[2]))), dim=1)  # + an all-False row
-    offsets = torch.tensor([i - ay for i in active], device=device)[:, None]  # (n, 1)
-    src_rows = torch.arange(y_lo, y_hi + 1, device=device)[None] + offsets  # (n, h_box) map rows
-    inside = (src_rows >= r_lo) & (src_rows <= r_hi)
-    src_rows = torch.where(inside, src_rows - r_lo, hits.shape[1] - 1)
-    dilated = hits[run_of_row[:, None], src_rows].any(dim=0)  # (h_box, w_box)
-    ring[y_lo : y_hi + 1, x_lo : x_hi + 1] = dilated
-    return ring & ~region
+        return torch.zeros_like(region, dtype=torch.bool)
+    source = region.detach().cpu().numpy().astype(np.uint8)
+    dilated = cv2.dilate(source, kernel.cpu().numpy().astype(np.uint8))
+    return torch.from_numpy(dilated.astype(bool)).to(region.device) & ~region
 
 
 def _interpolation_matrix(size: int, grid: int, device: torch.device) -> torch.Tensor:
