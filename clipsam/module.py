@@ -334,7 +334,7 @@ class ClipSamModule(LightningModule):
             "scores": scores,
             "mask": mask,
             "image_scores": self._image_score(scores),
-            "clip_image_scores": self._image_score(anomaly_map),
+            "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
         }
 
     def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
