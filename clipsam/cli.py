@@ -96,6 +96,8 @@ class ClipSamCLI(LightningCLI):
         self.datamodule.setup(stage)
 
     def before_fit(self) -> None:
+        # A training-free method cannot fit: say so before the data is read or anything written.
+        self.model.check_stage("fit")
         self._check_data("fit")
 
     def before_validate(self) -> None:

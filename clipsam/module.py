@@ -1,14 +1,17 @@
-"""ClipSamModule: the Lightning glue around the CLIP stage and the SAM stage.
+"""ClipSamModule: the Lightning glue around a map producer (the method) and a refiner.
 
-The module owns no math of its own: the CLIP anomaly map comes from
-:class:`clipsam.models.clip.ClipAnomalyModel`, the point prompts (PPG) and the cascade (CPS) from
-:class:`clipsam.models.sam.SamRefiner`, the fusion from :func:`clipsam.fusion.fuse_scores`, the
+The module owns no math of its own: the anomaly map comes from the map producer chosen by
+``model.method`` (:mod:`clipsam.methods`; ``april_gan``, the default, is the seed's CLIP adapters
+:class:`clipsam.models.clip.ClipAnomalyModel`), the refinement from the refiner chosen by
+``model.refiner`` (``ppg_cps``: :class:`clipsam.models.sam.SamRefiner`, the point prompts (PPG)
+and the cascade (CPS); ``none``), the fusion from :func:`clipsam.fusion.fuse_scores`, the
 metrics from :class:`clipsam.metrics.collection.PerCategoryMetrics`.
 
 Stages:
-- ``fit``: only the CLIP adapters train (Adam, focal + dice loss per tapped layer, METHOD.md).
-  SAM is never built during fit.
-- ``test``: CLIP map -> SAM refinement -> fused pixel scores -> per-category metrics, reported as
+- ``fit``: only what the producer says is trainable trains (Adam, the producer's loss; for
+  ``april_gan`` focal + dice per tapped layer, METHOD.md). A training-free method refuses ``fit``.
+  The refiner is never built during fit.
+- ``test``: map -> refinement -> fused pixel scores -> per-category metrics, reported as
   a table, JSON/CSV in the run directory and W&B (see :mod:`clipsam.reporting`).
 - ``predict``: the same pipeline; :class:`clipsam.callbacks.PredictionWriter` writes one mask PNG
   and one overlay PNG per image.
@@ -17,6 +20,9 @@ Frozen backbones are built in :meth:`configure_model` (not in ``__init__``), so 
 validating a config never loads weights. Checkpoints hold the adapter weights and the
 hyper-parameters only (a few MB for ViT-L, not 1.7 GB); loading one rebuilds the frozen parts from
 the config.
+
+Checkpoints hold the producer's trainable state (``producer.*`` keys) and the method's name; a
+checkpoint never loads into another method.
 
 Shapes: B batch, H x W the frame (``image_size`` x ``image_size``), L tapped layers.
 """
@@ -32,6 +38,8 @@ import torch
 from lightning.pytorch import LightningModule
 
 from clipsam.errors import ConfigError, WeightsError
+from clipsam import methods as registry
+from clipsam.methods import DEFAULT_METHOD
 from clipsam.models.clip import ClipConfig
 from clipsam.models.sam import SamConfig
 from clipsam.prompting import PromptConfig
@@ -40,7 +48,11 @@ from clipsam.fusion import FUSION_METHODS
 
 __all__ = ["ClipSamModule", "OptimizerConfig", "EvalConfig"]
 
-ADAPTER_PREFIX = "clip_model.adapters."
+PRODUCER_PREFIX = "producer."
+# April-GAN adapters inside the producer, and where checkpoints written before model.method
+# existed kept them (they load as april_gan checkpoints).
+ADAPTER_PREFIX = "producer.model.adapters."
+LEGACY_ADAPTER_PREFIX = "clip_model.adapters."
 
 
 @dataclasses.dataclass
@@ -64,7 +76,9 @@ class EvalConfig:
     """How test/predict turn the two stages into pixel scores and reports.
 
     Attributes:
-        use_sam: run the SAM stage (PPG + CPS). False evaluates the CLIP map alone.
+        use_sam: deprecated alias of ``model.refiner``, kept so existing configs work: with
+            ``model.refiner`` unset, True means ``ppg_cps`` and False means ``none``. Setting
+            it False together with ``model.refiner: ppg_cps`` is an error.
         fusion: how the SAM mask and the CLIP map become pixel scores, one of
             :data:`clipsam.fusion.FUSION_METHODS` (see :func:`clipsam.fusion.fuse_scores`). The
             paper does not spell this out; the default "clip_boost" is (Map_a + M_3) / 2: pixels
@@ -121,22 +135,32 @@ def _to_plain(value: Any) -> Any:
 
 
 class ClipSamModule(LightningModule):
-    """CLIP adapters + frozen SAM with PPG and cascaded prompts (arXiv 2510.11028).
+    """A map producer + a refiner; by default CLIP adapters + frozen SAM with PPG and CPS (arXiv 2510.11028).
 
     Args:
-        clip: the CLIP stage (backbone, tapped layers, map combination).
+        method: the map producer, a name of :data:`clipsam.methods.METHODS` (``april_gan``,
+            ``winclip``, ``anomalyclip``, ``sdp``, ``sdp_plus``).
+        method_config: the settings of ``method`` as a mapping of its config dataclass's keys
+            (validated, unknown keys are an error); None takes the method's defaults. Not used
+            by ``april_gan``, whose section is ``clip``.
+        refiner: ``ppg_cps`` (frozen SAM, PPG + CPS: sections ``sam``, ``prompt``, ``cascade``)
+            or ``none``; None follows the deprecated ``evaluation.use_sam``.
+        clip: the ``april_gan`` method's CLIP stage (backbone, tapped layers, map combination).
         sam: the SAM variant and checkpoint.
         prompt: Point Prompt Generation (PPG) settings: k, threshold, dilation kernel.
         cascade: Cascaded Prompts (CPS) settings: number of decoder steps.
-        optimizer: Adam settings for the adapters.
+        optimizer: Adam settings for the trainable parameters.
         evaluation: fusion, reports and predict outputs.
-        focal_gamma: focal-loss gamma (2 in the paper).
+        focal_gamma: focal-loss gamma of ``april_gan`` (2 in the paper).
         image_size: the frame size; linked from ``data.image_size`` by the CLI.
     """
 
     def __init__(
         self,
         *,
+        method: str = DEFAULT_METHOD,
+        method_config: dict[str, Any] | None = None,
+        refiner: str | None = None,
         clip: ClipConfig = ClipConfig(),
         sam: SamConfig = SamConfig(),
         prompt: PromptConfig = PromptConfig(),
@@ -158,10 +182,25 @@ class ClipSamModule(LightningModule):
                 f"model.evaluation.fusion={self.eval_config.fusion!r} is not a fusion method; "
                 f"choose one of {', '.join(FUSION_METHODS)}"
             )
+        self.method = str(method)
+        self.method_spec = registry.get_method(self.method)
+        if self.method == "april_gan":
+            if method_config:
+                raise ConfigError(
+                    "model.method_config is set but model.method=april_gan takes its settings from "
+                    "model.clip: move the keys there"
+                )
+            self.method_config = self.clip_config
+        else:
+            self.method_config = registry.method_config(self.method, method_config)
+        self.refiner_name = self._resolve_refiner(refiner, self.eval_config.use_sam)
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
         self.save_hyperparameters(
             {
+                "method": self.method,
+                "method_config": None if self.method == "april_gan" else _to_plain(self.method_config),
+                "refiner": refiner,
                 "clip": _to_plain(self.clip_config),
                 "sam": _to_plain(self.sam_config),
                 "prompt": _to_plain(self.prompt_config),
@@ -172,19 +211,52 @@ class ClipSamModule(LightningModule):
                 "image_size": self.image_size,
             }
         )
-        # Frozen parts are missing from checkpoints on purpose; we check adapters ourselves.
+        # Frozen parts are missing from checkpoints on purpose; we check the trained state ourselves.
         self.strict_loading = False
-        self.clip_model: torch.nn.Module | None = None
-        self.refiner: torch.nn.Module | None = None
-        self._pending_adapter_state: dict[str, torch.Tensor] | None = None
+        self.producer: torch.nn.Module | None = None  # clipsam.methods.base.MapProducer
+        self.refiner: torch.nn.Module | None = None  # clipsam.methods.base.Refiner
+        self._pending_trainable_state: dict[str, torch.Tensor] | None = None
         self._categories: list[str] = []
         self.test_metrics: torch.nn.Module | None = None
         self.clip_metrics: torch.nn.Module | None = None
         self._overlays: list[dict[str, Any]] = []
         self._timings: dict[str, float] = {}
 
+    @staticmethod
+    def _resolve_refiner(refiner: str | None, use_sam: bool) -> str:
+        """``model.refiner``, or the deprecated ``model.evaluation.use_sam`` when it is unset."""
+        if refiner is None:
+            return "ppg_cps" if use_sam else "none"
+        registry.get_refiner(refiner)
+        if refiner != "none" and not use_sam:
+            raise ConfigError(
+                f"model.refiner={refiner} but model.evaluation.use_sam=false (its deprecated alias) "
+                "turns the refiner off: drop model.evaluation.use_sam, or set model.refiner=none"
+            )
+        return refiner
+
+    @property
+    def trainable(self) -> bool:
+        """Whether ``model.method`` trains (known from the registry, before anything is built)."""
+        return self.method_spec.trainable
+
+    @property
+    def clip_model(self) -> torch.nn.Module | None:
+        """The ``april_gan`` producer's :class:`~clipsam.models.clip.ClipAnomalyModel` (None until built)."""
+        return getattr(self.producer, "model", None) if self.method == "april_gan" else None
+
+    def check_stage(self, stage: str) -> None:
+        """Refuse a stage this method cannot run; called by the CLI before any run folder exists."""
+        if stage == "fit" and not self.trainable:
+            raise ConfigError(
+                f"model.method={self.method} is training-free: there is nothing to fit. Run "
+                f"`clipsam test` with the same config (no --ckpt_path needed), or choose a trained "
+                f"method ({', '.join(n for n, spec in registry.METHODS.items() if spec.trainable)})"
+            )
+
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
+        self.check_stage(stage)
         precision = str(self.trainer.precision)
         if precision in ("bf16-true", "16-true", "64-true", "transformer-engine", "transformer-engine-float16"):
             raise ConfigError(
@@ -195,32 +267,28 @@ class ClipSamModule(LightningModule):
             )
 
     def configure_model(self) -> None:
-        """Build the frozen CLIP (always) and SAM (test/predict only), once."""
-        if self.clip_model is None:
-            from clipsam.models.clip import build_clip_model
-
-            self.clip_model = build_clip_model(self.clip_config, image_size=self.image_size)
-            if self._pending_adapter_state is not None:
-                self.clip_model.load_adapter_state_dict(self._pending_adapter_state)
-                self._pending_adapter_state = None
+        """Build the producer (always) and the refiner (test/validate/predict only), once."""
+        if self.producer is None:
+            self.producer = self._build_producer()
+            if self._pending_trainable_state is not None:
+                self.producer.load_trainable_state_dict(self._pending_trainable_state)
+                self._pending_trainable_state = None
         stage = self._stage()
-        if self.refiner is None and self.eval_config.use_sam and stage in ("test", "validate", "predict"):
+        if self.refiner is None and self.refiner_name != "none" and stage in ("test", "validate", "predict"):
             self.refiner = self._build_refiner()
 
-    def _build_refiner(self) -> torch.nn.Module:
-        from clipsam.models.sam import EmbeddingCache, SamRefiner, build_sam, weights_identity
+    def _build_producer(self) -> torch.nn.Module:
+        extra = {"focal_gamma": self.focal_gamma} if self.method == "april_gan" else {}
+        producer = registry.build_producer(self.method, self.method_config, image_size=self.image_size, **extra)
+        if bool(producer.trainable) != self.trainable:
+            raise TypeError(
+                f"clipsam.methods.METHODS[{self.method!r}].trainable={self.trainable} disagrees with "
+                f"{type(producer).__name__}.trainable={producer.trainable} (a registry bug)"
+            )
+        return producer
 
-        sam = build_sam(self.sam_config)
-        cache = None
-        if self.sam_config.embedding_cache_dir:
-            cache = EmbeddingCache(self.sam_config.embedding_cache_dir)
-        return SamRefiner(
-            sam=sam,
-            prompt=self.prompt_config,
-            cascade=self.cascade_config,
-            embedding_cache=cache,
-            weights_id=weights_identity(self.sam_config),
-        )
+    def _build_refiner(self) -> torch.nn.Module | None:
+        return registry.build_refiner(self.refiner_name, sam=self.sam_config, prompt=self.prompt_config, cascade=self.cascade_config)
 
     def _stage(self) -> str | None:
         trainer = self._trainer
@@ -230,24 +298,59 @@ class ClipSamModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the adapter weights (frozen CLIP/SAM are rebuilt from the config)."""
+        """Keep only the producer's trainable state (frozen parts are rebuilt from the config)."""
+        assert self.producer is not None
+        keep = {PRODUCER_PREFIX + k for k in self.producer.trainable_state_dict()}
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
         checkpoint["clipsam"] = {
-            "clip_model_name": self.clip_config.model_name,
-            "clip_pretrained": self.clip_config.pretrained,
-            "layers": list(self.clip_config.layers),
-            "adapter_shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+            "method": self.method,
+            "trainable_shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
         }
+        if self.method == "april_gan":
+            checkpoint["clipsam"].update(
+                {
+                    "clip_model_name": self.clip_config.model_name,
+                    "clip_pretrained": self.clip_config.pretrained,
+                    "layers": list(self.clip_config.layers),
+                    "adapter_shapes": {
+                        k: list(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith(ADAPTER_PREFIX)
+                    },
+                }
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Validate the adapters against this config before Lightning loads them."""
+        """Validate the checkpoint against this config before Lightning loads it."""
         state = checkpoint.get("state_dict", {})
-        adapters = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
         meta = checkpoint.get("clipsam", {})
-        if not adapters:
+        # Checkpoints written before model.method existed hold April-GAN adapters under
+        # clip_model.adapters.*: rename them in place so Lightning's own loading finds them too.
+        legacy = {k: v for k, v in state.items() if k.startswith(LEGACY_ADAPTER_PREFIX)}
+        if legacy and "method" not in meta:
+            for key, value in legacy.items():
+                del state[key]
+                state[ADAPTER_PREFIX + key[len(LEGACY_ADAPTER_PREFIX) :]] = value
+        trained_method = meta.get("method", "april_gan")
+        if trained_method != self.method:
             raise WeightsError(
-                "the checkpoint holds no CLIP adapter weights (keys 'clip_model.adapters.*'): "
+                f"the checkpoint was trained with model.method={trained_method} but this config runs "
+                f"model.method={self.method}: use a checkpoint of {self.method}, or set "
+                f"model.method={trained_method} (and its settings)"
+            )
+        trained = {k[len(PRODUCER_PREFIX) :]: v for k, v in state.items() if k.startswith(PRODUCER_PREFIX)}
+        if self.method == "april_gan":
+            self._check_april_gan_checkpoint(trained, meta)
+        if self.producer is not None:
+            # Raises WeightsError on any key/shape mismatch.
+            self.producer.load_trainable_state_dict(trained)
+        else:
+            self._pending_trainable_state = trained
+
+    def _check_april_gan_checkpoint(self, trained: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """The adapters exist and were trained for model.clip's backbone and layers."""
+        if not trained:
+            raise WeightsError(
+                "the checkpoint holds no CLIP adapter weights (keys 'producer.model.adapters.*'): "
                 "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
             )
         trained_with = meta.get("clip_model_name")
@@ -264,84 +367,67 @@ class ClipSamModule(LightningModule):
                 f"model.clip.layers is {list(self.clip_config.layers)}: set model.clip.layers to "
                 "the layers the checkpoint was trained with"
             )
-        if self.clip_model is not None:
-            # Raises WeightsError on any key/shape mismatch.
-            self.clip_model.load_adapter_state_dict(adapters)
-        else:
-            self._pending_adapter_state = adapters
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        assert self.clip_model is not None
-        params = [p for p in self.clip_model.parameters() if p.requires_grad]
+        assert self.producer is not None
+        params = [p for p in self.producer.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"model.method={self.method} has no trainable parameters: there is nothing to fit")
         opt = self.optimizer_config
         return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        from clipsam.losses import anomaly_loss
-
-        assert self.clip_model is not None
-        out = self.clip_model(batch["image"], batch["category"])
-        losses = anomaly_loss(out.layer_probs, batch["mask"], focal_gamma=self.focal_gamma)
+        assert self.producer is not None
+        out = self.producer(batch["image"], batch["category"])
+        losses = self.producer.loss(out, batch)  # {"loss": ..., e.g. "focal", "dice"}
         batch_size = batch["image"].shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
-        self.log("train/focal", losses["focal"], batch_size=batch_size)
-        self.log("train/dice", losses["dice"], batch_size=batch_size)
+        for key, value in losses.items():
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=batch_size)
         return losses["loss"]
 
     # ------------------------------------------------------------------ inference
     def _segment(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Run both stages on a batch.
+        """Producer -> refiner -> fusion on a batch.
 
         Returns:
-            dict with ``anomaly_map`` (B, H, W) CLIP map in [0, 1] (Map_a), ``scores`` (B, H, W)
-            fused pixel scores in [0, 1], ``mask`` (B, H, W) bool final mask, ``image_scores`` (B,)
-            and ``clip_image_scores`` (B,).
+            dict with ``anomaly_map`` (B, H, W) the producer's map in [0, 1] (Map_a), ``scores``
+            (B, H, W) fused pixel scores in [0, 1], ``mask`` (B, H, W) bool final mask,
+            ``image_scores`` (B,) and ``clip_image_scores`` (B,) (the producer's own).
         """
-        from clipsam.data.transforms import denormalize
         from clipsam.fusion import fuse_scores
 
-        assert self.clip_model is not None
+        assert self.producer is not None
         t0 = time.perf_counter()
-        out = self.clip_model(batch["image"], batch["category"])
+        out = self.producer(batch["image"], batch["category"])
         self._add_time("clip_forward", time.perf_counter() - t0)
         anomaly_map = out.anomaly_map.float()  # (B, H, W) Map_a
+        producer_scores = out.image_scores.float()  # (B,)
         if self.refiner is None:
             scores = anomaly_map
             mask = anomaly_map >= self.eval_config.predict_mask_threshold
+            image_scores = producer_scores
         else:
-            images_uint8 = denormalize(batch["image"])  # (B, 3, H, W) uint8
-            t_enc = time.perf_counter()
-            # F = Enc_I(img) (Eq. 4): one batched encoder call (cache hits skip it), reused by
-            # PPG and every cascade step.
-            embeddings = self.refiner.embed_images(images_uint8)  # (B, C, h, w)
-            self._add_time("sam_encoder", time.perf_counter() - t_enc)
-            scores_list, masks = [], []
-            for image, amap, embedding in zip(images_uint8, anomaly_map, embeddings):
-                refined = self.refiner.refine(image, amap, embedding=embedding)
-                for key, seconds in refined.timings.items():
-                    self._add_time(key, seconds)
-                t1 = time.perf_counter()
-                scores_list.append(
-                    fuse_scores(amap, refined.mask_probs, refined.mask, method=self.eval_config.fusion)
-                )
-                self._add_time("fusion", time.perf_counter() - t1)
-                masks.append(refined.mask)
-            scores = torch.stack(scores_list)
-            mask = torch.stack(masks)
+            refined = self.refiner.refine_batch(batch, anomaly_map)
+            for key, seconds in refined.timings.items():
+                self._add_time(key, seconds)
+            t1 = time.perf_counter()
+            mask = refined.mask.to(anomaly_map.device)
+            probs = refined.mask_probs.to(anomaly_map.device)
+            scores = torch.stack(
+                [fuse_scores(a, p, m, method=self.eval_config.fusion) for a, p, m in zip(anomaly_map, probs, mask)]
+            )
+            self._add_time("fusion", time.perf_counter() - t1)
+            image_scores = self.producer.score_maps(scores)
         return {
             "anomaly_map": anomaly_map,
             "scores": scores,
             "mask": mask,
-            "image_scores": self._image_score(scores),
-            "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
+            "image_scores": image_scores,
+            "clip_image_scores": producer_scores,
         }
-
-    def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        from clipsam.fusion import image_scores
-
-        clip = self.clip_config
-        return image_scores(maps, method=clip.image_score, topk_fraction=clip.topk_fraction)
 
     def _add_time(self, key: str, seconds: float) -> None:
         self._timings[key] = self._timings.get(key, 0.0) + float(seconds)

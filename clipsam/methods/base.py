@@ -58,6 +58,15 @@ class MapProducer(nn.Module):
         """Training loss: a dict with at least ``"loss"`` (0-d). Only for trainable producers."""
         raise NotImplementedError(f"method {self.name!r} is training-free: it has no loss")
 
+    def score_maps(self, maps: Tensor) -> Tensor:
+        """Reduce (B, H, W) pixel-score maps to (B,) image scores (default: the maximum).
+
+        The LightningModule uses it for the *fused* scores after a refiner; a method whose image
+        score is not a plain reduction of its map (e.g. one that folds in a CLS score) keeps its
+        own score in :attr:`MapOutput.image_scores`, used when there is no refiner.
+        """
+        return maps.flatten(1).amax(dim=1)
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters only (what a checkpoint stores), keyed by parameter name."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}

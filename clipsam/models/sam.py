@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -45,6 +45,7 @@ from torch import nn
 from clipsam.cascade import CascadeConfig, CascadeResult, CascadeStep, run_cascade
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.io import atomic_torch_save
+from clipsam.methods.base import RefineBatchOutput, Refiner
 from clipsam.prompting import PromptConfig, generate_point_prompts
 
 __all__ = [
@@ -412,7 +413,7 @@ class RefineOutput:
     cache_hit: bool | None = None
 
 
-class SamRefiner(nn.Module):
+class SamRefiner(Refiner):
     """PPG + CPS with a frozen SAM on frame images (the SAM stage contract of docs/design.md).
 
     Stateless between calls: each :meth:`refine` encodes (or loads) its image's embedding once
@@ -427,6 +428,8 @@ class SamRefiner(nn.Module):
         weights_id: identity of SAM's weights (:func:`weights_identity`); required with a cache so
             embeddings from other weights are never reused.
     """
+
+    name = "ppg_cps"
 
     def __init__(
         self,
@@ -447,6 +450,38 @@ class SamRefiner(nn.Module):
         self.weights_id = weights_id
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.encoder_calls = 0  # images passed through the image encoder (for tests/benchmarks)
+
+    # Interim batch interface (methods branch): a plain loop over the per-image ``refine`` with the
+    # embeddings of one batched ``embed_images`` call, i.e. exactly what ClipSamModule._segment
+    # did before the Refiner interface. The SAM rewrite replaces it with a batched version.
+    @torch.no_grad()
+    def refine_batch(self, batch: Mapping[str, Any], anomaly_maps: torch.Tensor) -> RefineBatchOutput:
+        """PPG + CPS on every image of a batch (the :class:`~clipsam.methods.base.Refiner` interface).
+
+        Args:
+            batch: DataLoader batch; reads ``image`` (B, 3, H, W) float32 CLIP-normalised.
+            anomaly_maps: (B, H, W) float32 in [0, 1], ``Map_a`` per image.
+
+        Returns:
+            :class:`RefineBatchOutput` with (B, H, W) bool masks and (B, H, W) float32 mask
+            probabilities, and timings summed over the batch.
+        """
+        from clipsam.data.transforms import denormalize
+
+        images = denormalize(batch["image"])  # (B, 3, H, W) uint8
+        start = time.perf_counter()
+        # F = Enc_I(img) (Eq. 4): one batched encoder call (cache hits skip it), reused by PPG
+        # and every cascade step.
+        embeddings = self.embed_images(images)  # (B, C, h, w)
+        timings = {"sam_encoder": time.perf_counter() - start}
+        masks, probs = [], []
+        for image, amap, embedding in zip(images, anomaly_maps, embeddings):
+            refined = self.refine(image, amap, embedding=embedding)
+            for key, seconds in refined.timings.items():
+                timings[key] = timings.get(key, 0.0) + seconds
+            masks.append(refined.mask)
+            probs.append(refined.mask_probs)
+        return RefineBatchOutput(mask=torch.stack(masks), mask_probs=torch.stack(probs), timings=timings)
 
     def train(self, mode: bool = True) -> SamRefiner:
         """Keep SAM in eval mode whatever ``mode`` is."""

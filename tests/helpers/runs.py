@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 TRAIN_CATEGORIES = ("fabric", "disk", "hexnut")  # data.train of configs/demo.yaml
 TEST_CATEGORIES = ("stripes", "mesh", "capsule")  # data.test of configs/demo.yaml
-ADAPTER_PREFIX = "clip_model.adapters."
+ADAPTER_PREFIX = "producer.model.adapters."
 
 
 def make_odd_synth_root(

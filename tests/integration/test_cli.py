@@ -67,7 +67,7 @@ def test_fit_test_predict_end_to_end(in_tmp_cwd: Path, synth_root: Path) -> None
     assert ckpt.is_file()
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["state_dict"], "adapters missing from the checkpoint"
-    assert all(k.startswith("clip_model.adapters.") for k in saved["state_dict"]), "frozen weights leaked into the checkpoint"
+    assert all(k.startswith("producer.model.adapters.") for k in saved["state_dict"]), "frozen weights leaked into the checkpoint"
     fit_dir = Path(fit.trainer.log_dir)
     assert (fit_dir / "config.yaml").is_file()
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import (
+    ADAPTER_PREFIX,
     assert_complete_adapter_checkpoint,
     checkpoints,
     clipsam_cli,
@@ -152,7 +153,7 @@ def test_a_checkpoint_write_that_dies_half_way_keeps_the_previous_file(
 
     target = tmp_path / "checkpoints" / "last.ckpt"
     target.parent.mkdir()
-    good = {"epoch": 0, "state_dict": {"clip_model.adapters.0.weight": torch.ones(64, 32)}}
+    good = {"epoch": 0, "state_dict": {ADAPTER_PREFIX + "0.weight": torch.ones(64, 32)}}
     checkpoint_io.save_checkpoint(good, target)
     before = target.read_bytes()
 
@@ -168,7 +169,7 @@ def test_a_checkpoint_write_that_dies_half_way_keeps_the_previous_file(
         raise KeyboardInterrupt  # Ctrl+C in the middle of the write
 
     monkeypatch.setattr(torch, "save", dies_half_way)
-    newer = {"epoch": 1, "state_dict": {"clip_model.adapters.0.weight": torch.full((64, 32), 2.0)}}
+    newer = {"epoch": 1, "state_dict": {ADAPTER_PREFIX + "0.weight": torch.full((64, 32), 2.0)}}
     with pytest.raises(KeyboardInterrupt):
         checkpoint_io.save_checkpoint(newer, target)
     monkeypatch.undo()

@@ -58,7 +58,7 @@ def test_frozen_parts_are_built_lazily_and_only_adapters_train() -> None:
     assert module.clip_model is None, "no backbone is built before configure_model"
     module.configure_model()
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all(name.startswith("clip_model.adapters.") for name in trainable)
+    assert trainable and all(name.startswith("producer.model.adapters.") for name in trainable)
     optimizer = module.configure_optimizers()
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in module.clip_model.adapters.parameters()}
@@ -79,7 +79,7 @@ def test_checkpoint_holds_adapters_only_and_round_trips(tmp_path: Path, datamodu
     trainer.save_checkpoint(ckpt_path)
 
     saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # loads with weights_only
-    assert set(saved["state_dict"]) == {f"clip_model.adapters.{k}" for k in module.clip_model.adapter_state_dict()}
+    assert set(saved["state_dict"]) == {f"producer.model.adapters.{k}" for k in module.clip_model.adapter_state_dict()}
     assert saved["clipsam"]["clip_model_name"] == "clipsam-tiny"
     assert saved["optimizer_states"], "optimizer state is kept for resuming"
     backbone_bytes = sum(p.numel() * p.element_size() for p in module.clip_model.parameters())
