@@ -6,6 +6,8 @@ own :class:`~lightning.pytorch.cli.LightningCLI` over :class:`clipsam.module.Cli
 files may use ``${oc.env:MVTEC_ROOT,data/mvtec}`` for dataset roots.
 
 ``clipsam data synth|download ...`` handles data on disk (see :mod:`clipsam.data.cli`).
+``clipsam compare RUN...`` compares the test results of runs (:mod:`clipsam.compare`);
+``clipsam benchmark --config GRID.yaml`` runs a grid of fit/test cells (:mod:`clipsam.benchmark`).
 
 Errors the user can fix (:class:`clipsam.errors.ClipSamError`) are printed as one line without a
 traceback, and the process exits with status 2.
@@ -162,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             from clipsam.data.cli import data_main
 
             return data_main(args[1:])
+        if args and args[0] == "compare":
+            from clipsam.compare import main as compare_main
+
+            return compare_main(args[1:])
+        if args and args[0] == "benchmark":
+            from clipsam.benchmark import main as benchmark_main
+
+            return benchmark_main(args[1:])
         # No explicit args from the console script: LightningCLI reads sys.argv itself.
         _build_cli(None if argv is None else args)
     except ClipSamError as err:

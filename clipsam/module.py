@@ -528,11 +528,39 @@ class ClipSamModule(LightningModule):
                 timings=self._timings,
                 config=dict(self.hparams),
                 stage=prefix,
+                run_info=self.run_info(),
             )
         self.test_metrics.reset()
         if self.clip_metrics is not None:
             self.clip_metrics.reset()
         self._overlays = []
+
+    def run_info(self) -> dict[str, Any]:
+        """What makes test results comparable (``"run"`` in test_results.json; read by ``clipsam compare``).
+
+        ``protocol`` holds every setting that changes how the same maps become metrics; ``data``
+        the dataset specs (``train`` is the auxiliary dataset of trained methods).
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+        def spec(name: str) -> Any:
+            value = getattr(datamodule, name, None)
+            return _to_plain(value) if dataclasses.is_dataclass(value) else None
+
+        return {
+            "method": self.method,
+            "refiner": self.refiner_name,
+            "trainable": self.trainable,
+            "image_size": self.image_size,
+            "fusion": self.eval_config.fusion if self.refiner_name != "none" else "none",
+            # How maps become metrics: runs that differ here are not comparable.
+            "protocol": {
+                "metrics": "clipsam.metrics.collection.PerCategoryMetrics",
+                "metric_score_dtype": self.eval_config.metric_score_dtype,
+            },
+            "data": {"train": spec("train_spec"), "test": spec("test_spec")},
+            "checkpoint": getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None,
+        }
 
     def on_test_start(self) -> None:
         self._eval_start()

@@ -3,7 +3,9 @@
 Everything goes to the run directory (``trainer.log_dir``, a fresh ``version_N`` per run):
 
 ```
-test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config
+test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config, and a
+                      "run" block (method, refiner, frame, metric protocol, data) that
+                      `clipsam compare` reads
 test_results.csv      one row per category (+ "mean"), the table printed on the console
 overlays/*.png   image | ground truth | CLIP map | final scores | final mask, per logged image
 ```
@@ -168,10 +170,13 @@ def report_test_results(
     config: dict[str, Any],
     stage: str = "test",
     run_dir: str | Path | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Print the table and write every report of a test (or validate) run (rank 0 only).
 
     Files are named after ``stage``: ``test_results.json`` / ``validate_results.json``.
+    ``run_info`` (method, refiner, frame, metric protocol, data; see
+    :meth:`clipsam.module.ClipSamModule.run_info`) is stored as the payload's ``"run"`` block.
 
     Returns:
         dict of the written paths ("json", "csv", "overlays", and "wandb" when a W&B run exists).
@@ -188,6 +193,8 @@ def report_test_results(
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
         "config": config,
     }
+    if run_info is not None:
+        payload["run"] = run_info
     if (run_dir / f"{stage}_results.json").exists():
         # A directory shared between runs (no versioned logger, e.g. fast_dev_run or
         # trainer.logger=false): never overwrite an earlier report, use a fresh sub-directory.
