@@ -117,6 +117,9 @@ class RunResult:
         mean: metric -> value in [0, 1] (None: undefined).
         per_category: category -> metric -> value.
         notes: what could not be read (old files without a ``run`` block).
+        name: row label chosen by the caller (``clipsam benchmark`` names rows after its grid);
+            None: ``method`` or ``method + refiner``.
+        with_paper: show the paper's numbers beside this run (False for ablation rows).
     """
 
     path: Path
@@ -131,10 +134,14 @@ class RunResult:
     mean: dict[str, float | None]
     per_category: dict[str, dict[str, float | None]]
     notes: list[str] = dataclasses.field(default_factory=list)
+    name: str | None = None
+    with_paper: bool = True
 
     @property
     def label(self) -> str:
-        """Row label: the method, with its refiner when there is one."""
+        """Row label: ``name``, else the method, with its refiner when there is one."""
+        if self.name:
+            return self.name
         return self.method if self.refiner == "none" else f"{self.method} + {self.refiner}"
 
 
@@ -297,7 +304,8 @@ def build_comparison(runs: Sequence[RunResult]) -> Comparison:
             n += 1
             label = f"{run.label} ({n})"
         row = rows.setdefault(
-            label, Row(label, run.method, run.refiner, paper_row(run.method, run.refiner), {}, {})
+            label,
+            Row(label, run.method, run.refiner, paper_row(run.method, run.refiner) if run.with_paper else None, {}, {}),
         )
         row.runs[run.dataset] = run
         flags: list[str] = []

@@ -1,0 +1,113 @@
+"""``clipsam benchmark``: the grid's cells, shared fits, and resuming (finished cells are not rerun).
+
+The resume test runs real ``clipsam test`` commands in-process on a tiny training-free method
+(``Bright`` of test_methods.py, registered with monkeypatch), so it takes seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipsam import methods as registry
+from clipsam.benchmark import inprocess_runner, load_grid, plan_cells, run_benchmark
+from clipsam.errors import ConfigError
+from tests.helpers.data import make_synthetic_root
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _grid(tmp_path: Path, content: dict, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_fits_are_shared_across_refiners_and_test_only_ablations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    grid = load_grid(
+        _grid(
+            tmp_path,
+            {
+                "root": str(tmp_path / "bench"),
+                "configs": ["configs/demo.yaml"],
+                "methods": {"ag": {"method": "april_gan", "refiner": "none"}, "ours": {"method": "april_gan", "refiner": "ppg_cps"}},
+                "ablations": {
+                    "default": {},
+                    "rect20": {"configs": ["configs/ablations/kernel_rect20.yaml"], "test_only": True},
+                    "lr": {"overrides": {"model.optimizer.lr": 0.01}},
+                },
+            },
+        )
+    )
+    cells = {c.name: c for c in plan_cells(grid)}
+    assert sorted(cells) == sorted(f"{m}/default/{a}" for m in ("ag", "ours") for a in ("default", "rect20", "lr"))
+    shared = cells["ag/default/default"].fit_hash()
+    assert cells["ours/default/default"].fit_hash() == shared, "the refiner does not change the fit"
+    assert cells["ours/default/rect20"].fit_hash() == shared, "a test-only ablation reuses the fit"
+    assert cells["ag/default/lr"].fit_hash() != shared, "a training ablation gets its own fit"
+    assert len({c.test_hash() for c in cells.values()}) == len(cells)
+    assert cells["ours/default/default"].test_overrides["model.refiner"] == "ppg_cps"
+
+
+def test_grid_errors_name_the_file_and_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=r"grid.yaml: methods.x: model.method='winclp' is not a method"):
+        load_grid(_grid(tmp_path, {"methods": {"x": {"method": "winclp"}}}))
+    with pytest.raises(ConfigError, match=r"unknown keys \['config'\]"):
+        load_grid(_grid(tmp_path, {"methods": {"x": {"method": "april_gan", "config": []}}}))
+    grid = load_grid(_grid(tmp_path, {"methods": {"x": {"method": "april_gan", "configs": ["configs/methods/none_{direction}.yaml"]}}}))
+    with pytest.raises(ConfigError, match="cell x/default/default names config .*none_default.yaml, which does not exist"):
+        plan_cells(grid)
+
+
+def test_benchmark_resumes_finished_cells_and_reruns_changed_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(registry.METHODS, "bright", registry.MethodSpec("tests.unit.test_methods"))
+    monkeypatch.setattr(sys, "argv", ["clipsam"])
+    root = make_synthetic_root(tmp_path, categories=("stripes", "mesh"), layouts=("visa",), image_size=32,
+                               num_test_good=1, num_test_anomalous=2)  # fmt: skip
+    monkeypatch.setenv("CLIPSAM_SYNTH_ROOT", str(root))
+    monkeypatch.chdir(tmp_path)
+    ablation = tmp_path / "scale3.yaml"
+    ablation.write_text("model:\n  method_config: {scale: 3.0}\n")
+    content = {
+        "root": str(tmp_path / "bench"),
+        "configs": [str(REPO / "configs" / "demo.yaml")],
+        "overrides": {"data.image_size": 32, "data.test_batch_size": 4, "data.num_workers": 0,
+                      "data.test.categories": ["stripes", "mesh"], "model.evaluation.num_overlays": 0,
+                      "trainer.enable_progress_bar": False},  # fmt: skip
+        "methods": {"bright": {"method": "bright", "refiner": "none"}},
+        "directions": {"visa": {}},
+        "ablations": {"default": {}, "scale3": {"configs": [str(ablation)]}},
+    }
+    grid_path = _grid(tmp_path, content)
+    calls: list[list[str]] = []
+
+    def runner(args: list[str], log: Path) -> int:
+        calls.append(args)
+        return inprocess_runner(args, log)
+
+    first = run_benchmark(load_grid(grid_path), runner=runner)
+    assert [a[0] for a in calls] == ["test", "test"], "a training-free method is only tested"
+    assert [r.label for r in first.rows] == ["bright", "bright [scale3]"]
+    assert first.flagged == []
+    assert (tmp_path / "bench" / "compare.csv").is_file() and (tmp_path / "bench" / "compare.md").is_file()
+
+    calls.clear()
+    second = run_benchmark(load_grid(grid_path), runner=runner)
+    assert calls == [], "finished cells are not rerun"
+    assert [r.runs["visa"].path for r in second.rows] == [r.runs["visa"].path for r in first.rows]
+    assert "finished earlier, not rerun" in capsys.readouterr().out
+
+    ablation.write_text("model:\n  method_config: {scale: 5.0}\n")  # the cell's config changed
+    third = run_benchmark(load_grid(grid_path), runner=runner)
+    assert len(calls) == 1 and str(ablation) in calls[0]
+    rows = {r.label: r.runs["visa"].path for r in third.rows}
+    assert rows["bright"] == first.rows[0].runs["visa"].path
+    assert rows["bright [scale3]"].parent.name == "attempt_2", "rerun into a fresh folder, the old one kept"
+    assert first.rows[1].runs["visa"].path.is_file()
