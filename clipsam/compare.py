@@ -366,21 +366,18 @@ def comparison_csv_rows(comparison: Comparison) -> tuple[list[str], list[list[An
     return header, lines
 
 
-def summary_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Header and string rows of the main table: per dataset, each metric as ``ours (paper)``."""
-    header = ["method"]
-    for dataset in comparison.datasets:
-        header += [f"{dataset} {TITLES[m]}" for m in comparison.metrics]
+def summary_table(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[str]]]:
+    """Main table of one test dataset: a line per row, each metric's category mean as ``ours (paper)``."""
+    header = ["method", *(TITLES[m] for m in comparison.metrics)]
     lines = []
     for row in comparison.rows:
-        flagged = any(row.flags.values())
-        cells = [row.label + (" !" if flagged else "")]
-        for dataset in comparison.datasets:
-            run = row.runs.get(dataset)
-            for metric in comparison.metrics:
-                value = _pct(run.mean.get(metric)) if run is not None else ""
-                paper = _paper(row, dataset, metric)
-                cells.append(value if paper is None else f"{value} ({paper:.1f})")
+        run = row.runs.get(dataset)
+        if run is None:
+            continue
+        cells = [row.label + (" !" if row.flags.get(dataset) else "")]
+        for metric in comparison.metrics:
+            value, paper = _pct(run.mean.get(metric)), _paper(row, dataset, metric)
+            cells.append(value if paper is None else f"{value} ({paper:.1f})")
         lines.append(cells)
     return header, lines
 
@@ -414,13 +411,9 @@ def _notes(comparison: Comparison) -> list[str]:
 
 def comparison_markdown(comparison: Comparison) -> str:
     """The main table, the per-category tables and the flags, as Markdown."""
-    parts = [
-        "## Methods (mean over categories, percent; paper's reported value in parentheses)",
-        "",
-        _markdown_table(*summary_table(comparison)),
-        "",
-        f"Paper numbers: {PAPER_SOURCE}.",
-    ]
+    parts = ["Mean over categories, percent; the paper's reported value in parentheses.", "", f"Paper numbers: {PAPER_SOURCE}."]
+    for dataset in comparison.datasets:
+        parts += ["", f"## Test dataset {dataset}", "", _markdown_table(*summary_table(comparison, dataset))]
     notes = _notes(comparison)
     if notes:
         parts += ["", "**Not comparable (flagged `!`):**", "", *(f"- {n}" for n in notes)]
@@ -444,11 +437,12 @@ def print_comparison(comparison: Comparison, *, per_category: bool = True, conso
             table.add_row(*cells)
         console.print(table)
 
-    show(
-        "clipsam compare: mean over categories (percent; paper in parentheses)",
-        *summary_table(comparison),
-        caption="paper: arXiv 2510.11028 (METHOD.md); column = test dataset",
-    )
+    for dataset in comparison.datasets:
+        show(
+            f"clipsam compare, test dataset {dataset}: mean over categories (percent; paper in parentheses)",
+            *summary_table(comparison, dataset),
+            caption="paper: arXiv 2510.11028 as in METHOD.md; '!': not comparable, see below",
+        )
     for note in _notes(comparison):
         console.print(f"[bold yellow]! {note}[/]")
     if per_category:
@@ -484,15 +478,13 @@ def log_to_wandb(comparison: Comparison, *, project: str, directory: Path) -> st
 
     directory.mkdir(parents=True, exist_ok=True)
     header, lines = comparison_csv_rows(comparison)
-    summary_header, summary_lines = summary_table(comparison)
     run = wandb.init(project=project, dir=str(directory), mode="offline", job_type="compare", reinit=True)
     try:
-        run.log(
-            {
-                "compare/runs": wandb.Table(columns=header, data=lines),
-                "compare/summary": wandb.Table(columns=summary_header, data=summary_lines),
-            }
-        )
+        payload = {"compare/runs": wandb.Table(columns=header, data=lines)}
+        for dataset in comparison.datasets:
+            summary_header, summary_lines = summary_table(comparison, dataset)
+            payload[f"compare/{dataset}"] = wandb.Table(columns=summary_header, data=summary_lines)
+        run.log(payload)
         return str(run.dir)
     finally:
         run.finish()
