@@ -111,3 +111,13 @@ def test_benchmark_resumes_finished_cells_and_reruns_changed_ones(
     assert rows["bright"] == first.rows[0].runs["visa"].path
     assert rows["bright [scale3]"].parent.name == "attempt_2", "rerun into a fresh folder, the old one kept"
     assert first.rows[1].runs["visa"].path.is_file()
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (REPO / "configs" / "benchmark").glob("*.yaml")))
+def test_shipped_grids_plan_their_cells(grid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shipped grid parses, names registered methods and config files that exist."""
+    monkeypatch.chdir(REPO)
+    cells = plan_cells(load_grid(REPO / "configs" / "benchmark" / grid))
+    directions = {c.direction.name for c in cells}
+    assert directions == {"mvtec", "visa"}, "both directions of the paper"
+    assert {c.method.refiner for c in cells if c.method.method == "april_gan"} == {"none", "ppg_cps"}
