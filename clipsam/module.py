@@ -420,7 +420,7 @@ class ClipSamModule(LightningModule):
                 [fuse_scores(a, p, m, method=self.eval_config.fusion) for a, p, m in zip(anomaly_map, probs, mask)]
             )
             self._add_time("fusion", time.perf_counter() - t1)
-            image_scores = self.producer.score_maps(scores)
+            image_scores = self.producer.fused_image_scores(out, scores)
         return {
             "anomaly_map": anomaly_map,
             "scores": scores,

@@ -65,11 +65,11 @@ class AprilGan(MapProducer):
 
         return anomaly_loss(output.extras["layer_probs"], batch["mask"], focal_gamma=self.focal_gamma)
 
-    def score_maps(self, maps: Tensor) -> Tensor:
-        """(B, H, W) -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``)."""
+    def fused_image_scores(self, output: MapOutput, scores: Tensor) -> Tensor:
+        """(B, H, W) fused scores -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``)."""
         from clipsam.fusion import image_scores
 
-        return image_scores(maps, method=self.config.image_score, topk_fraction=self.config.topk_fraction)
+        return image_scores(scores, method=self.config.image_score, topk_fraction=self.config.topk_fraction)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The adapters: ``{"model.adapters.<i>.weight": (D, C), "model.adapters.<i>.bias": (D,)}``."""
