@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.clipsam-installed
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo benchmark-demo bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test-all: install
 ## The offline demo: synthetic data, tiny random models, fit -> test -> predict.
 demo: install
 	$(VENV)/bin/python scripts/demo.py
+
+## The offline benchmark grid: every cell of configs/benchmark/demo.yaml, then the compare table
+## (rerunning skips finished cells).
+benchmark-demo: install
+	$(VENV)/bin/clipsam benchmark --config configs/benchmark/demo.yaml
 
 bench: install
 	$(PY) scripts/benchmark_metrics.py
