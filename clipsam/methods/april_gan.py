@@ -66,9 +66,15 @@ class AprilGan(MapProducer):
         return anomaly_loss(output.extras["layer_probs"], batch["mask"], focal_gamma=self.focal_gamma)
 
     def fused_image_scores(self, output: MapOutput, scores: Tensor) -> Tensor:
-        """(B, H, W) fused scores -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``)."""
+        """(B, H, W) fused scores -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``).
+
+        An image score that is not a reduction of a map (the CLS zero-shot score,
+        ``image_score="clip_global"``) is the image score of the whole method too.
+        """
         from clipsam.fusion import image_scores
 
+        if self.config.image_score == "clip_global":
+            return output.image_scores.float()
         return image_scores(scores, method=self.config.image_score, topk_fraction=self.config.topk_fraction)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
