@@ -314,12 +314,29 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
         tmp.write_text(json.dumps(payload, indent=2))
 
 
-def _find_checkpoint(attempt: Path) -> Path | None:
-    directory = attempt / "checkpoints"
-    if (directory / "last.ckpt").is_file():
-        return directory / "last.ckpt"
-    found = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def _newest(directory: Path, pattern: str, since: float) -> list[Path]:
+    """Files matching ``pattern`` under ``directory`` written after ``since``, newest last."""
+    found = [p for p in directory.rglob(pattern) if p.is_file() and p.stat().st_mtime >= since]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _find_checkpoint(attempt: Path, since: float) -> Path | None:
+    """The fit's checkpoint: ``last.ckpt`` if written, else the newest ``*.ckpt`` of this attempt."""
+    for root in (attempt, attempt.parent):  # the attempt folder, or wherever the loggers put it
+        found = _newest(root, "*.ckpt", since)
+        last = [p for p in found if p.name == "last.ckpt"]
+        if last or found:
+            return (last or found)[-1]
+    return None
+
+
+def _find_results(attempt: Path, since: float) -> Path | None:
+    """The ``test_results.json`` the test command just wrote."""
+    for root in (attempt, attempt.parent):
+        found = _newest(root, "test_results.json", since)
+        if found:
+            return found[-1]
+    return None
 
 
 def _fail(cell: Cell, stage: str, log: Path, code: int) -> ConfigError:
@@ -343,11 +360,11 @@ def _ensure_fit(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], Non
     args = _command("fit", cell.fit_configs, cell.fit_overrides, attempt, wandb=grid.wandb, run_name=f"{cell.name}/fit")
     log = directory / f"{attempt.name}_fit.log"
     say(f"  fit   {cell.method.method}/{cell.direction.name}: clipsam {' '.join(args)}")
-    start = time.perf_counter()
+    start, since = time.perf_counter(), time.time() - 1.0
     code = runner(args, log)
     if code != 0:
         raise _fail(cell, "fit", log, code)
-    found = _find_checkpoint(attempt)
+    found = _find_checkpoint(attempt, since)
     if found is None:
         raise ConfigError(f"benchmark cell {cell.name}: `clipsam fit` wrote no checkpoint under {attempt}; see {log}")
     _write_json(directory / "fit.json", {"hash": digest, "checkpoint": str(found), "seconds": time.perf_counter() - start})
@@ -379,13 +396,13 @@ def _run_cell(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], None]
         args += ["--ckpt_path", str(ckpt)]
     log = directory / f"{attempt.name}_test.log"
     say(f"  test  clipsam {' '.join(args)}")
-    start = time.perf_counter()
+    start, since = time.perf_counter(), time.time() - 1.0
     code = runner(args, log)
     if code != 0:
         raise _fail(cell, "test", log, code)
-    results = attempt / "test_results.json"
-    if not results.is_file():
-        raise ConfigError(f"benchmark cell {cell.name}: `clipsam test` wrote no {results}; see {log}")
+    results = _find_results(attempt, since)
+    if results is None:
+        raise ConfigError(f"benchmark cell {cell.name}: `clipsam test` wrote no test_results.json under {attempt}; see {log}")
     _write_json(
         directory / "cell.json",
         {"hash": cell.test_hash(), "results": str(results), "checkpoint": None if ckpt is None else str(ckpt),
