@@ -485,7 +485,7 @@ def main(argv: Sequence[str]) -> int:
     if args.dry_run:
         for cell in plan_cells(grid):
             done = cell_results(grid, cell)
-            steps = "fit + test" if cell.trainable else "test"
+            steps = f"fit {cell.fit_hash()[:8]} (shared by cells with this id) + test" if cell.trainable else "test only"
             print(f"{cell.name}: {steps}, " + (f"finished ({done})" if done else "to run"))
         return 0
     run_benchmark(grid, only=args.only, runner=inprocess_runner if args.in_process else subprocess_runner)
