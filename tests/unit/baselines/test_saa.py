@@ -157,3 +157,114 @@ def test_config_errors_name_the_key():
     cfg = SaaConfig(detector={"model": "tiny"}, sam={"variant": "tiny"})
     assert cfg.detector.model == "tiny" and cfg.sam.variant == "tiny"
     assert saa.CONFIG is SaaConfig
+
+
+# ---------------------------------------------------------------------- end to end with tiny models
+FRAME = (48, 64)
+
+
+def _tiny_config(**overrides) -> SaaConfig:
+    kwargs = dict(
+        detector={"model": "tiny", "min_size": 64, "max_size": 128},
+        sam={"variant": "tiny"},
+        saliency_backbone="resnet10t",
+        saliency_pretrained=False,
+        saliency_single_size=64,
+        saliency_multi_size=128,
+        prompt_source="fixed",
+        fixed_prompts=[["defect", ""]],
+    )
+    kwargs.update(overrides)
+    return SaaConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_saa():
+    return saa.build(_tiny_config())
+
+
+def _image(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, *FRAME), dtype=torch.uint8, generator=gen)
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    from clipsam.data.transforms import CLIP_MEAN, CLIP_STD
+
+    return (images.float() / 255.0 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def test_saa_plus_end_to_end_matches_its_steps(tiny_saa):
+    """The producer's map = the steps composed by hand, with SAM's masks from SamPredictor."""
+    from segment_anything import SamPredictor
+
+    image = _image(0)
+    cfg = tiny_saa.config
+    det = tiny_saa.detector
+    thresholds = dict(box_threshold=0.1, text_threshold=0.1, decode=det.decode)
+    probs, boxes, ids = det(image, "widget")  # the object pass: the fallback object word, n_obj 1
+    objects, _, _ = filter_boxes(probs, boxes, ids, max_area=1.0, **thresholds)
+    largest = float((objects[:, 2] * objects[:, 3]).max()) if len(objects) else 1.0
+    probs, boxes, ids = det(image, "defect")
+    defects, scores, _ = filter_boxes(probs, boxes, ids, max_area=largest * 1.0, **thresholds)
+    assert len(defects) > 1  # measured: the tiny random detector keeps several boxes
+
+    predictor = SamPredictor(tiny_saa.sam)
+    predictor.set_image(image.permute(1, 2, 0).numpy())
+    masks = torch.stack([
+        torch.from_numpy(predictor.predict(box=box.numpy(), multimask_output=False)[0][0])
+        for box in boxes_to_pixels(defects, FRAME)
+    ])
+    feats = saa.saliency_features(tiny_saa.saliency_backbone, image, 64)
+    sal = self_similarity_saliency(feats, top_n=400).numpy()
+    import cv2
+
+    sal = torch.from_numpy(cv2.resize(sal, (FRAME[1], FRAME[0]), interpolation=cv2.INTER_LINEAR))
+    expected = merge_masks(masks, rescore(masks, scores, sal, exponent=3.0), top_k=5) / math.exp(3.0)
+
+    out = tiny_saa(_normalise(torch.stack([image, _image(1)])), ["widget", "widget"])
+    assert out.anomaly_map.shape == (2, *FRAME) and out.image_scores.shape == (2,)
+    assert torch.allclose(out.anomaly_map[0], expected, atol=1e-5)
+    assert out.anomaly_map[0].max() > 0
+    assert float(out.anomaly_map.min()) >= 0.0 and float(out.anomaly_map.max()) <= 1.0
+    assert torch.allclose(out.image_scores, out.anomaly_map.flatten(1).amax(1))
+    assert cfg.saliency and not tiny_saa.trainable and not any(p.requires_grad for p in tiny_saa.parameters())
+    with pytest.raises(NotImplementedError, match="training-free"):
+        tiny_saa.loss(out, {})
+
+
+def test_saa_vanilla_is_the_pipeline_with_parts_off(tiny_saa):
+    cfg = _tiny_config(area_filter=False, saliency=False, top_k=False, fixed_prompts=[["anomaly", ""]])
+    vanilla = saa.SaaProducer(detector=tiny_saa.detector, sam=tiny_saa.sam, saliency_backbone=None, config=cfg)
+    image = _image(2)
+    calls = []
+    original = vanilla.detector.forward
+    vanilla.detector.forward = lambda img, text: calls.append(text) or original(img, text)
+    try:
+        got = vanilla.anomaly_map(image, "carpet")
+    finally:
+        del vanilla.detector.forward
+    assert calls == ["anomaly"]  # no object pass
+    probs, boxes, ids = tiny_saa.detector(image, "anomaly")
+    kept, scores, _ = filter_boxes(probs, boxes, ids, box_threshold=0.1, text_threshold=0.1, max_area=math.inf)
+    masks = vanilla._masks(saa.encode_frames(vanilla.sam, image[None]), kept, FRAME).cpu()
+    assert torch.allclose(got, merge_masks(masks, scores, top_k=None))  # every mask, s_i = c_i
+    assert vanilla.map_scale == 1.0
+
+
+def test_channel_order_switch_feeds_sam_and_saliency_bgr(tiny_saa, monkeypatch):
+    seen = {}
+    real_encode, real_features = saa.encode_frames, saa.saliency_features
+    monkeypatch.setattr(saa, "encode_frames", lambda sam, images: seen.setdefault("sam", images.clone()) is None or real_encode(sam, images))
+    monkeypatch.setattr(
+        saa, "saliency_features", lambda bb, img, size: seen.setdefault("wrn", img.clone()) is None or real_features(bb, img, size)
+    )
+    image = _image(3)
+    for order, expected in (("rgb", image), ("bgr", image.flip(0))):
+        seen.clear()
+        producer = saa.SaaProducer(
+            detector=tiny_saa.detector, sam=tiny_saa.sam, saliency_backbone=tiny_saa.saliency_backbone,
+            config=_tiny_config(channel_order=order),
+        )
+        producer.anomaly_map(image, "widget")
+        assert torch.equal(seen["sam"][0], expected) and torch.equal(seen["wrn"], expected), order
