@@ -70,16 +70,19 @@ from clipsam.models.sam import SamConfig, build_sam
 
 __all__ = [
     "CONFIG",
+    "CONFIG_VANILLA",
     "DATA_DIR",
     "CategoryProperties",
     "DetectorConfig",
     "GroundingDinoDetector",
     "SaaConfig",
     "SaaProducer",
+    "SaaVanillaConfig",
     "boxes_to_pixels",
     "build",
     "build_detector",
     "build_saliency_backbone",
+    "build_vanilla",
     "category_properties",
     "cross_object_saliency",
     "filter_boxes",
@@ -217,7 +220,22 @@ class SaaConfig:
             raise ConfigError(f"model.saa.image_score={self.image_score!r} must be max, mean or topk_mean")
 
 
+@dataclasses.dataclass
+class SaaVanillaConfig(SaaConfig):
+    """SAA (vanilla): :class:`SaaConfig` with the SAA+ parts off by default.
+
+    The single prompt "anomaly", no object pass or area limits, no saliency, every mask kept
+    (``s_i = c_i``). Every key of :class:`SaaConfig` still works.
+    """
+
+    prompt_source: Literal["table", "fixed"] = "fixed"
+    area_filter: bool = False
+    saliency: bool = False
+    top_k: bool = False
+
+
 CONFIG = SaaConfig
+CONFIG_VANILLA = SaaVanillaConfig
 
 
 # ---------------------------------------------------------------------- per-category inputs
@@ -779,7 +797,7 @@ class SaaProducer(MapProducer):
 
 
 def build(config: SaaConfig, *, image_size: int | None = None) -> SaaProducer:
-    """Build SAA / SAA+ from ``config`` (any frame size; ``image_size`` is not needed)."""
+    """Build SAA+ (or SAA, by the config's switches) from ``config`` (any frame; ``image_size`` unused)."""
     del image_size
     return SaaProducer(
         detector=build_detector(config.detector),
@@ -787,3 +805,8 @@ def build(config: SaaConfig, *, image_size: int | None = None) -> SaaProducer:
         saliency_backbone=build_saliency_backbone(config) if config.saliency else None,
         config=config,
     )
+
+
+def build_vanilla(config: SaaVanillaConfig, *, image_size: int | None = None) -> SaaProducer:
+    """Build SAA (vanilla) from ``config`` (registry builder of ``CONFIG_VANILLA``)."""
+    return build(config, image_size=image_size)

@@ -82,7 +82,8 @@ class MmrConfig:
         multimask_output: SAM's 3-mask output per call (True: 3 masks per call, 9 per region).
         mask_threshold: probability above which a pixel is in the binary mask (0.5 = SAM's
             logit threshold 0).
-        sam: which SAM to build (``model.mmr.sam``; the same keys as ``model.sam``).
+
+    Which SAM is used is not part of this section: it is the module's ``model.sam``.
     """
 
     threshold: float = 0.5
@@ -92,11 +93,8 @@ class MmrConfig:
     prompt_sets: list[str] = dataclasses.field(default_factory=lambda: list(PROMPT_SETS))
     multimask_output: bool = True
     mask_threshold: float = 0.5
-    sam: SamConfig = dataclasses.field(default_factory=SamConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sam, Mapping):
-            self.sam = SamConfig(**self.sam)
         self.prompt_sets = list(self.prompt_sets)
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"model.mmr.threshold={self.threshold} must be in [0, 1]")
@@ -281,7 +279,7 @@ class MmrRefiner(Refiner):
 
     Args:
         sam: a frozen segment_anything ``Sam`` (kept in eval mode).
-        config: the MMR settings (``config.sam`` is not read here; :func:`build` uses it).
+        config: the MMR settings.
     """
 
     name = "mmr"
@@ -360,7 +358,26 @@ class MmrRefiner(Refiner):
         return RefineBatchOutput(mask=probs > self.config.mask_threshold, mask_probs=probs, timings=timings)
 
 
-def build(config: MmrConfig, *, image_size: int | None = None) -> MmrRefiner:
-    """Build the refiner with the SAM of ``config.sam`` (``image_size`` is not needed: any frame)."""
-    del image_size
-    return MmrRefiner(sam=build_sam(config.sam), config=config)
+def build(config: MmrConfig | None = None, *, sam: SamConfig | None = None) -> MmrRefiner:
+    """Build the refiner: SAM from ``sam`` (default :class:`SamConfig`, i.e. vit_h), MMR from ``config``."""
+    return MmrRefiner(sam=build_sam(sam or SamConfig()), config=config or MmrConfig())
+
+
+def build_mmr(*, sam: SamConfig, mmr: MmrConfig | Mapping[str, Any] | None = None, **_: Any) -> MmrRefiner:
+    """Registry builder (``clipsam.methods.build_refiner("mmr", sam=..., mmr=...)``).
+
+    Args:
+        sam: the module's ``model.sam`` section.
+        mmr: the ``model.mmr`` section (a mapping of :class:`MmrConfig` keys, or one); None: defaults.
+        **_: sections other refiners read (ignored here).
+
+    Raises:
+        ConfigError: a key :class:`MmrConfig` does not have.
+    """
+    if mmr is None or isinstance(mmr, MmrConfig):
+        return build(mmr, sam=sam)
+    names = {f.name for f in dataclasses.fields(MmrConfig)}
+    unknown = sorted(set(mmr) - names)
+    if unknown:
+        raise ConfigError(f"model.mmr has keys {unknown} that MmrConfig does not know; valid keys: {sorted(names)}")
+    return build(MmrConfig(**dict(mmr)), sam=sam)

@@ -234,7 +234,10 @@ def test_saa_plus_end_to_end_matches_its_steps(tiny_saa):
 
 
 def test_saa_vanilla_is_the_pipeline_with_parts_off(tiny_saa):
-    cfg = _tiny_config(area_filter=False, saliency=False, top_k=False, fixed_prompts=[["anomaly", ""]])
+    defaults = saa.CONFIG_VANILLA()
+    assert (defaults.prompt_source, defaults.area_filter, defaults.saliency, defaults.top_k) == ("fixed", False, False, False)
+    assert defaults.fixed_prompts == [["anomaly", ""]]
+    cfg = saa.SaaVanillaConfig(detector={"model": "tiny", "min_size": 64, "max_size": 128}, sam={"variant": "tiny"})
     vanilla = saa.SaaProducer(detector=tiny_saa.detector, sam=tiny_saa.sam, saliency_backbone=None, config=cfg)
     image = _image(2)
     calls = []

@@ -11,7 +11,7 @@ from clipsam.data.transforms import CLIP_MEAN, CLIP_STD
 from clipsam.errors import ConfigError
 from clipsam.methods import mmr
 from clipsam.methods.mmr import MmrConfig, MmrRefiner, connected_regions, merge_region_probs, region_prompts
-from clipsam.models.sam import build_sam_tiny
+from clipsam.models.sam import SamConfig, build_sam_tiny
 
 FRAME = (32, 40)  # (H, W)
 
@@ -86,8 +86,6 @@ def test_config_errors_name_the_key():
         MmrConfig(prompt_sets=["points", "mask"])
     with pytest.raises(ConfigError, match="model.mmr.top_k"):
         MmrConfig(top_k=0)
-    cfg = MmrConfig(sam={"variant": "tiny"})  # a YAML mapping becomes a SamConfig
-    assert cfg.sam.variant == "tiny"
     assert mmr.CONFIG is MmrConfig
 
 
@@ -152,8 +150,13 @@ def test_refine_batch_empty_map_and_one_prompt_set(tiny_sam):
 
 
 def test_build_uses_the_configured_sam():
-    refiner = mmr.build(MmrConfig(sam={"variant": "tiny", "seed": 0}), image_size=32)
-    assert isinstance(refiner, MmrRefiner) and refiner.name == "mmr"
+    refiner = mmr.build_mmr(sam=SamConfig(variant="tiny", seed=0), mmr={"top_k": 3}, prompt=None, cascade=None)
+    assert isinstance(refiner, MmrRefiner) and refiner.name == "mmr" and refiner.config.top_k == 3
+    reference = build_sam_tiny(seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(refiner.sam.state_dict().values(), reference.state_dict().values()))
+    assert mmr.build_mmr(sam=SamConfig(variant="tiny")).config == MmrConfig()
+    with pytest.raises(ConfigError, match="model.mmr has keys"):
+        mmr.build_mmr(sam=SamConfig(variant="tiny"), mmr={"tau": 0.3})
     assert not any(p.requires_grad for p in refiner.parameters())
     refiner.train()
     assert not refiner.sam.training
