@@ -778,6 +778,10 @@ class SaaProducer(MapProducer):
         """The constant the raw map is divided by: ``exp(rescore_exponent)`` with saliency, else 1."""
         return math.exp(self.config.rescore_exponent) if self.config.saliency else 1.0
 
+    def score_maps(self, maps: Tensor) -> Tensor:
+        """(B, H, W) pixel scores -> (B,) image scores by ``image_score`` (reference: max)."""
+        return image_scores(maps, method=self.config.image_score)
+
     def forward(self, images: Tensor, categories: Sequence[str]) -> MapOutput:
         """Args: images (B, 3, H, W) float32 CLIP-normalised frame; categories B names.
 
@@ -793,7 +797,7 @@ class SaaProducer(MapProducer):
         uint8 = denormalize(images)
         maps = torch.stack([self.anomaly_map(img, cat) for img, cat in zip(uint8, categories)])
         maps = (maps / self.map_scale).clamp(0.0, 1.0).to(images.device)
-        return MapOutput(anomaly_map=maps, image_scores=image_scores(maps, method=self.config.image_score))
+        return MapOutput(anomaly_map=maps, image_scores=self.score_maps(maps))
 
 
 def build(config: SaaConfig, *, image_size: int | None = None) -> SaaProducer:

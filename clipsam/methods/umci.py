@@ -241,8 +241,13 @@ class UmciProducer(MapProducer):
                 layer_probs.append(F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True))
             stacked = torch.stack(layer_probs, dim=1)  # (B, L, 2, H, W)
             anomaly_map = gaussian_blur(stacked[:, :, 1].mean(1), clip_cfg.smoothing_sigma).clamp(0.0, 1.0)
-            scores = image_scores(anomaly_map, method=clip_cfg.image_score, topk_fraction=clip_cfg.topk_fraction)
+            scores = self.score_maps(anomaly_map)
         return MapOutput(anomaly_map=anomaly_map, image_scores=scores, extras={"layer_probs": stacked})
+
+    def score_maps(self, maps: Tensor) -> Tensor:
+        """(B, H, W) pixel scores -> (B,) image scores by ``clip.image_score`` (also for fused maps)."""
+        cfg = self.config.clip
+        return image_scores(maps, method=cfg.image_score, topk_fraction=cfg.topk_fraction)
 
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """APRIL-GAN's loss: focal + dice per layer on ``batch["mask"]`` (B, H, W), summed."""
