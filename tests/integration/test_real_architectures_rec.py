@@ -1,6 +1,6 @@
 """Real architectures of the SAM-side baselines with random weights (SAA+, ClipSAM-rec's UMCI and MMR).
 
-Marked ``slow``: Grounding DINO with the default (grounding-dino-tiny: Swin-T + BERT-base)
+Marked ``slow`` (12.5 minutes on 2 shared CPU cores under heavy load, mostly SAM vit_h and ViT-L): Grounding DINO with the default (grounding-dino-tiny: Swin-T + BERT-base)
 architecture, WideResNet-50-2 features for the saliency, UMCI on ViT-L-14-336 at 518, and MMR with
 SAM vit_h on a 518 frame.
 """
