@@ -573,11 +573,11 @@ def _tiny_detector(config: DetectorConfig) -> GroundingDinoDetector:
             num_attention_heads=2,
             intermediate_size=64,
         ),
-        d_model=32,
+        d_model=64,  # its input projections use GroupNorm(32 groups): 2 channels a group, so a 1x1 level works
         encoder_layers=1,
         decoder_layers=2,  # transformers ties the box heads of decoder layers >= 1 to layer 0's
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
         encoder_attention_heads=2,
         decoder_attention_heads=2,
         encoder_n_points=2,
