@@ -271,3 +271,25 @@ def test_channel_order_switch_feeds_sam_and_saliency_bgr(tiny_saa, monkeypatch):
         )
         producer.anomaly_map(image, "widget")
         assert torch.equal(seen["sam"][0], expected) and torch.equal(seen["wrn"], expected), order
+
+
+def test_missing_weights_are_one_clear_error(tmp_path, monkeypatch):
+    from clipsam.errors import WeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"model.saa.detector.model='IDEA-Research/grounding-dino-tiny'.*'tiny'"):
+        saa.build_detector(saa.DetectorConfig(cache_dir=str(tmp_path / "empty")))
+    with pytest.raises(WeightsError, match="model.saa.saliency_pretrained to a local checkpoint file"):
+        saa.build_saliency_backbone(SaaConfig(saliency_pretrained=str(tmp_path / "missing.pth")))
+
+
+def test_saliency_backbone_loads_a_local_checkpoint(tmp_path):
+    import timm
+
+    torch.manual_seed(5)
+    full = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "resnet10t.pth"
+    torch.save(full.state_dict(), path)
+    backbone = saa.build_saliency_backbone(SaaConfig(saliency_backbone="resnet10t", saliency_pretrained=str(path)))
+    assert torch.equal(backbone.state_dict()["conv1.0.weight"], full.state_dict()["conv1.0.weight"])
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
