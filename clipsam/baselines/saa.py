@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

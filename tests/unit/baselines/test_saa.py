@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
+import cv2
+
 import pytest
 import torch
 
@@ -217,7 +218,6 @@ def test_saa_plus_end_to_end_matches_its_steps(tiny_saa):
     ])
     feats = saa.saliency_features(tiny_saa.saliency_backbone, image, 64)
     sal = self_similarity_saliency(feats, top_n=400).numpy()
-    import cv2
 
     sal = torch.from_numpy(cv2.resize(sal, (FRAME[1], FRAME[0]), interpolation=cv2.INTER_LINEAR))
     expected = merge_masks(masks, rescore(masks, scores, sal, exponent=3.0), top_k=5) / math.exp(3.0)
