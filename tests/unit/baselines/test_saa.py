@@ -6,7 +6,6 @@ import json
 import math
 
 import cv2
-
 import pytest
 import torch
 
