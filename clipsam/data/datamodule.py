@@ -213,7 +213,13 @@ class AnomalyDataModule(LightningDataModule):
             need = "a training dataset" if command == "fit" else "a dataset to evaluate"
             raise ConfigError(f"{key} is not set: `clipsam {command}` needs {need}")
         samples, require_masks, what = parse_spec(spec, key=key)
-        validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
+        validate_samples(
+            samples,
+            check=self.validation,
+            what=what,
+            require_masks=require_masks,
+            categories=spec.categories if spec.format != "folder" else None,
+        )
         transform = build_transform(self.image_size, augment=augment, seed=self.seed)
         return AnomalyDataset(samples, transform)
 

@@ -135,12 +135,21 @@ def test_checkpoint_with_other_tapped_layers(in_tmp_cwd: Path, adapters_ckpt: Pa
     assert "adapter" in err.lower()
 
 
-def test_missing_sam_checkpoint(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_sam_checkpoint(in_tmp_cwd: Path, adapters_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = in_tmp_cwd / "nowhere" / "sam_vit_b_01ec64.pth"
     err = _run_expecting_error(
-        ["test", *fast_args(in_tmp_cwd), "--model.sam.variant=vit_b", f"--model.sam.checkpoint={missing}"], capsys
+        [
+            "test",
+            *fast_args(in_tmp_cwd),
+            "--model.sam.variant=vit_b",
+            f"--model.sam.checkpoint={missing}",
+            "--ckpt_path",
+            str(adapters_ckpt),
+        ],
+        capsys,
     )
     assert str(missing) in err and "model.sam.checkpoint" in err
+    assert not (in_tmp_cwd / "runs").exists(), "checked before any run folder exists"
 
 
 def test_offline_without_cached_clip_weights(in_tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
