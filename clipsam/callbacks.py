@@ -8,6 +8,7 @@
   overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
   predictions.csv       path, image score, mask and overlay files, one row per image
   skipped.txt           files in the input folder that were not images (if any)
+  run.json              the checkpoint used (path, sha256) and the input folder
   INCOMPLETE            only while the run is going or when it did not end normally
 ```
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,13 @@ class PredictionWriter(BasePredictionWriter):
             if not marker.exists():
                 marker.write_text("clipsam predict outputs: never read as input by clipsam\n")
             (Path(run_dir) / "INCOMPLETE").write_text("clipsam predict has not finished writing this folder\n")
+            # Which adapters made these masks: checkpoint path + sha256 (set by the CLI).
+            record = {
+                "checkpoint": getattr(pl_module, "checkpoint_record", None),
+                "predict_dir": str(getattr(getattr(trainer, "datamodule", None), "predict_dir", "") or ""),
+            }
+            with atomic_write(Path(run_dir) / "run.json") as tmp:
+                tmp.write_text(json.dumps(record, indent=2))
         self.run_dir = Path(trainer.strategy.broadcast(run_dir))
         (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)

@@ -195,6 +195,8 @@ def test_predict_long_names_16_bit_symlinks_and_output_inside_input(in_tmp_cwd: 
         counts.append(len(rows))
         assert not (writer.run_dir / "INCOMPLETE").exists()
     assert counts == [3, 3], "outputs are never read back as input; symlinked folders are read"
+    run_record = json.loads((writer.run_dir / "run.json").read_text())
+    assert run_record["checkpoint"]["sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
     assert set(rows) == {long_name, "sixteen.png", "linked_image.png"}
     for row in rows.values():
         assert Path(row["mask"]).is_file() and Path(row["overlay"]).is_file()
