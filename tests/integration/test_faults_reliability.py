@@ -317,7 +317,7 @@ def test_dataloader_worker_error_is_the_worker_line_and_the_run_is_marked(
     victim = sorted((data / "disk" / "test" / "good").glob("*.png"))[0]
     victim.write_bytes(victim.read_bytes()[:-200])  # the header is intact: only decoding fails
     line = _error(
-        ["fit", *fast_args(in_tmp_cwd), f"--data.train.root={data}", "--data.validation=headers", "--data.num_workers=1"],
+        ["fit", *fast_args(in_tmp_cwd), f"--data.train.root={data}", "--data.train.categories=[disk]", "--data.validation=headers", "--data.num_workers=1"],
         capsys,
     )
     assert str(victim) in line and "DataLoader worker" in line and "Original Traceback" not in line
