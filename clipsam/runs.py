@@ -429,7 +429,7 @@ def _hand_to_logger(logger: Any, run_dir: Path, *, primary: bool) -> None:
     logger._version = run_dir.name
 
 
-def reserve_run_dir(trainer: Any, *, subcommand: str, checkpoint: dict[str, Any] | None = None) -> Path | None:
+def reserve_run_dir(trainer: Any, *, subcommand: str, checkpoint: dict[str, Any] | None = None) -> Path:
     """Reserve this run's ``version_N`` atomically and hand it to loggers and checkpoint callbacks.
 
     The folder is ``<first CSV/TensorBoard logger's root>/version_N`` (or
@@ -437,7 +437,8 @@ def reserve_run_dir(trainer: Any, *, subcommand: str, checkpoint: dict[str, Any]
     ``exist_ok`` (:func:`clipsam.io.next_version_dir`), so two runs started at the same moment get
     two folders. Every logger and every ``ModelCheckpoint`` without its own ``dirpath`` writes
     there. A logger whose ``version`` the user set keeps it. Without loggers
-    (``trainer.logger=false``) nothing is reserved and None is returned.
+    (``trainer.logger=false``) the folder is ``trainer.default_root_dir/version_N`` and becomes
+    the trainer's root directory (so ``trainer.log_dir`` is the run directory).
 
     DDP: rank 0 reserves and passes the folder to the ranks it launches (:data:`RUN_DIR_ENV`).
     """
@@ -445,10 +446,8 @@ def reserve_run_dir(trainer: Any, *, subcommand: str, checkpoint: dict[str, Any]
     from lightning.pytorch.loggers import WandbLogger
 
     loggers = list(trainer.loggers)
-    if not loggers:
-        return None
     versioned = [lg for lg in loggers if hasattr(lg, "_version") and not isinstance(lg, WandbLogger)]
-    primary = versioned[0] if versioned else loggers[0]
+    primary = versioned[0] if versioned else (loggers[0] if loggers else None)
     inherited = os.environ.get(RUN_DIR_ENV)
     if _is_launched_rank() and inherited:
         run_dir = Path(inherited)
@@ -467,6 +466,10 @@ def reserve_run_dir(trainer: Any, *, subcommand: str, checkpoint: dict[str, Any]
         )
     for logger in loggers:
         _hand_to_logger(logger, run_dir, primary=logger is primary)
+    if not loggers:
+        # trainer.logger=false: the run directory becomes the trainer's root, so reports,
+        # checkpoints and the config copy of this run still land in their own folder.
+        trainer._default_root_dir = str(run_dir)
     for callback in trainer.callbacks:
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = str(run_dir / "checkpoints")

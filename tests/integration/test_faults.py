@@ -212,15 +212,16 @@ def test_predict_on_tiny_and_huge_images(in_tmp_cwd: Path, adapters_ckpt: Path, 
 
 
 def test_reports_never_overwrite_without_a_versioned_logger(in_tmp_cwd: Path, adapters_ckpt: Path) -> None:
-    """With trainer.logger=false every test run shares default_root_dir: the second report goes
-    to a fresh sub-directory and the first stays as it was."""
+    """With trainer.logger=false each test run still gets its own version_N under
+    default_root_dir (reserved by the CLI): the second report never touches the first."""
     args = ["test", *fast_args(in_tmp_cwd), "--trainer.logger=false", "--ckpt_path", str(adapters_ckpt)]
     run_cli(args)
-    first = in_tmp_cwd / "runs" / "demo" / "test_results.json"
+    first = in_tmp_cwd / "runs" / "demo" / "version_0" / "test_results.json"
     before = first.read_bytes()
     run_cli(args)
     assert first.read_bytes() == before
-    assert (in_tmp_cwd / "runs" / "demo" / "test_reports" / "version_0" / "test_results.json").is_file()
+    assert (in_tmp_cwd / "runs" / "demo" / "version_1" / "test_results.json").is_file()
+    assert (in_tmp_cwd / "runs" / "demo" / "version_1" / "config.yaml").is_file()
 
 
 def test_true_half_precision_is_refused_with_the_fast_path_named(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
