@@ -430,10 +430,11 @@ class EmbeddingCache:
         entry = {"key": key, "embedding": embedding.detach().to("cpu", torch.float32).contiguous().clone()}
         try:
             atomic_torch_save(entry, self.path(key))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports some write failures as RuntimeError
             self.writable = False
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
             warnings.warn(
-                f"SAM embedding cache {self.directory} cannot be written ({err.strerror or err}); carrying on "
+                f"SAM embedding cache {self.directory} cannot be written ({reason}); carrying on "
                 "without storing embeddings (model.sam.embedding_cache_dir: point it to a writable folder, "
                 "or set it empty to turn the cache off)",
                 stacklevel=2,

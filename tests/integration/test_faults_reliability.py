@@ -291,10 +291,9 @@ def test_read_only_and_full_output_disks(
         _mount_tmpfs(disk, "ro,size=256k" if kind == "read-only" else "size=256k")
     try:
         if kind == "full":
-            with (disk / "filler").open("wb") as handle, pytest.raises(OSError):
+            with (disk / "filler").open("wb", buffering=0) as handle, pytest.raises(OSError):
                 while True:
                     handle.write(b"\0" * 65536)
-                    handle.flush()
         monkeypatch.chdir(disk)
         monkeypatch.setenv("CLIPSAM_SYNTH_ROOT", str(synth_root))
         line = _error(["fit", *fast_args(disk)], capsys)

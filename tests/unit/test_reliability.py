@@ -105,6 +105,27 @@ def test_unwritable_cache_warns_once_and_carries_on(tmp_path: Path) -> None:
     assert cache.load("d" * 64) is None and not cache.writable
 
 
+def test_full_cache_disk_warns_once_and_carries_on(tmp_path: Path) -> None:
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with (disk / "filler").open("wb", buffering=0) as handle, pytest.raises(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+        cache = EmbeddingCache(disk / "cache")
+        with pytest.warns(UserWarning, match="cannot be written"):
+            cache.save("f" * 64, torch.ones(1, 32, 16, 16))
+        assert not cache.writable
+        assert not list(disk.rglob("*.pt")) and not list(disk.rglob(".clipsam-*")), "no entry, no temp file left"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
 def test_list_images_follows_symlinked_folders_and_skips_clipsam_outputs(tmp_path: Path) -> None:
     real = tmp_path / "elsewhere"
     real.mkdir()
