@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipsam.callbacks import heat_map
+from clipsam.callbacks import heat_map, output_name
 from clipsam.io import atomic_write, next_version_dir
 
 __all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
@@ -205,7 +205,9 @@ def report_test_results(
     for i, overlay in enumerate(overlays):
         panel = render_panel(overlay)
         overlay_dir.mkdir(parents=True, exist_ok=True)
-        path = overlay_dir / f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}.png"
+        # Shortened (with a hash) when an image name is near the 255-byte limit.
+        stem = f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}"
+        path = overlay_dir / f"{output_name(stem)}.png"
         with atomic_write(path) as tmp:
             Image.fromarray(panel).save(tmp, format="PNG")
         panels.append((overlay, panel))

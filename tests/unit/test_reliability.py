@@ -167,3 +167,27 @@ def test_checkpoint_on_other_frozen_weights_is_refused() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module.check_checkpoint({**base, "clipsam": {**meta, "clip_pretrained": None, "clip_seed": 0}})
+
+
+def test_test_report_overlays_with_long_image_names(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from clipsam.reporting import report_test_results
+
+    size = 8
+    overlay = {
+        "path": str(tmp_path / ("n" * 245 + ".png")),  # a valid 249-character name
+        "category": "capsule",
+        "image": torch.zeros(3, size, size, dtype=torch.uint8),
+        "gt": torch.zeros(size, size, dtype=torch.bool),
+        "clip_map": torch.zeros(size, size),
+        "scores": torch.zeros(size, size),
+        "mask": torch.zeros(size, size, dtype=torch.bool),
+    }
+    results = {"mean": {"pixel_auroc": 0.5}, "per_category": {"capsule": {"pixel_auroc": 0.5, "num_images": 1}}, "num_images": 1}
+    trainer = SimpleNamespace(loggers=[], lightning_module=None)
+    paths = report_test_results(
+        trainer=trainer, results=results, baseline=None, overlays=[overlay], timings={}, config={}, run_dir=tmp_path / "run"
+    )
+    written = list(paths["overlays"].glob("*.png"))
+    assert len(written) == 1 and len(written[0].name.encode()) <= 255
