@@ -344,8 +344,11 @@ class ClipSamModule(LightningModule):
             "anomaly_map": anomaly_map,
             "scores": scores,
             "mask": mask,
-            "image_scores": self._image_score(scores),
-            "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
+            # clip_global: the CLS zero-shot score is the image score of the full method too.
+            "image_scores": (
+                out.image_scores.float() if self.clip_config.image_score == "clip_global" else self._image_score(scores)
+            ),
+            "clip_image_scores": out.image_scores.float(),  # model.clip.image_score of Map_a / the CLS token
         }
 
     def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
@@ -456,7 +459,7 @@ class ClipSamModule(LightningModule):
                 baseline=baseline,
                 overlays=self._overlays,
                 timings=self._timings,
-                config=dict(self.hparams),
+                config={**dict(self.hparams), "image_score": self.clip_config.image_score},
                 stage=prefix,
             )
         self.test_metrics.reset()
