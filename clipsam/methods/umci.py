@@ -15,8 +15,9 @@ Per tapped layer l of the frozen CLIP visual tower (patch tokens ``X_l``, (B, N,
 - scale: average pooling with kernels ``scales`` ({1, 3, 5}, stride 1, same padding), concatenated
   on channels, a 1x1 convolution back to D -- :func:`multiscale_pool`;
 - ``F = V + strip + scale``; ``P = softmax(logit_scale * <F/|F|, T>)`` over (normal, anomalous),
-  upsampled bilinearly to the frame; Map_a = the mean anomalous probability over layers,
-  smoothed as the CLIP stage does.
+  brought to the frame as the CLIP stage does (``clip.upsample``); Map_a = the anomalous
+  probability combined over layers (``clip.layer_combine``), smoothed (``clip.smoothing_sigma``);
+  the image score is ``clip.image_score`` (``clip_global``: the CLS zero-shot score).
 
 Trained like APRIL-GAN: focal + dice per layer, summed (:func:`clipsam.losses.anomaly_loss`).
 Only the UMCI parameters train; the open_clip model is the frozen backbone of
@@ -40,7 +41,14 @@ from clipsam.errors import ConfigError
 from clipsam.fusion import image_scores
 from clipsam.losses import anomaly_loss
 from clipsam.methods.base import MapOutput, MapProducer
-from clipsam.models.clip import ClipAnomalyModel, ClipConfig, build_clip_model, gaussian_blur
+from clipsam.models.clip import (
+    ClipAnomalyModel,
+    ClipConfig,
+    build_clip_model,
+    gaussian_blur,
+    global_image_scores,
+    upsample_layer_probs,
+)
 
 __all__ = [
     "CONFIG",
@@ -229,25 +237,39 @@ class UmciProducer(MapProducer):
                 f"model.umci.clip.model_name={self.config.clip.model_name}: set data.image_size accordingly"
             )
         grid = (height // ph, width // pw)
-        tokens = self.backbone.patch_tokens(images)  # L x (B, N, C)
-        text = self.backbone.text_features(categories, device=images.device).transpose(1, 2)  # (B, 2, D)
         clip_cfg = self.config.clip
+        with_global = clip_cfg.image_score == "clip_global"
+        tokens, pooled = self.backbone.encode_image(images, with_global=with_global)  # L x (B, N, C), (B, D)
+        text = self.backbone.text_features(categories, device=images.device)  # (B, D, 2)
         layer_probs = []
         with torch.autocast(device_type=images.device.type, enabled=False):
             for layer, layer_tokens in zip(self.layers, tokens):
-                feats = F.normalize(layer(layer_tokens, text, grid), dim=1)  # (B, D, h, w)
-                logits = clip_cfg.logit_scale * torch.einsum("bdhw,bkd->bkhw", feats, text)  # (B, 2, h, w)
-                probs = logits.softmax(dim=1)
-                layer_probs.append(F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True))
+                feats = F.normalize(layer(layer_tokens, text.transpose(1, 2), grid), dim=1)  # (B, D, h, w)
+                logits = clip_cfg.logit_scale * torch.einsum("bdhw,bdk->bhwk", feats, text)  # (B, h, w, 2)
+                layer_probs.append(
+                    upsample_layer_probs(logits.flatten(1, 2), grid, (height, width), clip_cfg.upsample)
+                )  # (B, 2, H, W)
             stacked = torch.stack(layer_probs, dim=1)  # (B, L, 2, H, W)
-            anomaly_map = gaussian_blur(stacked[:, :, 1].mean(1), clip_cfg.smoothing_sigma).clamp(0.0, 1.0)
-            scores = self.score_maps(anomaly_map)
+            anomalous = stacked[:, :, 1]  # (B, L, H, W)
+            combined = anomalous.mean(1) if clip_cfg.layer_combine == "mean" else anomalous.sum(1)
+            anomaly_map = gaussian_blur(combined, clip_cfg.smoothing_sigma)
+            if clip_cfg.layer_combine == "mean":
+                anomaly_map = anomaly_map.clamp(0.0, 1.0)
+            if pooled is not None:
+                scores = global_image_scores(pooled, text, clip_cfg.logit_scale)
+            else:
+                scores = self.score_maps(anomaly_map)
         return MapOutput(anomaly_map=anomaly_map, image_scores=scores, extras={"layer_probs": stacked})
 
     def score_maps(self, maps: Tensor) -> Tensor:
-        """(B, H, W) pixel scores -> (B,) image scores by ``clip.image_score`` (also for fused maps)."""
+        """(B, H, W) pixel scores -> (B,) image scores by ``clip.image_score`` (also for fused maps).
+
+        ``clip_global`` is not a reduction of a map: fused maps are then reduced by the maximum
+        (the CLS score itself is :attr:`MapOutput.image_scores`).
+        """
         cfg = self.config.clip
-        return image_scores(maps, method=cfg.image_score, topk_fraction=cfg.topk_fraction)
+        method = "max" if cfg.image_score == "clip_global" else cfg.image_score
+        return image_scores(maps, method=method, topk_fraction=cfg.topk_fraction)
 
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """APRIL-GAN's loss: focal + dice per layer on ``batch["mask"]`` (B, H, W), summed."""

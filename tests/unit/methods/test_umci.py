@@ -71,7 +71,7 @@ def test_only_umci_parameters_train(producer):
 def test_loss_decreases_on_a_tiny_batch(producer):
     model = copy.deepcopy(producer).train()
     images, masks, names = _batch(seed=3)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(4):
         loss = model.loss(model(images, names), {"mask": masks})
@@ -80,7 +80,7 @@ def test_loss_decreases_on_a_tiny_batch(producer):
         loss["loss"].backward()
         optimizer.step()
         losses.append(loss["loss"].item())
-    assert losses[-1] < 0.9 * losses[0], losses
+    assert losses[-1] < 0.8 * losses[0], losses  # measured 5.67 -> 3.58 (lr 1e-3, 4 steps)
     # the zero-initialised branches received gradients and moved away from zero
     assert model.layers[0].fuse.weight.abs().sum() > 0
     assert model.layers[0].row_attention.out_proj.weight.abs().sum() > 0
@@ -150,3 +150,25 @@ def test_zero_init_starts_from_v_and_switches_drop_branches():
         UmciConfig(scales=[2])
     assert umci.CONFIG is UmciConfig
     assert UmciConfig(clip={"model_name": "clipsam-tiny", "pretrained": None, "layers": [1]}).clip.layers == [1]
+
+
+def test_clip_global_image_score_and_upsampling_follow_the_clip_keys(producer):
+    from clipsam.models.clip import global_image_scores
+
+    images, _, names = _batch()
+    model = copy.deepcopy(producer).eval()
+    model.config.clip.image_score = "clip_global"
+    with torch.no_grad():
+        out = model(images, names)
+        _, pooled = model.backbone.encode_image(images, with_global=True)
+        expected = global_image_scores(pooled, model.backbone.text_features(names), model.config.clip.logit_scale)
+    assert torch.allclose(out.image_scores, expected)
+    assert torch.allclose(model.score_maps(out.anomaly_map), out.anomaly_map.flatten(1).amax(1))  # fused maps: max
+    model.config.clip.image_score = "max"
+    model.config.clip.upsample = "probs"
+    with torch.no_grad():
+        probs_mode = model(images, names).extras["layer_probs"]
+        model.config.clip.upsample = "logits"
+        logits_mode = model(images, names).extras["layer_probs"]
+    assert torch.allclose(probs_mode.sum(2), torch.ones_like(probs_mode[:, :, 0]), atol=1e-5)
+    assert not torch.allclose(probs_mode, logits_mode)  # between patch centres the two differ
