@@ -86,7 +86,11 @@ class EvalConfig:
             "clip" is the CLIP-stage baseline (SAM ignored).
         report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
             report shows the SAM stage's gain (doubles the score memory of the metric).
-        aupro: also compute pixel AUPRO (FPR limit 0.3).
+        aupro: also compute pixel AUPRO (FPR limit 0.3, 8-connected regions).
+        aupro_protocol: "mvtec" (MVTec AD evaluation, anomalib: 1000 thresholds, ``>=``, curve
+            from (0, 0) integrated to 0.3) or "anomalyclip" (AnomalyCLIP's and APRIL-GAN's
+            code: 200 thresholds, strict ``>``, FPR renormalised below 0.3), so numbers compare
+            with the tables they come from; see :func:`clipsam.metrics.functional.aupro`.
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
         num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
@@ -101,11 +105,18 @@ class EvalConfig:
     fusion: str = "clip_boost"
     report_clip_baseline: bool = True
     aupro: bool = False
+    aupro_protocol: Literal["mvtec", "anomalyclip"] = "mvtec"
     metric_score_dtype: Literal["float32", "float16"] = "float32"
     num_overlays: int = 8
     pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.aupro_protocol not in ("mvtec", "anomalyclip"):
+            raise ConfigError(
+                f"model.evaluation.aupro_protocol={self.aupro_protocol!r}: use 'mvtec' or 'anomalyclip'"
+            )
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
@@ -143,8 +154,12 @@ class ClipSamModule(LightningModule):
         method_config: the settings of ``method`` as a mapping of its config dataclass's keys
             (validated, unknown keys are an error); None takes the method's defaults. Not used
             by ``april_gan``, whose section is ``clip``.
-        refiner: ``ppg_cps`` (frozen SAM, PPG + CPS: sections ``sam``, ``prompt``, ``cascade``)
-            or ``none``; None follows the deprecated ``evaluation.use_sam``.
+        refiner: ``ppg_cps`` (frozen SAM, PPG + CPS: sections ``sam``, ``prompt``, ``cascade``),
+            ``mmr`` (ClipSAM-rec's multi-level mask refinement on ``sam``) or ``none``; None
+            follows the deprecated ``evaluation.use_sam``.
+        refiner_config: the refiner's own settings as a mapping (e.g. ``MmrConfig`` keys for
+            ``mmr``), validated by its builder; None: its defaults. ``ppg_cps`` takes none (its
+            sections are ``prompt`` and ``cascade``).
         clip: the ``april_gan`` method's CLIP stage (backbone, tapped layers, map combination).
         sam: the SAM variant and checkpoint.
         prompt: Point Prompt Generation (PPG) settings: k, threshold, dilation kernel.
@@ -161,6 +176,7 @@ class ClipSamModule(LightningModule):
         method: str = DEFAULT_METHOD,
         method_config: dict[str, Any] | None = None,
         refiner: str | None = None,
+        refiner_config: dict[str, Any] | None = None,
         clip: ClipConfig = ClipConfig(),
         sam: SamConfig = SamConfig(),
         prompt: PromptConfig = PromptConfig(),
@@ -194,6 +210,12 @@ class ClipSamModule(LightningModule):
         else:
             self.method_config = registry.method_config(self.method, method_config)
         self.refiner_name = self._resolve_refiner(refiner, self.eval_config.use_sam)
+        if refiner_config and self.refiner_name == "ppg_cps":
+            raise ConfigError(
+                "model.refiner_config is set but model.refiner=ppg_cps takes its settings from "
+                "model.prompt and model.cascade: move the keys there"
+            )
+        self.refiner_config = dict(refiner_config) if refiner_config else None
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
         self.save_hyperparameters(
@@ -201,6 +223,7 @@ class ClipSamModule(LightningModule):
                 "method": self.method,
                 "method_config": None if self.method == "april_gan" else _to_plain(self.method_config),
                 "refiner": refiner,
+                "refiner_config": _to_plain(self.refiner_config),
                 "clip": _to_plain(self.clip_config),
                 "sam": _to_plain(self.sam_config),
                 "prompt": _to_plain(self.prompt_config),
@@ -288,7 +311,13 @@ class ClipSamModule(LightningModule):
         return producer
 
     def _build_refiner(self) -> torch.nn.Module | None:
-        return registry.build_refiner(self.refiner_name, sam=self.sam_config, prompt=self.prompt_config, cascade=self.cascade_config)
+        return registry.build_refiner(
+            self.refiner_name,
+            refiner_config=self.refiner_config,
+            sam=self.sam_config,
+            prompt=self.prompt_config,
+            cascade=self.cascade_config,
+        )
 
     def _stage(self) -> str | None:
         trainer = self._trainer
@@ -298,7 +327,13 @@ class ClipSamModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the producer's trainable state (frozen parts are rebuilt from the config)."""
+        """Keep only the producer's trainable state (frozen parts are rebuilt from the config).
+
+        ``checkpoint["clipsam"]`` records the method, the trained shapes and the optimiser settings
+        actually used (so a resume with other settings is visible); for ``april_gan`` also what the
+        adapters depend on: the CLIP backbone, its pretrained tag (or file), the seed of random
+        frozen weights and the tapped layers.
+        """
         assert self.producer is not None
         keep = {PRODUCER_PREFIX + k for k in self.producer.trainable_state_dict()}
         state = checkpoint["state_dict"]
@@ -306,12 +341,14 @@ class ClipSamModule(LightningModule):
         checkpoint["clipsam"] = {
             "method": self.method,
             "trainable_shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+            "optimizer": _to_plain(self.optimizer_config),
         }
         if self.method == "april_gan":
             checkpoint["clipsam"].update(
                 {
                     "clip_model_name": self.clip_config.model_name,
                     "clip_pretrained": self.clip_config.pretrained,
+                    "clip_seed": int(self.clip_config.seed),
                     "layers": list(self.clip_config.layers),
                     "adapter_shapes": {
                         k: list(v.shape) for k, v in checkpoint["state_dict"].items() if k.startswith(ADAPTER_PREFIX)
@@ -319,54 +356,114 @@ class ClipSamModule(LightningModule):
                 }
             )
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Validate the checkpoint against this config before Lightning loads it."""
-        state = checkpoint.get("state_dict", {})
-        meta = checkpoint.get("clipsam", {})
-        # Checkpoints written before model.method existed hold April-GAN adapters under
-        # clip_model.adapters.*: rename them in place so Lightning's own loading finds them too.
-        legacy = {k: v for k, v in state.items() if k.startswith(LEGACY_ADAPTER_PREFIX)}
-        if legacy and "method" not in meta:
-            for key, value in legacy.items():
-                del state[key]
-                state[ADAPTER_PREFIX + key[len(LEGACY_ADAPTER_PREFIX) :]] = value
+    @staticmethod
+    def _upgrade_legacy(checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before model.method existed hold April-GAN adapters under
+        ``clip_model.adapters.*``: rename them in place so Lightning's own loading finds them too."""
+        state = checkpoint.get("state_dict", {}) or {}
+        if "method" in (checkpoint.get("clipsam", {}) or {}):
+            return
+        for key in [k for k in state if k.startswith(LEGACY_ADAPTER_PREFIX)]:
+            state[ADAPTER_PREFIX + key[len(LEGACY_ADAPTER_PREFIX) :]] = state.pop(key)
+
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], *, path: Any = None) -> None:
+        """Refuse a checkpoint of another method, or adapters that do not belong to this config's CLIP.
+
+        The method must be the configured one (checkpoints without a recorded method are
+        ``april_gan``). For ``april_gan``: adapters map the frozen backbone's features, so
+        trained on other frozen weights they load without error and give meaningless maps.
+        Compared: backbone name, pretrained weights (tag or file), the seed of random frozen
+        weights (when ``pretrained`` is empty), tapped layers. The CLI calls this before any run
+        folder exists; :meth:`on_load_checkpoint` again.
+
+        Raises:
+            WeightsError: naming the recorded and the configured value and the key to change.
+        """
+        where = f"checkpoint {path}" if path is not None else "the checkpoint"
+        state = checkpoint.get("state_dict", {}) or {}
+        meta = checkpoint.get("clipsam", {}) or {}
         trained_method = meta.get("method", "april_gan")
         if trained_method != self.method:
             raise WeightsError(
-                f"the checkpoint was trained with model.method={trained_method} but this config runs "
+                f"{where} was trained with model.method={trained_method} but this config runs "
                 f"model.method={self.method}: use a checkpoint of {self.method}, or set "
                 f"model.method={trained_method} (and its settings)"
             )
+        if self.method != "april_gan":
+            return  # the producer's load_trainable_state_dict checks keys and shapes
+        if not any(k.startswith((ADAPTER_PREFIX, LEGACY_ADAPTER_PREFIX)) for k in state):
+            raise WeightsError(
+                f"{where} holds no CLIP adapter weights (keys 'producer.model.adapters.*'): "
+                "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
+            )
+        trained_with = meta.get("clip_model_name")
+        if trained_with is not None and trained_with != self.clip_config.model_name:
+            raise WeightsError(
+                f"{where}: adapters were trained for CLIP backbone '{trained_with}' but "
+                f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
+                "checkpoint was trained with, or a checkpoint trained for this backbone"
+            )
+        if "clip_pretrained" in meta:
+            recorded, configured = meta.get("clip_pretrained") or None, self.clip_config.pretrained or None
+            if recorded != configured:
+                raise WeightsError(
+                    f"{where}: adapters were trained on frozen CLIP weights model.clip.pretrained={recorded!r} "
+                    f"but model.clip.pretrained is {configured!r}: adapters only fit the weights they were "
+                    f"trained on; set model.clip.pretrained={recorded!r} or use a checkpoint trained on {configured!r}"
+                )
+            if configured is None and "clip_seed" in meta and int(meta["clip_seed"]) != int(self.clip_config.seed):
+                raise WeightsError(
+                    f"{where}: adapters were trained on random frozen CLIP weights with model.clip.seed="
+                    f"{meta['clip_seed']} but model.clip.seed is {self.clip_config.seed}: other seed, other "
+                    f"weights; set model.clip.seed={meta['clip_seed']}"
+                )
+        trained_layers = meta.get("layers")
+        if trained_layers is not None and list(trained_layers) != list(self.clip_config.layers):
+            raise WeightsError(
+                f"{where}: adapters were trained on CLIP layers {list(trained_layers)} but "
+                f"model.clip.layers is {list(self.clip_config.layers)}: set model.clip.layers to "
+                "the layers the checkpoint was trained with"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Validate the checkpoint against this config before Lightning loads it.
+
+        When ``fit`` resumes, the optimiser settings of the config (``model.optimizer``: lr,
+        betas, weight decay) are written into the restored optimiser state, so the run trains
+        with what its config and hparams.yaml say; a change is reported on stderr.
+        """
+        self._upgrade_legacy(checkpoint)
+        self.check_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
         trained = {k[len(PRODUCER_PREFIX) :]: v for k, v in state.items() if k.startswith(PRODUCER_PREFIX)}
-        if self.method == "april_gan":
-            self._check_april_gan_checkpoint(trained, meta)
+        self._apply_optimizer_config(checkpoint)
         if self.producer is not None:
             # Raises WeightsError on any key/shape mismatch.
             self.producer.load_trainable_state_dict(trained)
         else:
             self._pending_trainable_state = trained
 
-    def _check_april_gan_checkpoint(self, trained: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """The adapters exist and were trained for model.clip's backbone and layers."""
-        if not trained:
-            raise WeightsError(
-                "the checkpoint holds no CLIP adapter weights (keys 'producer.model.adapters.*'): "
-                "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
-            )
-        trained_with = meta.get("clip_model_name")
-        if trained_with is not None and trained_with != self.clip_config.model_name:
-            raise WeightsError(
-                f"checkpoint adapters were trained for CLIP backbone '{trained_with}' but "
-                f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
-                "checkpoint was trained with, or a checkpoint trained for this backbone"
-            )
-        trained_layers = meta.get("layers")
-        if trained_layers is not None and list(trained_layers) != list(self.clip_config.layers):
-            raise WeightsError(
-                f"checkpoint adapters were trained on CLIP layers {list(trained_layers)} but "
-                f"model.clip.layers is {list(self.clip_config.layers)}: set model.clip.layers to "
-                "the layers the checkpoint was trained with"
-            )
+    def _apply_optimizer_config(self, checkpoint: dict[str, Any]) -> None:
+        """Resume: the configured lr/betas/weight decay replace those in the saved optimiser state."""
+        import sys
+
+        opt = self.optimizer_config
+        wanted = {"lr": float(opt.lr), "betas": tuple(float(b) for b in opt.betas), "weight_decay": float(opt.weight_decay)}
+        changed: dict[str, tuple[Any, Any]] = {}
+        for optimizer_state in checkpoint.get("optimizer_states", []) or []:
+            for group in optimizer_state.get("param_groups", []):
+                for key, value in wanted.items():
+                    if key not in group:
+                        continue
+                    old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+                    if old != value:
+                        changed[key] = (old, value)
+                    group[key] = value
+                if "initial_lr" in group:
+                    group["initial_lr"] = wanted["lr"]
+        if changed:
+            said = ", ".join(f"model.optimizer.{k}={new} (the checkpoint had {old})" for k, (old, new) in changed.items())
+            print(f"clipsam: resuming with {said}", file=sys.stderr)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -426,7 +523,7 @@ class ClipSamModule(LightningModule):
             "scores": scores,
             "mask": mask,
             "image_scores": image_scores,
-            "clip_image_scores": producer_scores,
+            "clip_image_scores": producer_scores,  # the producer's own (april_gan: model.clip.image_score of Map_a / the CLS token)
         }
 
     def _add_time(self, key: str, seconds: float) -> None:
@@ -445,7 +542,12 @@ class ClipSamModule(LightningModule):
         self._categories = categories
         dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
         # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
-        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
+        kwargs = {
+            "aupro": self.eval_config.aupro,
+            "aupro_protocol": self.eval_config.aupro_protocol,
+            "score_dtype": dtype,
+            "compute_on_cpu": True,
+        }
         self.test_metrics = PerCategoryMetrics(
             categories, pr_curve_points=self.eval_config.pr_curve_points, **kwargs
         ).to(self.device)
@@ -526,7 +628,7 @@ class ClipSamModule(LightningModule):
                 baseline=baseline,
                 overlays=self._overlays,
                 timings=self._timings,
-                config=dict(self.hparams),
+                config={**dict(self.hparams), "image_score": self.clip_config.image_score},
                 stage=prefix,
                 run_info=self.run_info(),
             )

@@ -87,12 +87,18 @@ METHODS: dict[str, MethodSpec] = {
     "sdp_plus": MethodSpec(
         "clipsam.methods.sdp", builder="build_plus", config="CONFIG_PLUS", trainable=True, summary="SDP+ (linear layers, trained)"
     ),
+    "umci": MethodSpec("clipsam.methods.umci", trainable=True, summary="ClipSAM-rec's UMCI on CLIP (trained)"),
+    "saa": MethodSpec(
+        "clipsam.baselines.saa", builder="build_vanilla", config="CONFIG_VANILLA", summary="SAA vanilla (training-free)"
+    ),
+    "saa_plus": MethodSpec("clipsam.baselines.saa", summary="SAA+ (Grounding DINO + SAM + saliency, training-free)"),
 }
 
 REFINERS: dict[str, RefinerSpec] = {
     "ppg_cps": RefinerSpec(
         "clipsam.methods.refiners", builder="build_ppg_cps", summary="frozen SAM with PPG point prompts and CPS cascade"
     ),
+    "mmr": RefinerSpec("clipsam.methods.mmr", builder="build_mmr", summary="ClipSAM-rec's multi-level mask refinement with SAM"),
     "none": RefinerSpec(summary="no refinement: the producer's map is the pixel score"),
 }
 
@@ -194,8 +200,11 @@ def build_producer(name: str, config: Any, *, image_size: int, **kwargs: Any) ->
     return producer
 
 
-def build_refiner(name: str, **sections: Any) -> Any:
+def build_refiner(name: str, *, refiner_config: Mapping[str, Any] | None = None, **sections: Any) -> Any:
     """Build refiner ``name`` from the module's config sections (``sam``, ``prompt``, ``cascade``).
+
+    The builder gets every section as a keyword (taking what it needs) and ``refiner_config``
+    (``model.refiner_config``) under the refiner's own name, e.g. ``build_mmr(sam=..., mmr=...)``.
 
     Returns:
         a :class:`~clipsam.methods.base.Refiner`, or None for ``"none"``.
@@ -204,4 +213,4 @@ def build_refiner(name: str, **sections: Any) -> Any:
     if not spec.module:
         return None
     builder = _import_attr(spec.module, spec.builder, what=f"model.refiner={name!r}")
-    return builder(**sections)
+    return builder(**sections, **{name: refiner_config})

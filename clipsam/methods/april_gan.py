@@ -65,17 +65,20 @@ class AprilGan(MapProducer):
 
         return anomaly_loss(output.extras["layer_probs"], batch["mask"], focal_gamma=self.focal_gamma)
 
-    def fused_image_scores(self, output: MapOutput, scores: Tensor) -> Tensor:
-        """(B, H, W) fused scores -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``).
-
-        An image score that is not a reduction of a map (the CLS zero-shot score,
-        ``image_score="clip_global"``) is the image score of the whole method too.
-        """
+    def score_maps(self, maps: Tensor) -> Tensor:
+        """(B, H, W) maps -> (B,) with ``model.clip.image_score`` / ``topk_fraction`` (as for ``Map_a``);
+        the maximum when the image score is the CLS token's (``clip_global``), which is no reduction."""
         from clipsam.fusion import image_scores
 
+        method = "max" if self.config.image_score == "clip_global" else self.config.image_score
+        return image_scores(maps, method=method, topk_fraction=self.config.topk_fraction)
+
+    def fused_image_scores(self, output: MapOutput, scores: Tensor) -> Tensor:
+        """Image scores after refinement: the CLS zero-shot score (``image_score="clip_global"``)
+        stays the image score of the whole method; otherwise the fused scores reduced as ``Map_a``."""
         if self.config.image_score == "clip_global":
             return output.image_scores.float()
-        return image_scores(scores, method=self.config.image_score, topk_fraction=self.config.topk_fraction)
+        return self.score_maps(scores)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The adapters: ``{"model.adapters.<i>.weight": (D, C), "model.adapters.<i>.bias": (D,)}``."""

@@ -58,14 +58,21 @@ class MapProducer(nn.Module):
         """Training loss: a dict with at least ``"loss"`` (0-d). Only for trainable producers."""
         raise NotImplementedError(f"method {self.name!r} is training-free: it has no loss")
 
+    def score_maps(self, maps: Tensor) -> Tensor:
+        """Reduce (B, H, W) pixel-score maps to (B,) image scores (default: the maximum).
+
+        A method with a configured reduction (mean, top-k mean) overrides this.
+        """
+        return maps.flatten(1).amax(dim=1)
+
     def fused_image_scores(self, output: MapOutput, scores: Tensor) -> Tensor:
         """Image scores (B,) of the final pixel scores (B, H, W) after a refiner and the fusion.
 
-        Default: the maximum pixel score. A method overrides it when its image score is not a
-        reduction of the map (e.g. keeps ``output.image_scores``, a CLS zero-shot score). Without
-        a refiner the LightningModule reports ``output.image_scores`` unchanged.
+        Default: :meth:`score_maps` of the fused scores. A method overrides it when its image
+        score is not a reduction of the map (e.g. keeps ``output.image_scores``, a CLS zero-shot
+        score). Without a refiner the LightningModule reports ``output.image_scores`` unchanged.
         """
-        return scores.flatten(1).amax(dim=1)
+        return self.score_maps(scores)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters only (what a checkpoint stores), keyed by parameter name."""

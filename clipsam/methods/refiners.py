@@ -29,7 +29,11 @@ def build_ppg_cps(*, sam: Any, prompt: PromptConfig, cascade: CascadeConfig, **_
     from clipsam.models.sam import EmbeddingCache, SamRefiner, build_sam, weights_identity
 
     model = build_sam(sam)
-    cache = EmbeddingCache(sam.embedding_cache_dir) if sam.embedding_cache_dir else None
+    cache = None
+    if sam.embedding_cache_dir:
+        # Entries of another shape (other weights under the same key, damage) are recomputed.
+        shape = (1, model.prompt_encoder.embed_dim, *model.prompt_encoder.image_embedding_size)
+        cache = EmbeddingCache(sam.embedding_cache_dir, embedding_shape=shape)
     return SamRefiner(
         sam=model,
         prompt=prompt,

@@ -79,9 +79,9 @@ def _april_gan(**kwargs: Any) -> ClipSamModule:
 
 # ---------------------------------------------------------------------- registry
 def test_unknown_method_and_refiner_are_config_errors_listing_the_choices() -> None:
-    with pytest.raises(ConfigError, match="model.method='wincilp'.*april_gan, winclip, anomalyclip, sdp, sdp_plus"):
+    with pytest.raises(ConfigError, match="model.method=.wincilp.*april_gan, winclip, anomalyclip, sdp, sdp_plus, umci, saa, saa_plus"):
         ClipSamModule(method="wincilp")
-    with pytest.raises(ConfigError, match="model.refiner='sam'.*ppg_cps, none"):
+    with pytest.raises(ConfigError, match="model.refiner=.sam.*ppg_cps, mmr, none"):
         ClipSamModule(refiner="sam")
 
 
