@@ -94,6 +94,10 @@ _PAPER_ROWS = {
     ("april_gan", "none"): "APRIL-GAN",
     ("anomalyclip", "none"): "AnomalyCLIP",
     ("april_gan", "ppg_cps"): "this method",
+    ("saa_plus", "none"): "SAA+",
+    # ClipSAM released no code: clipsam's umci + mmr is a reconstruction (ClipSAM-rec); the paper's
+    # ClipSAM number is shown beside it for reference, never as its result.
+    ("umci", "mmr"): "ClipSAM",
 }
 
 
