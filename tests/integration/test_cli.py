@@ -15,7 +15,7 @@ CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.y
 # configs/benchmark/ holds grid files of `clipsam benchmark` (tests/unit/test_benchmark.py), and
 # configs/methods/ files stack on a base config like the ablations.
 BASE_CONFIGS = [c for c in CONFIGS if not c.startswith(("configs/ablations/", "configs/benchmark/", "configs/methods/"))]
-ABLATIONS = [c for c in CONFIGS if "ablations" in c]
+ABLATIONS = [c for c in CONFIGS if c.startswith("configs/ablations/")]
 
 
 @pytest.mark.parametrize("config", BASE_CONFIGS)
