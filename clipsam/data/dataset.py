@@ -41,6 +41,9 @@ class AnomalyDataset(Dataset):
             mask=uint8 (H0,W0)) -> {"image": (3,H,W) float32, "mask": (H,W)}``
             (:func:`clipsam.data.transforms.build_transform`).
         has_labels: False for images to predict on: labels are -1 and masks are not read.
+        has_masks: False for image-level-only datasets (HeadCT, BrainMRI, Br35H): no image has
+            a ground truth, so ``has_mask`` is False everywhere and pixel metrics are not
+            computed (reported as n/a) instead of being computed on the normal images alone.
     """
 
     def __init__(
@@ -49,10 +52,12 @@ class AnomalyDataset(Dataset):
         transform: Callable[..., dict[str, Any]],
         *,
         has_labels: bool = True,
+        has_masks: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
+        self.has_masks = has_masks
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -61,10 +66,10 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = read_image(sample.image_path)  # (H0, W0, 3) uint8
         height, width = image.shape[:2]
-        has_mask = self.has_labels and (sample.label == 0 or sample.mask_path is not None)
+        has_mask = self.has_labels and self.has_masks and (sample.label == 0 or sample.mask_path is not None)
         mask = np.zeros((height, width), dtype=np.uint8)
         if self.has_labels and sample.mask_path is not None:
-            gt = read_mask(sample.mask_path)  # (H0, W0) bool
+            gt = read_mask(sample.mask_path, threshold=sample.mask_threshold)  # (H0, W0) bool
             if gt.shape != (height, width):
                 raise DatasetError(
                     f"mask {sample.mask_path} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image "

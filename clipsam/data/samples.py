@@ -51,6 +51,10 @@ class Sample:
         defect_type: defect folder name (MVTec-AD), ``"good"`` for normal images, ``"anomaly"``
             for VisA anomalies (the official split file has no defect type), ``"unknown"`` for
             images to predict on.
+        mask_threshold: a mask pixel is anomalous when its value is greater than this (0: any
+            non-zero value, right for PNG/BMP masks with values 255 or 1/38 (VisA) or defect ids
+            (MVTec LOCO); 127 for JPEG-compressed or anti-aliased masks, whose background holds
+            small non-zero values). See :func:`read_mask`.
     """
 
     image_path: Path
@@ -58,6 +62,7 @@ class Sample:
     label: int
     category: str
     defect_type: str
+    mask_threshold: int = 0
 
 
 def is_image_file(path: Path) -> bool:
@@ -95,20 +100,32 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         ) from exc
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a ground-truth mask; any non-zero value (in any channel) is anomalous.
+def read_mask(path: str | os.PathLike[str], *, threshold: int = 0) -> np.ndarray:
+    """Decode a ground-truth mask; a value above ``threshold`` (in any channel) is anomalous.
 
-    VisA masks hold values such as 1 or 38, MVTec-AD masks 0/255: both binarise the same way.
+    VisA masks hold values such as 1 or 38, MVTec-AD masks 0/255: both binarise the same way
+    with the default threshold 0. A *folder* of mask files (MVTec LOCO AD keeps one file per
+    defect region in ``ground_truth/<type>/<stem>/000.png, 001.png, ...``) is their union.
 
     Args:
-        path: mask file.
+        path: mask file, or a folder of mask files of equal size.
+        threshold: values greater than this are anomalous (127 for JPEG masks).
 
     Returns:
         bool (H, W), True on anomalous pixels.
 
     Raises:
-        DatasetError: the file is missing or undecodable.
+        DatasetError: the file is missing or undecodable; a mask folder is empty or its files
+            differ in size.
     """
+    if os.path.isdir(path):
+        files = sorted(p for p in Path(path).iterdir() if is_image_file(p))
+        if not files:
+            raise DatasetError(f"mask folder {path} holds no mask files: re-extract the dataset")
+        parts = [read_mask(f, threshold=threshold) for f in files]
+        if any(m.shape != parts[0].shape for m in parts):
+            raise DatasetError(f"the mask files in {path} differ in size: re-extract the dataset")
+        return np.logical_or.reduce(parts)
     try:
         with Image.open(path) as im:
             arr = np.asarray(im)
@@ -120,12 +137,23 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             "re-download or re-extract the dataset, or remove the image and its mask"
         ) from exc
     if arr.ndim == 3:
-        arr = arr.any(axis=2)
-    return arr != 0
+        arr = arr.max(axis=2)
+    return arr > threshold
 
 
 def _probe(path: Path, *, kind: str, full: bool) -> tuple[int, int]:
-    """Open ``path`` (decode it fully when ``full``) and return its (width, height)."""
+    """Open ``path`` (decode it fully when ``full``) and return its (width, height).
+
+    A mask folder (MVTec LOCO AD) is probed file by file; its files must share one size.
+    """
+    if kind == "mask" and path.is_dir():
+        files = sorted(p for p in path.iterdir() if is_image_file(p))
+        if not files:
+            raise DatasetError(f"mask folder {path} holds no mask files: re-extract the dataset or remove its image")
+        sizes = {_probe(f, kind=kind, full=full) for f in files}
+        if len(sizes) > 1:
+            raise DatasetError(f"the mask files in {path} differ in size: re-extract the dataset or remove its image")
+        return sizes.pop()
     try:
         with Image.open(path) as im:
             size = im.size
@@ -152,7 +180,7 @@ def _check_one(sample: Sample, *, require_masks: bool, full: bool) -> str | None
         if sample.mask_path is None:
             return None
         mask = Path(sample.mask_path)
-        if not mask.is_file():
+        if not (mask.is_file() or mask.is_dir()):
             return (
                 f"mask file {mask} for anomalous image {image} does not exist: "
                 "add the mask or remove the image"
