@@ -54,7 +54,7 @@ register(
         level="pixel",
         env="VISA_ROOT",
         download="visa",
-        license="CC BY 4.0; https://github.com/amazon-science/spot-diff",
+        license="CC BY-NC-SA 4.0 (as anomalib states it); https://github.com/amazon-science/spot-diff",
     )
 )
 register(

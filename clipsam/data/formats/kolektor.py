@@ -43,8 +43,8 @@ def _labelled(image: Path, mask: Path, category: str) -> Sample:
 
 
 def _converted(root: Path, name: str, official, categories, split, fix) -> list[Sample] | None:
-    """The MVTec-like conversion, when ``root`` holds one (else None)."""
-    if any((p / "test").is_dir() and (p / "ground_truth").is_dir() for p in root.iterdir() if p.is_dir()):
+    """The MVTec-like conversion (one ``<cat>/test`` + ``<cat>/ground_truth``), when ``root`` holds one."""
+    if sum((p / "test").is_dir() and (p / "ground_truth").is_dir() for p in root.iterdir() if p.is_dir()) == 1:
         return parse_mvtec_like(root, name=name, categories=categories, split=split, official=official, fix=fix,
                                 mask_patterns=("{stem}_mask.png", "{stem}.png"))
     return None

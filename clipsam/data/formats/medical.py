@@ -52,9 +52,13 @@ _STRIP = ("_Segmentation", "_segmentation", "_mask", "_GT")
 
 
 def _converted(root: Path, name: str, category: str, categories, split, *, masks: bool) -> list[Sample] | None:
-    """An AdaCLIP/AnomalyCLIP MVTec-like conversion in ``root`` (else None)."""
+    """An AdaCLIP/AnomalyCLIP MVTec-like conversion in ``root`` (else None).
+
+    These datasets have one category, so exactly one ``<cat>/test/`` folder is a conversion;
+    several (an industrial dataset given by mistake) are not.
+    """
     cats = [p for p in root.iterdir() if p.is_dir() and (p / "test").is_dir()]
-    if not cats:
+    if len(cats) != 1:
         return None
     fix = "point the root at the converted dataset"
     samples = parse_mvtec_like(
@@ -214,8 +218,12 @@ def _lesions(src: SynthSource, official: tuple[str, ...]):
 
 
 def _soft(mask: np.ndarray) -> np.ndarray:
-    """A 0/255 mask with anti-aliased edges (values 1..254 on the outline), as in resized masks."""
-    return cv2.GaussianBlur(mask.astype(np.uint8) * 255, (5, 5), 1.0)
+    """The mask at 255 with a one-pixel ring of value 64 around it, like an anti-aliased edge.
+
+    Binarised at > 127 it is ``mask`` again; "any non-zero" would grow it by the ring.
+    """
+    ring = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~mask
+    return (mask.astype(np.uint8) * 255) + (ring.astype(np.uint8) * 64)
 
 
 def _write_pairs(root: Path, src: SynthSource, image_dir: str, mask_dir: str, *, image_name, mask_name, soft=False):
