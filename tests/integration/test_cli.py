@@ -11,7 +11,10 @@ import torch
 from clipsam.cli import main
 from tests.integration.conftest import DEMO_CONFIG, REPO, fast_args, run_cli
 
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+# configs/benchmark/ holds suite files (lists of runs), not LightningCLI configs
+CONFIGS = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "benchmark" not in p.relative_to(REPO).parts
+)
 BASE_CONFIGS = [c for c in CONFIGS if "ablations" not in c]
 ABLATIONS = [c for c in CONFIGS if "ablations" in c]
 
