@@ -278,3 +278,13 @@ def test_synth_cli_writes_the_named_formats(tmp_path: Path, capsys: pytest.Captu
     assert len(FORMATS["dagm"].parse_root(tmp_path / "s" / "dagm")) == 2
     assert "format: dagm" in capsys.readouterr().out
     assert data_main(args) == 2, "a second run does not overwrite"
+
+
+def test_mask_folder_with_files_of_different_sizes_is_refused(roots: dict[str, Path], tmp_path: Path) -> None:
+    loco = Path(shutil.copytree(roots["mvtec_loco"], tmp_path / "loco"))
+    folder = next(p for p in loco.rglob("ground_truth/*/*") if p.is_dir())
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "002.png")
+    with pytest.raises(DatasetError, match=f"the mask files in {folder} differ in size"):
+        validate_samples(FORMATS["mvtec_loco"].parse_root(loco), what="loco")
+    with pytest.raises(DatasetError, match="differ in size"):
+        read_mask(folder)
