@@ -288,3 +288,15 @@ def test_mask_folder_with_files_of_different_sizes_is_refused(roots: dict[str, P
         validate_samples(FORMATS["mvtec_loco"].parse_root(loco), what="loco")
     with pytest.raises(DatasetError, match="differ in size"):
         read_mask(folder)
+
+
+def test_data_cli_lists_formats_and_explains_manual_downloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from clipsam.data.cli import data_main
+
+    assert data_main(["list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(FORMATS)
+    assert data_main(["download", "mpdd", "--root", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipsam: error: MPDD has no direct public download") and "github.com/stepanje/MPDD" in err
+    assert not (tmp_path / "m").exists()
