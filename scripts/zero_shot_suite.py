@@ -32,10 +32,37 @@ COLUMNS = ("pixel_auroc", "pixel_aupro", "pixel_ap", "image_auroc", "image_ap")
 TITLES = {"pixel_auroc": "P-AUROC", "pixel_aupro": "P-AUPRO", "pixel_ap": "P-AP", "image_auroc": "I-AUROC", "image_ap": "I-AP"}
 
 
+def _from_grid(grid: dict[str, Any]) -> dict[str, Any]:
+    """A ``clipsam benchmark`` grid (directions x test-only ablations) as a suite.
+
+    Each direction is one fit (its configs, no root check: a missing root is clipsam's one-line
+    error); each ablation whose overrides set ``data.test.format`` is one test per direction.
+    Methods are not crossed here (the configs' own method runs).
+    """
+    overrides = [f"{k}={'null' if v is None else v}" for k, v in (grid.get("overrides") or {}).items()]
+    train = {name: {"config": (d.get("configs") or [None])[0], "root": None} for name, d in grid["directions"].items()}
+    tests = []
+    for direction in train:
+        for name, ablation in (grid.get("ablations") or {}).items():
+            ov = ablation.get("overrides") or {}
+            if "data.test.format" not in ov:
+                continue
+            label = name if len(train) == 1 else f"{name} ({direction})"
+            tests.append({"name": label, "train": direction, "format": ov["data.test.format"],
+                          "root": ov.get("data.test.root"), "subset": ov.get("data.test.subset")})
+    return {"overrides": overrides, "train": train, "tests": tests, "means": grid.get("means") or {}}
+
+
 def load_suite(path: str | Path) -> dict[str, Any]:
-    """Read and resolve a suite file (``${oc.env:...}`` included) into plain containers."""
+    """Read and resolve a suite file (``${oc.env:...}`` included) into plain containers.
+
+    Also reads a ``clipsam benchmark`` grid file (``directions`` + test-only ``ablations`` that
+    set ``data.test.*``), see :func:`_from_grid`.
+    """
     conf = OmegaConf.load(path)
     suite = OmegaConf.to_container(conf, resolve=True)
+    if "directions" in suite:
+        suite = _from_grid(suite)
     for key in ("train", "tests"):
         if key not in suite:
             raise SystemExit(f"zero_shot_suite: {path} lacks the {key!r} section")
@@ -64,12 +91,15 @@ def _run(args: list[str]) -> Any | None:
 
 def run_fit(name: str, spec: dict[str, Any], overrides: list[str]) -> Path | None:
     """Fit the adapters of one auxiliary dataset; the last checkpoint, or None when skipped."""
-    root = Path(str(spec["root"])).expanduser()
-    if not root.is_dir():
-        print(f"skip fit {name}: dataset root {root} does not exist")
-        return None
-    print(f"fit {name} on {root}")
-    cli = _run(["fit", "--config", spec["config"], f"--data.train.root={root}", *overrides])
+    root_args: list[str] = []
+    if spec.get("root") is not None:
+        root = Path(str(spec["root"])).expanduser()
+        if not root.is_dir():
+            print(f"skip fit {name}: dataset root {root} does not exist")
+            return None
+        root_args = [f"--data.train.root={root}"]
+    print(f"fit {name} ({spec['config']})")
+    cli = _run(["fit", "--config", spec["config"], *root_args, *overrides])
     if cli is None:
         return None
     ckpt = cli.trainer.checkpoint_callback.last_model_path if cli.trainer.checkpoint_callback else ""
