@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, read_image, read_mask
 from clipsam.errors import DatasetError
 
@@ -44,6 +45,9 @@ class AnomalyDataset(Dataset):
         has_masks: False for image-level-only datasets (HeadCT, BrainMRI, Br35H): no image has
             a ground truth, so ``has_mask`` is False everywhere and pixel metrics are not
             computed (reported as n/a) instead of being computed on the normal images alone.
+        mosaic: APRIL-GAN's 2 x 2 mosaic augmentation (:class:`clipsam.data.mosaic.Mosaic`)
+            for training; None (default) for none. A mosaic item keeps its ``index`` and
+            ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
     """
 
     def __init__(
@@ -53,11 +57,18 @@ class AnomalyDataset(Dataset):
         *,
         has_labels: bool = True,
         has_masks: bool = True,
+        mosaic: Mosaic | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
         self.has_masks = has_masks
+        self.mosaic = mosaic
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded by the training sampler: the epoch of the mosaic draws."""
+        if self.mosaic is not None:
+            self.mosaic.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -76,6 +87,12 @@ class AnomalyDataset(Dataset):
                     f"{sample.image_path} is {width}x{height}: fix or remove the pair"
                 )
             mask = gt.astype(np.uint8)
+        label = sample.label if self.has_labels else -1
+        pieces = self.mosaic.draw(index) if self.mosaic is not None and self.has_labels else None
+        if pieces is not None:
+            image, mask, has_mask, label = self.mosaic.build(pieces)
+            has_mask = has_mask and self.has_masks
+            height, width = image.shape[:2]
         out = self.transform(image=image, mask=mask)
         frame = out["image"]
         frame_mask = torch.as_tensor(out["mask"]).to(torch.float32)  # (H, W) in {0, 1}
@@ -83,7 +100,7 @@ class AnomalyDataset(Dataset):
             "image": frame.to(torch.float32),
             "mask": frame_mask,
             "has_mask": torch.tensor(has_mask, dtype=torch.bool),
-            "label": torch.tensor(sample.label if self.has_labels else -1, dtype=torch.int64),
+            "label": torch.tensor(label, dtype=torch.int64),
             "category": sample.category,
             "path": str(sample.image_path),
             "index": torch.tensor(index, dtype=torch.int64),

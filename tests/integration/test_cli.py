@@ -15,7 +15,7 @@ from tests.integration.conftest import DEMO_CONFIG, REPO, fast_args, run_cli
 CONFIGS = sorted(
     str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "benchmark" not in p.relative_to(REPO).parts
 )
-BASE_CONFIGS = [c for c in CONFIGS if "ablations" not in c]
+BASE_CONFIGS = [c for c in CONFIGS if "ablations" not in c and "methods" not in c]  # methods stack on a base
 ABLATIONS = [c for c in CONFIGS if "ablations" in c]
 
 
