@@ -51,6 +51,7 @@ def test_clipsam_test_runs_on_every_format(key: str, format_roots: dict[str, Pat
         "--trainer.logger=false",
         "--model.evaluation.num_overlays=0",
         "--model.evaluation.report_clip_baseline=false",
+        "--allow_untrained=true",  # zero-shot data path check: no fit needed
     ]
     if key not in FULL_PIPELINE:
         args += ["--model.evaluation.use_sam=false", "--model.evaluation.fusion=clip"]
