@@ -263,10 +263,23 @@ def _output_folders(trainer: Any, model: Any, subcommand: str) -> list[tuple[str
     return folders
 
 
-def check_output_folders(trainer: Any, model: Any, subcommand: str) -> None:
-    """Every folder this subcommand writes to is usable (see :func:`check_output_folder`)."""
+def check_output_folders(trainer: Any, model: Any, subcommand: str, *, predict_input: str | None = None) -> None:
+    """Every folder this subcommand writes to is usable (see :func:`check_output_folder`).
+
+    For predict, the output root may lie inside the input folder (it is skipped as input), but
+    must not be the input folder or contain it: the next predict would find no images.
+    """
     for key, folder in _output_folders(trainer, model, subcommand):
         check_output_folder(folder, key)
+    eval_config = getattr(model, "eval_config", None)
+    if subcommand == "predict" and predict_input and eval_config is not None:
+        out = Path(os.path.expanduser(eval_config.predict_dir)).resolve()
+        inp = Path(os.path.expanduser(predict_input)).resolve()
+        if inp == out or out in inp.parents:
+            raise ConfigError(
+                f"model.evaluation.predict_dir={eval_config.predict_dir} is (or contains) the input folder "
+                f"data.predict_dir={predict_input}: choose an output folder outside it, or a sub-folder of it"
+            )
 
 
 # ----------------------------------------------------------------------------- checkpoints
