@@ -72,7 +72,11 @@ class EvalConfig:
             "clip" is the CLIP-stage baseline (SAM ignored).
         report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
             report shows the SAM stage's gain (doubles the score memory of the metric).
-        aupro: also compute pixel AUPRO (FPR limit 0.3).
+        aupro: also compute pixel AUPRO (FPR limit 0.3, 8-connected regions).
+        aupro_protocol: "mvtec" (MVTec AD evaluation, anomalib: 1000 thresholds, ``>=``, curve
+            from (0, 0) integrated to 0.3) or "anomalyclip" (AnomalyCLIP's and APRIL-GAN's
+            code: 200 thresholds, strict ``>``, FPR renormalised below 0.3), so numbers compare
+            with the tables they come from; see :func:`clipsam.metrics.functional.aupro`.
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
         num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
@@ -87,11 +91,18 @@ class EvalConfig:
     fusion: str = "clip_boost"
     report_clip_baseline: bool = True
     aupro: bool = False
+    aupro_protocol: Literal["mvtec", "anomalyclip"] = "mvtec"
     metric_score_dtype: Literal["float32", "float16"] = "float32"
     num_overlays: int = 8
     pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.aupro_protocol not in ("mvtec", "anomalyclip"):
+            raise ConfigError(
+                f"model.evaluation.aupro_protocol={self.aupro_protocol!r}: use 'mvtec' or 'anomalyclip'"
+            )
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
@@ -399,8 +410,11 @@ class ClipSamModule(LightningModule):
             "anomaly_map": anomaly_map,
             "scores": scores,
             "mask": mask,
-            "image_scores": self._image_score(scores),
-            "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
+            # clip_global: the CLS zero-shot score is the image score of the full method too.
+            "image_scores": (
+                out.image_scores.float() if self.clip_config.image_score == "clip_global" else self._image_score(scores)
+            ),
+            "clip_image_scores": out.image_scores.float(),  # model.clip.image_score of Map_a / the CLS token
         }
 
     def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
@@ -425,7 +439,12 @@ class ClipSamModule(LightningModule):
         self._categories = categories
         dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
         # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
-        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
+        kwargs = {
+            "aupro": self.eval_config.aupro,
+            "aupro_protocol": self.eval_config.aupro_protocol,
+            "score_dtype": dtype,
+            "compute_on_cpu": True,
+        }
         self.test_metrics = PerCategoryMetrics(
             categories, pr_curve_points=self.eval_config.pr_curve_points, **kwargs
         ).to(self.device)
@@ -506,7 +525,7 @@ class ClipSamModule(LightningModule):
                 baseline=baseline,
                 overlays=self._overlays,
                 timings=self._timings,
-                config=dict(self.hparams),
+                config={**dict(self.hparams), "image_score": self.clip_config.image_score},
                 stage=prefix,
             )
         self.test_metrics.reset()
