@@ -344,7 +344,8 @@ def resolve_ckpt_path(
     """Check ``--ckpt_path`` completely before the run starts.
 
     - test/validate/predict without a checkpoint are refused (random adapters give numbers that
-      look normal and mean nothing) unless ``--allow_untrained=true``;
+      look normal and mean nothing) unless ``--allow_untrained=true``, or the model says it has
+      nothing to train (``model.needs_checkpoint`` False: training-free methods);
     - ``best``/``last`` must resolve to a file;
     - the file must exist, be a non-empty file, load weights-only, and fit the configured model
       (:meth:`clipsam.module.ClipSamModule.check_checkpoint`).
@@ -353,7 +354,8 @@ def resolve_ckpt_path(
         ConfigError, WeightsError: one line naming the path and the fix.
     """
     if value is None or str(value).strip() == "":
-        if subcommand in EVAL_SUBCOMMANDS:
+        needs = getattr(model, "needs_checkpoint", True)
+        if subcommand in EVAL_SUBCOMMANDS and bool(needs() if callable(needs) else needs):
             if not allow_untrained:
                 raise ConfigError(
                     f"`clipsam {subcommand}` needs --ckpt_path: without it the CLIP adapters are randomly "
