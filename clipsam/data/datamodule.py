@@ -227,7 +227,13 @@ class AnomalyDataModule(LightningDataModule):
                 f"set it on data.train and remove it from {key}"
             )
         samples, require_masks, what = parse_spec(spec, key=key)
-        validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
+        validate_samples(
+            samples,
+            check=self.validation,
+            what=what,
+            require_masks=require_masks,
+            categories=spec.categories if spec.format != "folder" else None,
+        )
         transform = build_transform(self.image_size, augment=augment, seed=self.seed)
         mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
         return AnomalyDataset(samples, transform, mosaic=mosaic)
