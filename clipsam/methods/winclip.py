@@ -110,7 +110,7 @@ TEMPLATES: tuple[str, ...] = (
 
 @dataclass
 class WinClipConfig:
-    """WinCLIP's settings (config section ``model.winclip``).
+    """WinCLIP's settings (``model.method_config`` when ``model.method=winclip``).
 
     Attributes:
         model_name: open_clip architecture (``ViT-B-16-plus-240``; ``clipsam-tiny-240`` for tests).
@@ -146,17 +146,17 @@ class WinClipConfig:
     def __post_init__(self) -> None:
         self.scales = [int(k) for k in self.scales]
         if not self.scales or any(k < 1 for k in self.scales):
-            raise ConfigError(f"model.winclip.scales={self.scales}: give window sides >= 1 (e.g. [2, 3]).")
+            raise ConfigError(f"model.method_config.scales={self.scales}: give window sides >= 1 (e.g. [2, 3]).")
         if self.temperature <= 0:
-            raise ConfigError(f"model.winclip.temperature={self.temperature} must be > 0.")
+            raise ConfigError(f"model.method_config.temperature={self.temperature} must be > 0.")
         if self.frozen_dtype not in DTYPES:
-            raise ConfigError(f"model.winclip.frozen_dtype={self.frozen_dtype!r}: use one of {list(DTYPES)}.")
+            raise ConfigError(f"model.method_config.frozen_dtype={self.frozen_dtype!r}: use one of {list(DTYPES)}.")
         if self.object_name not in ("category", "generic"):
-            raise ConfigError(f"model.winclip.object_name={self.object_name!r}: use 'category' or 'generic'.")
+            raise ConfigError(f"model.method_config.object_name={self.object_name!r}: use 'category' or 'generic'.")
         if self.input_size is not None and self.input_size < 1:
-            raise ConfigError(f"model.winclip.input_size={self.input_size} must be positive or null.")
+            raise ConfigError(f"model.method_config.input_size={self.input_size} must be positive or null.")
         if self.window_batch < 1:
-            raise ConfigError(f"model.winclip.window_batch={self.window_batch} must be >= 1.")
+            raise ConfigError(f"model.method_config.window_batch={self.window_batch} must be >= 1.")
 
 
 CONFIG = WinClipConfig
@@ -192,7 +192,7 @@ def window_masks(grid: tuple[int, int], kernel: int, stride: int = 1) -> Tensor:
     height, width = grid
     if kernel > height or kernel > width:
         raise ConfigError(
-            f"model.winclip.scales: a {kernel}x{kernel} window does not fit the {height}x{width} patch "
+            f"model.method_config.scales: a {kernel}x{kernel} window does not fit the {height}x{width} patch "
             "grid; use smaller scales or a larger input_size."
         )
     tops = torch.arange(0, height - kernel + 1, stride)
@@ -282,14 +282,14 @@ class WinClip(FrozenClipMixin, MapProducer):
         super().__init__()
         self.config = config
         self.clip = clip_model
-        self.visual = check_vit(clip_model, "model.winclip", config.model_name)
+        self.visual = check_vit(clip_model, "model.method_config", config.model_name)
         self.tokenizer = tokenizer
         self.input_size = int(input_size)
         patch = self.visual.patch_size
         patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
         if self.input_size % patch:
             raise ConfigError(
-                f"model.winclip.input_size={self.input_size} is not a multiple of the patch size {patch}."
+                f"model.method_config.input_size={self.input_size} is not a multiple of the patch size {patch}."
             )
         self.grid = (self.input_size // patch, self.input_size // patch)
         self.masks = [window_masks(self.grid, k) for k in config.scales]  # checks the scales fit
@@ -381,7 +381,7 @@ def build(config: WinClipConfig, *, image_size: int) -> WinClip:
     """Build WinCLIP for frames of side ``image_size`` (weights resolved as :mod:`clipsam.models.clip`)."""
     input_size = int(config.input_size or image_size)
     clip_model, tokenizer = build_open_clip(
-        section="model.winclip",
+        section="model.method_config",
         model_name=config.model_name,
         pretrained=config.pretrained,
         image_size=input_size,

@@ -128,16 +128,16 @@ def test_train_mode_keeps_backbone_in_eval(model):
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="model.winclip.scales"):
+    with pytest.raises(ConfigError, match="model.method_config.scales"):
         W.WinClipConfig(scales=[])
     with pytest.raises(ConfigError, match="does not fit"):
         W.build(_config(scales=[5]), image_size=64)
-    with pytest.raises(ConfigError, match="model.winclip.pretrained=null"):
+    with pytest.raises(ConfigError, match="model.method_config.pretrained=null"):
         W.build(_config(pretrained="laion400m_e31"), image_size=64)
 
 
 def test_unknown_tag_is_a_weights_error():
-    with pytest.raises(WeightsError, match="model.winclip.pretrained"):
+    with pytest.raises(WeightsError, match="model.method_config.pretrained"):
         W.build(W.WinClipConfig(pretrained="no_such_tag"), image_size=240)
 
 
