@@ -78,7 +78,7 @@ def test_prompt_ensemble_sizes():
 def test_window_embedding_equals_masked_full_pass(model):
     """A window's embedding = the class token of a full pass in which every token may only
     attend to the class token and that window's patches (an independent computation)."""
-    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     image, windows = model.encode(images)
     visual = model.visual
     torch.testing.assert_close(image, model.clip.encode_image(images))
