@@ -33,6 +33,7 @@ __all__ = [
     "check_vit",
     "encode_sentences",
     "resize_images",
+    "resize_positional_embedding",
     "value_value_attention",
     "vv_residual",
 ]
@@ -53,6 +54,7 @@ def build_open_clip(
     cache_dir: str | None = None,
     seed: int = 0,
     quick_gelu: bool | None = None,
+    pos_interpolation: str = "open_clip",
 ) -> tuple[nn.Module, Callable[[list[str]], Tensor]]:
     """Create an open_clip model (eval mode, on CPU) and its tokenizer.
 
@@ -66,6 +68,11 @@ def build_open_clip(
         cache_dir: open_clip's download cache (``None``: its default).
         seed: Seed of random weights.
         quick_gelu: Force QuickGELU; ``None`` follows the pretrained tag.
+        pos_interpolation: ``"open_clip"``: the tower is built for ``image_size`` by open_clip
+            (pretrained positional embeddings resized bicubically, with antialias);
+            ``"bilinear"``: built at its native size, then the positional embedding is resized
+            bilinearly (align_corners False, as AnomalyCLIP's code does,
+            :func:`resize_positional_embedding`).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer maps a list of str to (P, context) int64.
@@ -90,8 +97,12 @@ def build_open_clip(
             f"{section}.model_name={model_name!r} is not an open_clip model config "
             "(open_clip.list_models() lists them), e.g. ViT-B-16-plus-240 or ViT-L-14-336."
         )
+    if pos_interpolation not in ("open_clip", "bilinear"):
+        raise ConfigError(f"{section}.pos_interpolation={pos_interpolation!r}: use 'open_clip' or 'bilinear'.")
     spec = SimpleNamespace(model_name=model_name, pretrained=pretrained, cache_dir=cache_dir)
-    kwargs: dict[str, Any] = {"force_image_size": int(image_size), "cache_dir": cache_dir}
+    kwargs: dict[str, Any] = {"cache_dir": cache_dir}
+    if pos_interpolation == "open_clip":
+        kwargs["force_image_size"] = int(image_size)
     if not pretrained:
         if quick_gelu:
             kwargs["force_quick_gelu"] = True
@@ -112,9 +123,37 @@ def build_open_clip(
         except Exception as err:  # open_clip raises RuntimeError/FileNotFoundError/OSError
             message = clip_stage._weights_help(spec, f"{type(err).__name__}: {err}")
             raise WeightsError(message.replace("model.clip.", f"{section}.")) from err
+    if pos_interpolation == "bilinear":
+        resize_positional_embedding(model.visual, int(image_size))
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
     return model, tokenizer
+
+
+def resize_positional_embedding(visual: nn.Module, image_size: int) -> None:
+    """Resize a ViT's patch positional embedding in place, bilinearly (align_corners False).
+
+    The class token's entry is kept; the (g, g) grid of entries is interpolated to
+    (image_size / patch)^2. A no-op at the native size.
+
+    Args:
+        visual: open_clip ``VisionTransformer`` with a (1 + g * g, C) ``positional_embedding``.
+        image_size: New square input side, a multiple of the patch size.
+    """
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+    if image_size % patch:
+        raise ConfigError(f"input size {image_size} is not a multiple of the patch size {patch}")
+    new = image_size // patch
+    pos = visual.positional_embedding.detach()
+    side = int(round((pos.shape[0] - 1) ** 0.5))
+    if side == new:
+        return
+    grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
+    visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid]), requires_grad=False)
+    visual.grid_size = (new, new)
+    visual.image_size = (image_size, image_size)
 
 
 def check_vit(clip_model: nn.Module, section: str, model_name: str) -> nn.Module:

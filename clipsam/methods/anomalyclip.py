@@ -3,8 +3,8 @@
 As restated in ../shared/BASELINES.md section 2 (from zqhang/AnomalyCLIP with its Apr 2025
 fixes; written anew for open_clip 3.x, whose blocks are batch-first):
 
-1. the frame is squash-resized (bicubic) to ``input_size`` (518 for ViT-L-14-336; open_clip
-   interpolates the positional embedding when it builds the tower for that size);
+1. the frame is squash-resized (bicubic) to ``input_size`` (518 for ViT-L-14-336); the 24 x 24
+   positional embedding is interpolated bilinearly to 37 x 37 (``pos_interpolation``);
 2. text, object-agnostic (:class:`ObjectAgnosticPrompts`): ``[SOS] c1..c12 object . [EOS]`` and
    ``[SOS] c'1..c'12 damaged object . [EOS]`` with learnable context vectors initialised
    N(0, 0.02); in text blocks 2..9 the 4 tokens after [SOS] are replaced by learnable 4 x width
@@ -24,9 +24,6 @@ Training (only the prompts): loss = 4 x [focal(2-channel map) + dice(p_a, gt) + 
 layer with lambda 4 is the fixed code's form (the original's 4 taps were all equal to layer 24).
 Reference training: 15 epochs, batch 8, Adam lr 1e-3 betas (0.5, 0.999), seed 111, on the
 auxiliary dataset's test split; these live in the optimizer / trainer / data sections.
-
-Known difference: open_clip resizes the positional embedding bicubically (with antialias)
-where the reference interpolates it bilinearly.
 
 Dimension symbols: B batch, N = 1 + h * w tokens, C vision width, W text width, D embedding
 width, S the model's input side.
@@ -73,6 +70,9 @@ class AnomalyClipConfig:
         quick_gelu: Force QuickGELU (``None`` follows the tag; set ``True`` for a local copy of
             OpenAI weights).
         input_size: Side the frame is squash-resized to (518); ``None`` runs at the frame size.
+        pos_interpolation: How the positional embedding reaches ``input_size``: ``"bilinear"``
+            (the reference's: build at the native 336, interpolate the 24 x 24 grid bilinearly)
+            or ``"open_clip"`` (open_clip's bicubic resize when building for that size).
         n_ctx: Learnable context tokens per prompt (12).
         deep_prompt_depth: Deep prompts go into text blocks 2..depth (9: blocks 2-9); 1 disables.
         deep_prompt_length: Tokens replaced after [SOS] in those blocks (4).
@@ -93,6 +93,7 @@ class AnomalyClipConfig:
     cache_dir: str | None = None
     quick_gelu: bool | None = None
     input_size: int | None = 518
+    pos_interpolation: Literal["bilinear", "open_clip"] = "bilinear"
     n_ctx: int = 12
     deep_prompt_depth: int = 9
     deep_prompt_length: int = 4
@@ -123,6 +124,8 @@ class AnomalyClipConfig:
             raise ConfigError(f"{_KEY}.anomalous_state={self.anomalous_state!r} must contain '{{}}'.")
         if self.temperature <= 0 or self.smoothing_sigma < 0:
             raise ConfigError(f"{_KEY}.temperature must be > 0 and smoothing_sigma >= 0.")
+        if self.pos_interpolation not in ("bilinear", "open_clip"):
+            raise ConfigError(f"{_KEY}.pos_interpolation={self.pos_interpolation!r}: use 'bilinear' or 'open_clip'.")
         if self.frozen_dtype not in DTYPES:
             raise ConfigError(f"{_KEY}.frozen_dtype={self.frozen_dtype!r}: use one of {list(DTYPES)}.")
         if self.input_size is not None and self.input_size < 1:
@@ -380,5 +383,6 @@ def build(config: AnomalyClipConfig, *, image_size: int) -> AnomalyClip:
         cache_dir=config.cache_dir,
         seed=config.seed,
         quick_gelu=config.quick_gelu,
+        pos_interpolation=config.pos_interpolation,
     )
     return AnomalyClip(clip_model=clip_model, tokenizer=tokenizer, config=config, input_size=input_size)

@@ -62,3 +62,26 @@ def test_offline_without_cached_weights_says_where_to_put_them(tmp_path, monkeyp
             image_size=240,
             cache_dir=str(tmp_path),
         )
+
+
+def test_bilinear_positional_embedding_resize():
+    """AnomalyCLIP's way to 518: the native grid of position entries interpolated bilinearly."""
+    import torch.nn.functional as F
+
+    native, _ = build_open_clip(section="s", model_name="clipsam-tiny-240", pretrained=None, image_size=240)
+    resized, _ = build_open_clip(
+        section="s", model_name="clipsam-tiny-240", pretrained=None, image_size=96, pos_interpolation="bilinear"
+    )
+    pos = native.visual.positional_embedding.detach()  # (1 + 15 * 15, 64), same seed
+    grid = pos[1:].reshape(1, 15, 15, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(36, 64)
+    got = resized.visual.positional_embedding.detach()
+    torch.testing.assert_close(got[0], pos[0])
+    torch.testing.assert_close(got[1:], expected)
+    assert resized.visual.grid_size == (6, 6)
+    assert resized.visual(torch.randn(1, 3, 96, 96)).shape == (1, 48)
+    # open_clip's own path sizes the tower for the input too (bicubic resize)
+    other, _ = build_open_clip(section="s", model_name="clipsam-tiny-240", pretrained=None, image_size=96)
+    assert other.visual.positional_embedding.shape == got.shape
+    with pytest.raises(ConfigError, match="pos_interpolation"):
+        build_open_clip(section="s", model_name="clipsam-tiny-240", pretrained=None, image_size=96, pos_interpolation="nearest")
