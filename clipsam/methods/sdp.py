@@ -69,7 +69,7 @@ from clipsam.methods._openclip import (
 )
 from clipsam.methods.base import MapOutput, MapProducer
 from clipsam.models.clip import gaussian_blur
-from clipsam.prompts import object_name_for
+from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
 
 __all__ = [
     "ANOMALOUS_STATES",
@@ -165,7 +165,9 @@ class SdpConfig:
         image_score: ``"mean"`` of the text score and the raw map maximum (per-batch stand-in
             of the reference's per-category min-max sum), ``"text"`` or ``"map_max"``.
         text_logit_scale: Scale of the image (class-token) text logits (100).
-        object_name: ``"category"`` or ``"generic"`` ("object") in the prompts.
+        object_name: The prompts' class name (:func:`clipsam.prompts.object_name_for`): ``"raw"``
+            (the category as on disk, ``metal_nut``, ``pcb1``: CLIP-AD's), ``"category"`` or
+            ``"generic"``.
         reference_aliasing: Reproduce CLIP-AD's in-place aliasing of the tap tokens (module doc).
         frozen_dtype: dtype of the frozen open_clip weights.
         seed: Seed of random weights (and of SDP+'s linear layers).
@@ -182,7 +184,7 @@ class SdpConfig:
     smoothing_sigma: float = 8.0
     image_score: Literal["mean", "text", "map_max"] = "mean"
     text_logit_scale: float = 100.0
-    object_name: Literal["category", "generic"] = "category"
+    object_name: Literal["category", "raw", "generic"] = "raw"
     reference_aliasing: bool = False
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
@@ -204,7 +206,7 @@ class SdpConfig:
             raise ConfigError(f"{_KEY}.smoothing_sigma={self.smoothing_sigma} must be >= 0 (0 disables).")
         for key, value, choices in (
             ("image_score", self.image_score, ("mean", "text", "map_max")),
-            ("object_name", self.object_name, ("category", "generic")),
+            ("object_name", self.object_name, OBJECT_NAME_MODES),
             ("frozen_dtype", self.frozen_dtype, tuple(DTYPES)),
         ):
             if value not in choices:

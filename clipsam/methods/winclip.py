@@ -46,7 +46,7 @@ from clipsam.methods._openclip import (
     resize_images,
 )
 from clipsam.methods.base import MapOutput, MapProducer
-from clipsam.prompts import object_name_for
+from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
 
 __all__ = [
     "ANOMALOUS_STATES",
@@ -123,8 +123,10 @@ class WinClipConfig:
         temperature: T of ``softmax(cos / T)`` (0.07; caoyunkang's reproduction uses 0.01).
         use_image_score: Fold s0 into the map as one more harmonic term (anomalib); ``False``
             averages only the window scales harmonically.
-        object_name: ``"category"`` writes the category's name into the prompts, ``"generic"``
-            writes "object".
+        object_name: How the category becomes the prompts' class name
+            (:func:`clipsam.prompts.object_name_for`): ``"category"`` (``metal_nut`` -> "metal nut",
+            anomalib's underscore replacement; it also drops VisA's trailing digits), ``"raw"``
+            (as on disk) or ``"generic"`` ("object").
         frozen_dtype: dtype of the frozen open_clip weights (``float32`` for reference numbers).
         window_batch: How many window sequences go through the transformer at once (memory knob,
             no effect on the result).
@@ -138,7 +140,7 @@ class WinClipConfig:
     scales: list[int] = field(default_factory=lambda: [2, 3])
     temperature: float = 0.07
     use_image_score: bool = True
-    object_name: Literal["category", "generic"] = "category"
+    object_name: Literal["category", "raw", "generic"] = "category"
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     window_batch: int = 4096
     seed: int = 0
@@ -151,8 +153,8 @@ class WinClipConfig:
             raise ConfigError(f"model.method_config.temperature={self.temperature} must be > 0.")
         if self.frozen_dtype not in DTYPES:
             raise ConfigError(f"model.method_config.frozen_dtype={self.frozen_dtype!r}: use one of {list(DTYPES)}.")
-        if self.object_name not in ("category", "generic"):
-            raise ConfigError(f"model.method_config.object_name={self.object_name!r}: use 'category' or 'generic'.")
+        if self.object_name not in OBJECT_NAME_MODES:
+            raise ConfigError(f"model.method_config.object_name={self.object_name!r}: use one of {list(OBJECT_NAME_MODES)}.")
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"model.method_config.input_size={self.input_size} must be positive or null.")
         if self.window_batch < 1:
