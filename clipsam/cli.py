@@ -139,7 +139,9 @@ class ClipSamCLI(LightningCLI):
         # 1. Every check that can fail, before any folder, config copy or W&B run exists.
         # A training-free method cannot fit: say so before the data is read or anything written.
         self.model.check_stage(subcommand)
-        runs.check_output_folders(self.trainer, self.model, subcommand)
+        runs.check_output_folders(
+            self.trainer, self.model, subcommand, predict_input=getattr(self.datamodule, "predict_dir", None)
+        )
         self.datamodule.setup(subcommand)
         ckpt = runs.resolve_ckpt_path(
             self.config_init[subcommand].get("ckpt_path"),

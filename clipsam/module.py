@@ -366,6 +366,15 @@ class ClipSamModule(LightningModule):
         for key in [k for k in state if k.startswith(LEGACY_ADAPTER_PREFIX)]:
             state[ADAPTER_PREFIX + key[len(LEGACY_ADAPTER_PREFIX) :]] = state.pop(key)
 
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Whether test/validate/predict need fitted weights (``--ckpt_path``).
+
+        True while the method has trainable parts (the CLIP adapters); a training-free method
+        returns False, and the CLI then runs it without a checkpoint.
+        """
+        return self.trainable
+
     def check_checkpoint(self, checkpoint: Mapping[str, Any], *, path: Any = None) -> None:
         """Refuse a checkpoint of another method, or adapters that do not belong to this config's CLIP.
 

@@ -5,7 +5,13 @@ The main ``clipsam`` command hands ``argv`` to :func:`data_main` when ``argv[0] 
     clipsam data synth --root data/synth [--seed 0] [--image-size 256] [--layouts mvtec visa]
                        [--categories fabric disk] [--num-train-good 4] [--num-test-good 4]
                        [--num-test-anomalous 8] [--overwrite] [--no-progress]
-    clipsam data download {mvtec,visa} --root DIR [--no-progress] [--delete-archive]
+    clipsam data synth --root data/synth_formats --formats all|mpdd dagm ... [--num-categories 2]
+                       [--seed 0] [--image-size 256] [--num-... N] [--overwrite]
+    clipsam data download NAME --root DIR [--allow-unverified] [--no-progress] [--delete-archive]
+    clipsam data list
+
+``--formats`` writes each named format's own layout (a few categories) into ``ROOT/<format>``
+instead of the MVTec-AD/VisA pair; without it ``synth`` behaves as before.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clipsam.data.download import DATASETS, download_dataset
-from clipsam.data.synthetic import LAYOUTS, SYNTH_CATEGORIES, generate_synthetic
+from clipsam.data.download import DATASETS, MANUAL, download_dataset
+from clipsam.data.formats import FORMATS
+from clipsam.data.synthetic import LAYOUTS, SYNTH_CATEGORIES, SynthSource, generate_formats, generate_synthetic
 from clipsam.errors import ClipSamError
 
 __all__ = ["build_parser", "data_main"]
@@ -23,7 +30,7 @@ __all__ = ["build_parser", "data_main"]
 def build_parser() -> argparse.ArgumentParser:
     """The ``clipsam data`` argument parser."""
     parser = argparse.ArgumentParser(prog="clipsam data", description="Generate or download datasets.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{synth,download}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{synth,download,list}")
 
     synth = commands.add_parser("synth", help="write synthetic industrial data (MVTec-AD and VisA layouts)")
     synth.add_argument("--root", required=True, help="output folder (gets mvtec/ and visa/)")
@@ -34,15 +41,44 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-train-good", type=int, default=4)
     synth.add_argument("--num-test-good", type=int, default=4)
     synth.add_argument("--num-test-anomalous", type=int, default=8)
+    synth.add_argument(
+        "--formats",
+        nargs="+",
+        choices=["all", *(k for k, f in FORMATS.items() if f.synth is not None or k in LAYOUTS)],
+        default=None,
+        metavar="FORMAT",
+        help="write these formats' own layouts into ROOT/<format> ('all': every format); "
+        "--layouts and --categories are then not used",
+    )
+    synth.add_argument("--num-categories", type=int, default=2, help="categories per format with --formats")
     synth.add_argument("--overwrite", action="store_true", help="replace existing layout folders")
     synth.add_argument("--no-progress", action="store_true")
 
     download = commands.add_parser("download", help="download, verify and extract a real dataset")
-    download.add_argument("dataset", choices=sorted(DATASETS))
+    download.add_argument("dataset", choices=sorted({*DATASETS, *MANUAL}))
     download.add_argument("--root", required=True, help="folder to extract into (the archive is kept there)")
+    download.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="download a dataset whose sha256 no public source gives (KolektorSDD2, Kvasir-SEG, ISIC 2016)",
+    )
     download.add_argument("--delete-archive", action="store_true", help="delete the archive after extraction")
     download.add_argument("--no-progress", action="store_true")
+
+    commands.add_parser("list", help="list the dataset formats: key, name, level, categories, download")
     return parser
+
+
+def _list_formats() -> None:
+    for key, fmt in FORMATS.items():
+        if key in DATASETS:
+            how = "download (sha256)" if DATASETS[key].sha256 else "download (--allow-unverified)"
+        elif key in MANUAL:
+            how = "manual"
+        else:
+            how = "-"
+        cats = ", ".join(fmt.categories[:4]) + (", ..." if len(fmt.categories) > 4 else "")
+        print(f"{key:14s} {fmt.name:22s} {fmt.level:6s} {len(fmt.categories):3d} {how:30s} {cats}")
 
 
 def _check_synth_args(args: argparse.Namespace) -> None:
@@ -75,7 +111,25 @@ def data_main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "synth":
+        if args.command == "list":
+            _list_formats()
+        elif args.command == "synth" and args.formats:
+            _check_synth_args(args)
+            chosen = list(FORMATS) if "all" in args.formats else args.formats
+            chosen = [k for k in chosen if FORMATS[k].synth is not None or k in LAYOUTS]
+            source = SynthSource(
+                seed=args.seed,
+                image_size=args.image_size,
+                num_train_good=args.num_train_good,
+                num_test_good=args.num_test_good,
+                num_test_anomalous=args.num_test_anomalous,
+                num_categories=args.num_categories,
+            )
+            written = generate_formats(args.root, chosen, source=source, overwrite=args.overwrite)
+            print(f"wrote {len(written)} synthetic layouts, seed {args.seed}, {args.image_size}px:")
+            for key, path in written.items():
+                print(f"  {key:14s} {path}   (data.test: {{format: {key}, root: {path}}})")
+        elif args.command == "synth":
             _check_synth_args(args)
             result = generate_synthetic(
                 args.root,
@@ -98,9 +152,13 @@ def data_main(argv: list[str]) -> int:
                 print(f"  {layout:5s} {path}")
         else:
             root = download_dataset(
-                args.dataset, args.root, progress=not args.no_progress, keep_archive=not args.delete_archive
+                args.dataset,
+                args.root,
+                progress=not args.no_progress,
+                keep_archive=not args.delete_archive,
+                allow_unverified=args.allow_unverified,
             )
-            print(f"{DATASETS[args.dataset].name} ready in {root} (format: {args.dataset})")
+            print(f"{DATASETS[args.dataset].name} ready in {root} (format: {args.dataset}; use it as data.test.root)")
     except (ClipSamError, ValueError) as exc:
         print(f"clipsam: error: {exc}", file=sys.stderr)
         return 2

@@ -29,20 +29,16 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from clipsam.data.dataset import AnomalyDataset
-from clipsam.data.folder import list_images, parse_folder
+from clipsam.data.folder import list_images
+from clipsam.data.formats import get_format
 from clipsam.data.mosaic import Mosaic
-from clipsam.data.mvtec import parse_mvtec
 from clipsam.data.samples import Sample, ValidationMode, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
-from clipsam.data.visa import parse_visa
 from clipsam.errors import ConfigError, DatasetError
 
 __all__ = ["AnomalyDataModule", "DatasetSpec", "EpochSeededRandomSampler", "parse_spec"]
 
 log = logging.getLogger(__name__)
-
-_NAMES = {"mvtec": "MVTec-AD", "visa": "VisA", "folder": "image folder"}
-_ENV = {"mvtec": "MVTEC_ROOT", "visa": "VISA_ROOT"}
 
 
 @dataclass
@@ -50,30 +46,39 @@ class DatasetSpec:
     """Which dataset a stage reads.
 
     Attributes:
-        format: ``"mvtec"`` (MVTec-AD layout), ``"visa"`` (VisA with ``split_csv/1cls.csv``) or
-            ``"folder"`` (``good/``, ``anomalous/``, optional ``masks/``; see
-            :mod:`clipsam.data.folder`).
+        format: a key of :data:`clipsam.data.formats.FORMATS`: ``"mvtec"`` (MVTec-AD layout),
+            ``"visa"`` (VisA with ``split_csv/1cls.csv``), ``"folder"`` (``good/``,
+            ``anomalous/``, optional ``masks/``; see :mod:`clipsam.data.folder`), or one of the
+            benchmark datasets (``mpdd``, ``btad``, ``ksdd``, ``ksdd2``, ``dagm``,
+            ``dtd_synthetic``, ``mvtec_ad2``, ``mvtec_loco``, ``isic2016``, ``clinicdb``,
+            ``colondb``, ``kvasir``, ``endo``, ``tn3k``, ``headct``, ``brainmri``, ``br35h``,
+            ``real_iad``; docs/datasets.md lists layouts and categories).
         root: dataset folder; ``~`` is expanded. In YAML configs use
-            ``${oc.env:MVTEC_ROOT,data/mvtec}``.
+            ``${oc.env:MVTEC_ROOT,data/mvtec}`` (each format has its variable, e.g. MPDD_ROOT).
         categories: category names to read; None reads all present (folder: ignored, the
             category is the root's folder name).
         split: ``"test"`` (default: normal + anomalous images with masks, used for training too,
-            per the protocol) or ``"train"`` (normal images only). Ignored for ``folder``.
+            per the protocol) or ``"train"`` (normal images only). Ignored for ``folder``;
+            formats without a train split accept only ``"test"``.
+        subset: a format-specific selection: MVTec LOCO AD ``"logical"`` or ``"structural"``
+            (None: both anomaly types), Real-IAD the json split set (``"realiad_jsons"``,
+            ``"realiad_jsons_sv"``, ...). Other formats take none.
         mosaic_rate: ``data.train`` only: probability that a training item is replaced by a
             2 x 2 mosaic of four images of its category with their masks (APRIL-GAN's
             ``aug_rate``: 0.2 when training on MVTec-AD, none on VisA; see
             :mod:`clipsam.data.mosaic`). 0 disables.
     """
 
-    format: Literal["mvtec", "visa", "folder"]
+    format: str
     root: str
     categories: list[str] | None = None
     split: Literal["train", "test"] = "test"
+    subset: str | None = None
     mosaic_rate: float = 0.0
 
 
 def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sample], bool, str]:
-    """Parse the dataset a spec names.
+    """Parse the dataset a spec names, through the format registry.
 
     Args:
         spec: the dataset spec.
@@ -81,34 +86,35 @@ def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sampl
 
     Returns:
         ``(samples, require_masks, what)``: the samples, whether anomalous images must have
-        masks (False for folder datasets), and a description for validation messages.
+        masks (False for folder datasets and image-level formats), and a description for
+        validation messages.
 
     Raises:
-        ConfigError: unknown format or empty root.
+        ConfigError: unknown format, empty root, a split or subset the format lacks, or an
+            image-level format used for training.
         DatasetError: the root does not exist, or the parser's own layout errors.
     """
-    if spec.format not in _NAMES:
-        raise ConfigError(f"{key}.format is {spec.format!r}: use one of {', '.join(_NAMES)}")
+    fmt = get_format(spec.format, config_key=key)
     if not str(spec.root).strip():
-        env = f" (or the {_ENV[spec.format]} environment variable)" if spec.format in _ENV else ""
-        raise ConfigError(f"{key}.root is empty: set it{env} to the {_NAMES[spec.format]} folder")
+        env = f" (or the {fmt.env} environment variable)" if fmt.env else ""
+        raise ConfigError(f"{key}.root is empty: set it{env} to the {fmt.name} folder")
+    if key == "data.train" and not fmt.has_masks:
+        raise ConfigError(
+            f"{key}.format is {spec.format!r}: {fmt.name} has image labels only, and training needs "
+            "pixel masks; train on a pixel-level dataset (mvtec, visa, ...) and test on it instead"
+        )
     root = Path(os.path.expanduser(str(spec.root)))
     if not root.is_dir():
-        hint = f" or the {_ENV[spec.format]} environment variable" if spec.format in _ENV else ""
-        fetch = (
-            f", or run `clipsam data download {spec.format} --root {root}`" if spec.format in _ENV else ""
-        )
-        raise DatasetError(f"{_NAMES[spec.format]} root {root} does not exist: set {key}.root{hint}{fetch}")
-    if spec.format == "mvtec":
-        samples = parse_mvtec(root, categories=spec.categories, split=spec.split)
-    elif spec.format == "visa":
-        samples = parse_visa(root, categories=spec.categories, split=spec.split)
-    else:
-        samples = parse_folder(root)
-    what = f"{_NAMES[spec.format]} root {root}" + ("" if spec.format == "folder" else f", split {spec.split!r}")
+        hint = f" or the {fmt.env} environment variable" if fmt.env else ""
+        fetch = f", or run `clipsam data download {spec.format} --root {root}`" if fmt.download or fmt.env else ""
+        raise DatasetError(f"{fmt.name} root {root} does not exist: set {key}.root{hint}{fetch}")
+    samples = fmt.parse_root(root, categories=spec.categories, split=spec.split, subset=spec.subset, key=key)
+    what = f"{fmt.name} root {root}" + ("" if spec.format == "folder" else f", split {spec.split!r}")
+    if spec.subset:
+        what += f", subset {spec.subset!r}"
     if spec.categories:
         what += f", categories {', '.join(spec.categories)}"
-    return samples, spec.format != "folder", what
+    return samples, fmt.has_masks and spec.format != "folder", what
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -235,8 +241,11 @@ class AnomalyDataModule(LightningDataModule):
             categories=spec.categories if spec.format != "folder" else None,
         )
         transform = build_transform(self.image_size, augment=augment, seed=self.seed)
+        has_masks = get_format(spec.format, config_key=key).has_masks
+        if not has_masks:
+            log.info("%s is image-level only: image metrics are computed, pixel metrics are n/a", what)
         mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
-        return AnomalyDataset(samples, transform, mosaic=mosaic)
+        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic)
 
     def _build_predict(self) -> AnomalyDataset:
         if not self.predict_dir:

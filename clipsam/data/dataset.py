@@ -42,6 +42,9 @@ class AnomalyDataset(Dataset):
             mask=uint8 (H0,W0)) -> {"image": (3,H,W) float32, "mask": (H,W)}``
             (:func:`clipsam.data.transforms.build_transform`).
         has_labels: False for images to predict on: labels are -1 and masks are not read.
+        has_masks: False for image-level-only datasets (HeadCT, BrainMRI, Br35H): no image has
+            a ground truth, so ``has_mask`` is False everywhere and pixel metrics are not
+            computed (reported as n/a) instead of being computed on the normal images alone.
         mosaic: APRIL-GAN's 2 x 2 mosaic augmentation (:class:`clipsam.data.mosaic.Mosaic`)
             for training; None (default) for none. A mosaic item keeps its ``index`` and
             ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
@@ -53,11 +56,13 @@ class AnomalyDataset(Dataset):
         transform: Callable[..., dict[str, Any]],
         *,
         has_labels: bool = True,
+        has_masks: bool = True,
         mosaic: Mosaic | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
+        self.has_masks = has_masks
         self.mosaic = mosaic
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,10 +77,10 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = read_image(sample.image_path)  # (H0, W0, 3) uint8
         height, width = image.shape[:2]
-        has_mask = self.has_labels and (sample.label == 0 or sample.mask_path is not None)
+        has_mask = self.has_labels and self.has_masks and (sample.label == 0 or sample.mask_path is not None)
         mask = np.zeros((height, width), dtype=np.uint8)
         if self.has_labels and sample.mask_path is not None:
-            gt = read_mask(sample.mask_path)  # (H0, W0) bool
+            gt = read_mask(sample.mask_path, threshold=sample.mask_threshold)  # (H0, W0) bool
             if gt.shape != (height, width):
                 raise DatasetError(
                     f"mask {sample.mask_path} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image "
@@ -86,6 +91,7 @@ class AnomalyDataset(Dataset):
         pieces = self.mosaic.draw(index) if self.mosaic is not None and self.has_labels else None
         if pieces is not None:
             image, mask, has_mask, label = self.mosaic.build(pieces)
+            has_mask = has_mask and self.has_masks
             height, width = image.shape[:2]
         out = self.transform(image=image, mask=mask)
         frame = out["image"]

@@ -1,11 +1,17 @@
-"""Download, verify and extract the real datasets (MVTec-AD, VisA), with the standard library.
+"""Download, verify and extract the real datasets, with the standard library.
 
-The URLs and sha256 sums are the ones anomalib uses (``DOWNLOAD_INFO`` in
-``src/anomalib/data/datamodules/image/{mvtecad,visa}.py``). A download goes to ``<file>.part``
+The URLs and sha256 sums of MVTec-AD, VisA, BTAD, KolektorSDD, MVTec AD 2 and MVTec LOCO AD are
+the ones anomalib uses (``DOWNLOAD_INFO`` in ``src/anomalib/data/datamodules/image/*.py`` and
+``src/anomalib/data/datasets/image/mvtec_loco.py``). KolektorSDD2, Kvasir-SEG and ISIC 2016 have
+public URLs but no published checksum: they download only with ``allow_unverified=True``
+(``--allow-unverified``), and the sha256 of what arrived is logged. Every other format has no
+direct public URL (a form, a licence request or a Kaggle/Google-Drive page): ``clipsam data
+download <name>`` prints where to get it (:data:`MANUAL`). A download goes to ``<file>.part``
 and resumes from its size with an HTTP ``Range`` request; the finished file is checked against its
 sha256 (a mismatch keeps the file, renamed ``<file>.sha256-mismatch``, and raises); the archive
-is extracted with tarfile's ``data`` filter (no absolute paths, no ``..``, no device files), and
-:func:`detect_layout` checks that what came out is the dataset asked for. VisA is read in place
+is extracted with tarfile's ``data`` filter (no absolute paths, no ``..``, no device files; zip
+members are checked the same way), and the format's parser checks that what came out is the
+dataset asked for. VisA is read in place
 (:mod:`clipsam.data.visa`), nothing is converted.
 """
 
@@ -16,6 +22,7 @@ import logging
 import os
 import tarfile
 import urllib.error
+import zipfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,19 +31,38 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from clipsam.errors import DatasetError
+from clipsam.errors import ClipSamError, DatasetError
 
 __all__ = [
     "DATASETS",
+    "MANUAL",
     "DownloadInfo",
+    "RemoteFile",
     "detect_layout",
     "download_dataset",
     "download_file",
+    "download_instructions",
     "extract_archive",
+    "find_dataset_root",
     "sha256sum",
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One more archive of a dataset (e.g. ISIC 2016's ground-truth zip).
+
+    Attributes:
+        url: archive URL.
+        filename: archive file name on disk.
+        sha256: expected sha256 hex digest; None when no public source gives one.
+    """
+
+    url: str
+    filename: str
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,14 +72,21 @@ class DownloadInfo:
     Attributes:
         name: human-readable dataset name.
         url: archive URL.
-        filename: archive file name on disk.
-        sha256: expected sha256 hex digest; None skips the check with a warning.
+        filename: archive file name on disk (``.zip`` or a tar archive).
+        sha256: expected sha256 hex digest; None when no public source gives one: the
+            download then needs ``allow_unverified`` and is not checked.
+        extra: further archives extracted into the same folder.
+        source: where the URL and checksum come from.
+        page: the dataset's page (licence, citation).
     """
 
     name: str
     url: str
     filename: str
     sha256: str | None
+    extra: tuple[RemoteFile, ...] = ()
+    source: str = "anomalib"
+    page: str = ""
 
 
 DATASETS: dict[str, DownloadInfo] = {
@@ -70,6 +103,93 @@ DATASETS: dict[str, DownloadInfo] = {
         filename="VisA_20220922.tar",
         sha256="2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362",
     ),
+    "btad": DownloadInfo(
+        name="BTAD",
+        url="https://avires.dimi.uniud.it/papers/btad/btad.zip",
+        filename="btad.zip",
+        sha256="461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a",
+    ),
+    "ksdd": DownloadInfo(
+        name="KolektorSDD",
+        url="https://go.vicos.si/kolektorsdd",
+        filename="KolektorSDD.zip",
+        sha256="65dc621693418585de9c4467d1340ea7958a6181816f0dc2883a1e8b61f9d4dc",
+    ),
+    "mvtec_ad2": DownloadInfo(
+        name="MVTec AD 2",
+        url="https://www.mydrive.ch/shares/150997/701c90d3aea6588f404936e32a674602/download/"
+        "466712769-1743429042/mvtec_ad_2.tar.gz",
+        filename="mvtec_ad_2.tar.gz",
+        sha256="c0ded99ef32bfc8e352d52beb44515e5b292b8598cb963aadfa91ca0763505e4",
+    ),
+    "mvtec_loco": DownloadInfo(
+        name="MVTec LOCO AD",
+        url="https://www.mydrive.ch/shares/48237/1b9106ccdfbb09a0c414bd49fe44a14a/download/430647091-1646842701"
+        "/mvtec_loco_anomaly_detection.tar.xz",
+        filename="mvtec_loco_anomaly_detection.tar.xz",
+        sha256="9e7c84dba550fd2e59d8e9e231c929c45ba737b6b6a6d3814100f54d63aae687",
+    ),
+    # Public URLs without a published sha256: downloaded only with allow_unverified.
+    "ksdd2": DownloadInfo(
+        name="KolektorSDD2",
+        url="https://go.vicos.si/kolektorsdd2",
+        filename="KolektorSDD2.zip",
+        sha256=None,
+        source="the dataset page",
+        page="https://www.vicos.si/resources/kolektorsdd2/",
+    ),
+    "kvasir": DownloadInfo(
+        name="Kvasir-SEG",
+        url="https://datasets.simula.no/downloads/kvasir-seg.zip",
+        filename="kvasir-seg.zip",
+        sha256=None,
+        source="the dataset page",
+        page="https://datasets.simula.no/kvasir-seg/",
+    ),
+    "isic2016": DownloadInfo(
+        name="ISIC 2016 (Part 1, test)",
+        url="https://isic-challenge-data.s3.amazonaws.com/2016/ISBI2016_ISIC_Part1_Test_Data.zip",
+        filename="ISBI2016_ISIC_Part1_Test_Data.zip",
+        sha256=None,
+        extra=(
+            RemoteFile(
+                "https://isic-challenge-data.s3.amazonaws.com/2016/ISBI2016_ISIC_Part1_Test_GroundTruth.zip",
+                "ISBI2016_ISIC_Part1_Test_GroundTruth.zip",
+            ),
+        ),
+        source="the challenge page",
+        page="https://challenge.isic-archive.com/data/#2016",
+    ),
+}
+
+#: Formats with no direct public URL: where to get them and how to lay them out.
+MANUAL: dict[str, str] = {
+    "mpdd": "MPDD is shared from a OneDrive folder linked at https://github.com/stepanje/MPDD: download it and "
+    "extract so that ROOT/bracket_black/, ROOT/connector/, ... exist",
+    "dtd_synthetic": "DTD-Synthetic (Aota et al., WACV 2023) is shared via Google Drive/Kaggle: get it from the "
+    "authors' release linked in the AnomalyCLIP README (https://github.com/zqhang/AnomalyCLIP) and extract "
+    "so that ROOT/Woven_001/train/good/ exists",
+    "dagm": "DAGM 2007 needs the labelled release (Class1 .. Class10 with Train/Label and Test/Label): get it from "
+    "https://hci.iwr.uni-heidelberg.de/content/weakly-supervised-learning-industrial-optical-inspection (or its "
+    "Zenodo copy) and extract so that ROOT/Class1/Test/Label/ exists",
+    "clinicdb": "CVC-ClinicDB is distributed by its authors on request (https://polyp.grand-challenge.org/CVCClinicDB/); "
+    "copies with images/ + masks/ ship with PraNet's test data. Extract so that ROOT/Original/ + ROOT/'Ground Truth'/ "
+    "or ROOT/images/ + ROOT/masks/ exist",
+    "colondb": "CVC-ColonDB: use the images/ + masks/ copy in PraNet's TestDataset "
+    "(https://github.com/DengPingFan/PraNet) and point the root at it",
+    "endo": "Endo is the EndoTect 2020 segmentation set (https://endotect.com/, via HyperKvasir): put the images in "
+    "ROOT/images/ and the masks in ROOT/masks/",
+    "tn3k": "TN3K is linked from https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation "
+    "(Google Drive): extract so that ROOT/test-image/ and ROOT/test-mask/ exist",
+    "headct": "HeadCT is on Kaggle (https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage; a Kaggle "
+    "account is needed): extract so that ROOT/labels.csv and ROOT/head_ct/000.png exist",
+    "brainmri": "BrainMRI is on Kaggle (https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection): "
+    "extract so that ROOT/yes/ and ROOT/no/ (or ROOT/brain_tumor_dataset/yes, no) exist",
+    "br35h": "Br35H is on Kaggle (https://www.kaggle.com/datasets/ahmedhamada0/brain-tumor-detection): extract so "
+    "that ROOT/yes/ and ROOT/no/ exist",
+    "real_iad": "Real-IAD is distributed on request under a licence agreement: apply at "
+    "https://realiad4ad.github.io/Real-IAD/, then extract realiad_<resolution>.zip and realiad_jsons.zip into ROOT "
+    "so that ROOT/realiad_1024/ (or _512, _256) and ROOT/realiad_jsons/realiad_jsons/ exist",
 }
 
 Opener = Callable[[urllib.request.Request], Any]
@@ -173,8 +293,28 @@ def download_file(
     return target
 
 
+def _extract_zip(archive: Path, out: Path, *, progress: bool) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        members = zf.infolist()
+        for member in members:  # check everything before writing anything
+            name = member.filename.replace("\\", "/")
+            parts = [p for p in name.split("/") if p]
+            if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
+                raise DatasetError(
+                    f"{archive} holds an unsafe member {member.filename!r} (absolute path or '..'): "
+                    "not extracted; check where the archive came from"
+                )
+            if (member.external_attr >> 16) & 0o170000 == 0o120000:
+                raise DatasetError(f"{archive} holds a symbolic link {member.filename!r}: not extracted")
+        for member in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=not progress):
+            zf.extract(member, out)
+
+
 def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *, progress: bool = True) -> Path:
-    """Extract a tar archive (any compression) into ``dest`` with tarfile's safe ``data`` filter.
+    """Extract a tar archive (any compression) or a zip into ``dest``, refusing unsafe members.
+
+    Tar archives use tarfile's ``data`` filter; zip members are checked first (no absolute
+    path, no ``..``, no symbolic link) and nothing is written when one fails.
 
     Raises:
         DatasetError: the archive is unreadable or holds unsafe members (absolute paths,
@@ -182,6 +322,14 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     """
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive):
+        try:
+            _extract_zip(Path(archive), out, progress=progress)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise DatasetError(
+                f"cannot extract {archive} into {out} ({exc}): delete the archive and download it again"
+            ) from exc
+        return out
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             members = tar.getmembers()
@@ -220,48 +368,103 @@ def detect_layout(root: str | os.PathLike[str]) -> Literal["mvtec", "visa"]:
     )
 
 
+def find_dataset_root(name: str, root: str | os.PathLike[str]) -> Path | None:
+    """``root`` or its only sub-folder when it parses as format ``name``; else None.
+
+    Archives often extract into one folder (``KolektorSDD/``, ``Kvasir-SEG/``), so the folder
+    to use as ``data.*.root`` may be one level down.
+    """
+    from clipsam.data.formats import FORMATS
+
+    base = Path(os.path.expanduser(os.fspath(root)))
+    if not base.is_dir():
+        return None
+    fmt = FORMATS[name]
+    subs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for candidate in [base, *subs]:
+        try:
+            if fmt.parse_root(candidate, split=fmt.splits[-1]):
+                return candidate
+        except ClipSamError:
+            continue
+    return None
+
+
+def download_instructions(name: str) -> str:
+    """What ``clipsam data download NAME`` says for a format it cannot fetch by itself."""
+    from clipsam.data.formats import FORMATS
+
+    if name in MANUAL:
+        return f"{FORMATS[name].name} has no direct public download: {MANUAL[name]}; then set data.test.root to ROOT"
+    info = DATASETS[name]
+    return (
+        f"{info.name} is downloaded from {info.url} ({info.source}: {info.page}), which publishes no sha256, so the "
+        "download cannot be verified: pass --allow-unverified to download it anyway (its sha256 is logged)"
+    )
+
+
 def download_dataset(
-    name: Literal["mvtec", "visa"],
+    name: str,
     root: str | os.PathLike[str],
     *,
     progress: bool = True,
     keep_archive: bool = True,
+    allow_unverified: bool = False,
     opener: Opener | None = None,
 ) -> Path:
     """Download, verify and extract a dataset into ``root``, then check its layout.
 
-    Does nothing when ``root`` already holds the dataset's layout.
+    Does nothing when ``root`` (or its only sub-folder) already holds the dataset's layout.
 
     Args:
-        name: ``"mvtec"`` or ``"visa"``.
-        root: the folder the dataset is extracted into (the archive is stored there too).
+        name: a key of :data:`DATASETS` (``"mvtec"``, ``"visa"``, ``"btad"``, ...).
+        root: the folder the dataset is extracted into (the archives are stored there too).
         progress: show progress bars.
-        keep_archive: keep the verified archive after extraction.
+        keep_archive: keep the archives after extraction.
+        allow_unverified: download datasets whose sha256 no public source gives.
         opener: passed to :func:`download_file`.
 
     Returns:
-        ``root`` as a Path; use it as ``data.*.root``.
+        the folder to use as ``data.*.root``: ``root``, or the folder the archive created in it.
 
     Raises:
-        DatasetError: unknown name, download/checksum/extraction failure, or the extracted
-            folder is not the expected layout.
+        DatasetError: a format without a direct download (the message says where to get it),
+            an unverifiable download without ``allow_unverified``, a download/checksum/
+            extraction failure, or the extracted folder is not the expected layout.
     """
+    from clipsam.data.formats import FORMATS
+
+    if name in MANUAL:
+        raise DatasetError(download_instructions(name))
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}: available: {', '.join(DATASETS)}")
+        known = sorted({*DATASETS, *MANUAL})
+        raise DatasetError(f"unknown dataset {name!r}: available: {', '.join(known)}")
     info = DATASETS[name]
+    if info.sha256 is None and not allow_unverified:
+        raise DatasetError(download_instructions(name))
     base = Path(os.path.expanduser(os.fspath(root)))
-    if base.is_dir():
+    found = find_dataset_root(name, base) if name in FORMATS else None
+    if found is not None:
+        log.info("%s already present in %s", info.name, found)
+        return found
+    files = [RemoteFile(info.url, info.filename, info.sha256), *info.extra]
+    archives = [
+        download_file(f.url, base / f.filename, sha256=f.sha256, progress=progress, opener=opener) for f in files
+    ]
+    for archive in archives:
+        extract_archive(archive, base, progress=progress)
+    found = find_dataset_root(name, base)
+    if found is None:
+        hint = ""
         try:
-            if detect_layout(base) == name:
-                log.info("%s already present in %s", info.name, base)
-                return base
+            hint = f" (it holds a {detect_layout(base)} layout)"
         except DatasetError:
             pass
-    archive = download_file(info.url, base / info.filename, sha256=info.sha256, progress=progress, opener=opener)
-    extract_archive(archive, base, progress=progress)
-    found = detect_layout(base)
-    if found != name:
-        raise DatasetError(f"{archive} extracted into {base} holds a {found} layout, not {info.name}")
+        raise DatasetError(
+            f"{', '.join(map(str, archives))} extracted into {base} do not hold a {info.name} layout{hint}: "
+            f"delete {base} and download again, or lay it out as docs/datasets.md shows"
+        )
     if not keep_archive:
-        archive.unlink()
-    return base
+        for archive in archives:
+            archive.unlink()
+    return found

@@ -138,7 +138,9 @@ class Mosaic:
             image = self.image_reader(sample.image_path)
             mask = np.zeros(image.shape[:2], dtype=np.uint8)
             if sample.mask_path is not None:
-                gt = self.mask_reader(sample.mask_path)
+                # formats with lossy masks (Kvasir-SEG, TN3K) binarise at their own threshold
+                threshold = getattr(sample, "mask_threshold", 0)
+                gt = self.mask_reader(sample.mask_path, threshold=threshold) if threshold else self.mask_reader(sample.mask_path)
                 if gt.shape != image.shape[:2]:
                     raise DatasetError(
                         f"mask {sample.mask_path} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image "

@@ -55,6 +55,10 @@ class Sample:
         defect_type: defect folder name (MVTec-AD), ``"good"`` for normal images, ``"anomaly"``
             for VisA anomalies (the official split file has no defect type), ``"unknown"`` for
             images to predict on.
+        mask_threshold: a mask pixel is anomalous when its value is greater than this (0: any
+            non-zero value, right for PNG/BMP masks with values 255 or 1/38 (VisA) or defect ids
+            (MVTec LOCO); 127 for JPEG-compressed or anti-aliased masks, whose background holds
+            small non-zero values). See :func:`read_mask`.
     """
 
     image_path: Path
@@ -62,6 +66,7 @@ class Sample:
     label: int
     category: str
     defect_type: str
+    mask_threshold: int = 0
 
 
 def is_image_file(path: Path) -> bool:
@@ -154,38 +159,54 @@ def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_S
         ) from exc
 
 
-def check_mask_format(path: str | os.PathLike[str]) -> None:
-    """Refuse lossy mask formats (JPEG): see :data:`LOSSY_MASK_EXTENSIONS`.
+def check_mask_format(path: str | os.PathLike[str], *, threshold: int = 0) -> None:
+    """Refuse lossy mask formats (JPEG) read with "any non-zero" binarisation.
+
+    A JPEG mask binarised at ``threshold`` 0 turns its compression noise into anomaly; formats
+    whose official masks are JPEG (Kvasir-SEG, TN3K) declare ``Sample.mask_threshold`` 127,
+    which reads them back exactly (tests/unit/data/test_formats.py), and are accepted.
 
     Raises:
         DatasetError: naming the file and the fix (save the masks as PNG).
     """
-    if Path(path).suffix.lower() in LOSSY_MASK_EXTENSIONS:
+    if threshold <= 0 and Path(path).suffix.lower() in LOSSY_MASK_EXTENSIONS:
         raise DatasetError(
             f"mask {path} is a JPEG: lossy compression adds noise around (and inside) the anomaly, "
             "which would silently change the pixel metrics; save ground-truth masks as PNG (lossless)"
         )
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+def read_mask(path: str | os.PathLike[str], *, threshold: int = 0) -> np.ndarray:
     """Decode a ground-truth mask (the one public mask reader): colour channels, alpha as transparency.
 
-    A pixel is anomalous when any colour channel is non-zero (VisA masks hold values such as 1
-    or 38, MVTec-AD masks 0/255: both binarise the same way) and it is not fully transparent.
-    The alpha channel never makes a pixel anomalous: an RGBA mask with an opaque black background
-    is all normal except its coloured pixels. Palette masks are read through their palette. EXIF
-    orientation is applied, as by :func:`read_image`. Lossy formats (JPEG) are refused.
+    A pixel is anomalous when any colour channel is above ``threshold`` (default 0: non-zero;
+    VisA masks hold values such as 1 or 38, MVTec-AD masks 0/255: both binarise the same way)
+    and it is not fully transparent. The alpha channel never makes a pixel anomalous: an RGBA
+    mask with an opaque black background is all normal except its coloured pixels. Palette masks
+    are read through their palette. EXIF orientation is applied, as by :func:`read_image`. Lossy
+    formats (JPEG) are refused at threshold 0. A *folder* of mask files (MVTec LOCO AD keeps one
+    file per defect region in ``ground_truth/<type>/<stem>/000.png, 001.png, ...``) is their union.
 
     Args:
-        path: mask file.
+        path: mask file, or a folder of mask files of equal size.
+        threshold: values greater than this are anomalous (127 for JPEG masks).
 
     Returns:
         bool (H, W), True on anomalous pixels, H x W in display orientation.
 
     Raises:
-        DatasetError: the file is missing, undecodable, or a JPEG.
+        DatasetError: the file is missing, undecodable, or a JPEG read at threshold 0; a mask
+            folder is empty or its files differ in size.
     """
-    check_mask_format(path)
+    if os.path.isdir(path):
+        files = sorted(p for p in Path(path).iterdir() if is_image_file(p))
+        if not files:
+            raise DatasetError(f"mask folder {path} holds no mask files: re-extract the dataset")
+        parts = [read_mask(f, threshold=threshold) for f in files]
+        if any(m.shape != parts[0].shape for m in parts):
+            raise DatasetError(f"the mask files in {path} differ in size: re-extract the dataset")
+        return np.logical_or.reduce(parts)
+    check_mask_format(path, threshold=threshold)
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -205,11 +226,11 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             "re-download or re-extract the dataset, or remove the image and its mask"
         ) from exc
     if arr.ndim == 2:
-        return arr != 0
+        return arr > threshold
     if mode in ("LA", "RGBA", "La", "RGBa"):
         colour, alpha = arr[..., :-1], arr[..., -1]
-        return colour.any(axis=2) & (alpha != 0)
-    return arr.any(axis=2)
+        return (colour > threshold).any(axis=2) & (alpha != 0)
+    return (arr > threshold).any(axis=2)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -222,7 +243,18 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def _probe(path: Path, *, kind: str, full: bool) -> tuple[int, int]:
-    """Open ``path`` (decode it fully when ``full``) and return its (width, height), display orientation."""
+    """Open ``path`` (decode it fully when ``full``) and return its (width, height), display orientation.
+
+    A mask folder (MVTec LOCO AD) is probed file by file; its files must share one size.
+    """
+    if kind == "mask" and path.is_dir():
+        files = sorted(p for p in path.iterdir() if is_image_file(p))
+        if not files:
+            raise DatasetError(f"mask folder {path} holds no mask files: re-extract the dataset or remove its image")
+        sizes = {_probe(f, kind=kind, full=full) for f in files}
+        if len(sizes) > 1:
+            raise DatasetError(f"the mask files in {path} differ in size: re-extract the dataset or remove its image")
+        return sizes.pop()
     try:
         with Image.open(path) as im:
             size = im.size
@@ -251,12 +283,12 @@ def _check_one(sample: Sample, *, require_masks: bool, full: bool) -> str | None
         if sample.mask_path is None:
             return None
         mask = Path(sample.mask_path)
-        if not mask.is_file():
+        if not (mask.is_file() or mask.is_dir()):
             return (
                 f"mask file {mask} for anomalous image {image} does not exist: "
                 "add the mask or remove the image"
             )
-        check_mask_format(mask)
+        check_mask_format(mask, threshold=sample.mask_threshold)
         mask_size = _probe(mask, kind="mask", full=full)
     except DatasetError as exc:
         return str(exc)

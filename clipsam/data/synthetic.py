@@ -39,6 +39,7 @@ import math
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,12 @@ __all__ = [
     "SYNTH_CATEGORIES",
     "TEXTURE_CATEGORIES",
     "VISA_MASK_VALUES",
+    "SynthItem",
+    "SynthSource",
+    "generate_formats",
     "generate_synthetic",
     "render_sample",
+    "save_image",
 ]
 
 TEXTURE_CATEGORIES: tuple[str, ...] = ("fabric", "stripes", "mesh")
@@ -520,3 +525,140 @@ def generate_synthetic(
         num_files += 1
     counts = {c: {part: n for part, n in parts} for c in chosen}
     return {"root": base, "layouts": dirs, "categories": chosen, "counts": counts, "num_files": num_files}
+
+
+# --------------------------------------------------------------------------------------------
+# Every other dataset format: small synthetic layouts written by each format's own writer
+# --------------------------------------------------------------------------------------------
+_PARTS = ("train_good", "test_good", "test_anomalous")
+
+
+def save_image(array: np.ndarray, path: Path) -> Path:
+    """Write ``array`` (uint8 (H, W) or (H, W, 3)) to ``path``; the suffix picks the codec.
+
+    JPEG is written at quality 95; PNG, BMP and TIFF are lossless. Parent folders are created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+    fmt = codec[path.suffix.lower()]
+    Image.fromarray(array).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return path
+
+
+@dataclass(frozen=True)
+class SynthItem:
+    """One rendered image of a synthetic layout.
+
+    Attributes:
+        index: position within its part (0-based).
+        defect: defect type, or None for a normal image.
+        image: uint8 (H, W, 3) RGB.
+        mask: bool (H, W), True on defect pixels (all False for normal images).
+    """
+
+    index: int
+    defect: str | None
+    image: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class SynthSource:
+    """What a format's synthetic writer draws from: rendered images, deterministic per seed.
+
+    A writer maps the format's first ``num_categories`` official category names onto synthetic
+    categories (:meth:`categories`) and asks for the images of each part (:meth:`items`).
+    Image ``i`` of a part is the same for every format (:func:`sample_rng`), so two layouts of
+    the same seed hold the same pictures.
+
+    Attributes:
+        seed: the seed everything derives from.
+        image_size: side of the square images.
+        num_train_good: normal images per category in ``train_good``.
+        num_test_good: normal images per category in ``test_good``.
+        num_test_anomalous: anomalous images per category in ``test_anomalous`` (defect ``i % 4``).
+        num_categories: how many of the format's official categories are written.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    num_train_good: int = 1
+    num_test_good: int = 1
+    num_test_anomalous: int = 1
+    num_categories: int = 2
+
+    def categories(self, official: Sequence[str]) -> list[tuple[str, str]]:
+        """``(official name, synthetic category)`` pairs for the first ``num_categories`` names."""
+        names = list(official)[: max(1, self.num_categories)]
+        return [(name, SYNTH_CATEGORIES[i % len(SYNTH_CATEGORIES)]) for i, name in enumerate(names)]
+
+    def count(self, part: str) -> int:
+        """Number of images in ``part`` (``train_good``, ``test_good``, ``test_anomalous``)."""
+        return {"train_good": self.num_train_good, "test_good": self.num_test_good, "test_anomalous": self.num_test_anomalous}[part]
+
+    def items(self, synth_category: str, part: str) -> list[SynthItem]:
+        """The rendered images of one part of one synthetic category."""
+        out = []
+        for index in range(self.count(part)):
+            defect = DEFECT_TYPES[index % len(DEFECT_TYPES)] if part == "test_anomalous" else None
+            image, mask = render_sample(
+                synth_category, defect, rng=sample_rng(self.seed, synth_category, part, index), image_size=self.image_size
+            )
+            out.append(SynthItem(index, defect, image, mask))
+        return out
+
+
+def generate_formats(
+    root: str | os.PathLike[str],
+    formats: Sequence[str],
+    *,
+    source: SynthSource | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write a small synthetic layout of each format in ``formats`` into ``root/<format>``.
+
+    ``mvtec`` and ``visa`` use :func:`generate_synthetic`'s writer; every other format its own
+    writer (``DatasetFormat.synth`` in :mod:`clipsam.data.formats`). The layouts are read back
+    by the formats' parsers (tests/unit/data/test_formats.py).
+
+    Args:
+        root: output folder.
+        formats: format keys (see ``clipsam.data.formats.FORMATS``; ``folder`` has no writer).
+        source: image counts, size, seed and number of categories; default :class:`SynthSource`.
+        overwrite: replace existing non-empty format folders instead of refusing.
+
+    Returns:
+        ``{format: folder}``; use the folder as ``data.*.root``.
+
+    Raises:
+        DatasetError: a format folder exists and is not empty (without ``overwrite``).
+        ValueError: unknown format, or one without a synthetic writer.
+    """
+    from clipsam.data.formats import FORMATS
+
+    src = source or SynthSource()
+    base = Path(os.path.expanduser(os.fspath(root)))
+    chosen = list(dict.fromkeys(formats))
+    for key in chosen:
+        if key not in FORMATS:
+            raise ValueError(f"unknown format {key!r}; available: {', '.join(FORMATS)}")
+        if FORMATS[key].synth is None and key not in LAYOUTS:
+            raise ValueError(f"format {key!r} has no synthetic writer")
+    for key in chosen:  # refuse before anything is written
+        path = base / key
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            _prepare_layout_dir(path, overwrite=False)
+    out: dict[str, Path] = {}
+    for key in chosen:
+        if key in LAYOUTS:
+            cats = [c for _, c in src.categories(SYNTH_CATEGORIES)]
+            generate_synthetic(
+                base, layouts=[key], categories=cats, image_size=src.image_size, num_train_good=src.num_train_good,
+                num_test_good=src.num_test_good, num_test_anomalous=src.num_test_anomalous, seed=src.seed,
+                progress=False, overwrite=overwrite,
+            )
+        else:
+            _prepare_layout_dir(base / key, overwrite=overwrite)
+            FORMATS[key].synth(base / key, src)
+        out[key] = base / key
+    return out

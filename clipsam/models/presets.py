@@ -5,11 +5,17 @@ The presets are ordinary open_clip architecture configs (JSON files in
 ``CLIP`` / ``VisionTransformer`` classes as the real models, always with random weights seeded
 from ``ClipConfig.seed``. They make every code path of the CLIP stage run offline in seconds.
 
-=================  =====  =====  =====  ======  =====  ======  =================
-name               image  patch  width  layers  embed  text    tapped layers
-=================  =====  =====  =====  ======  =====  ======  =================
-``clipsam-tiny``   224    16     64     4       64     64 x 2  ``[1, 2, 3, 4]``
-=================  =====  =====  =====  ======  =====  ======  =================
+====================  =====  =====  =====  ======  =====  ======  =================
+name                  image  patch  width  layers  embed  text    tapped layers
+====================  =====  =====  =====  ======  =====  ======  =================
+``clipsam-tiny``      224    16     64     4       64     64 x 2  ``[1, 2, 3, 4]``
+``clipsam-tiny-240``  240    16     64     4       48     64 x 4  ``[1, 2, 3, 4]``
+====================  =====  =====  =====  ======  =====  ======  =================
+
+``clipsam-tiny-240`` is the tiny stand-in of the ``ViT-B-16-plus-240`` family (WinCLIP, SDP):
+240-px input, a token width (64) that differs from the joint embedding width (48) as 896 vs
+640 does in the real model, and 4 text layers so that AnomalyCLIP's deep text prompts have
+layers to go into.
 
 (text: width x layers, context 32 tokens, which holds the longest ensemble prompt; 1-based
 block indices as :class:`~clipsam.models.clip.ClipConfig`
@@ -32,6 +38,7 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 TINY_PRESETS: dict[str, dict[str, list[int]]] = {
     "clipsam-tiny": {"layers": [1, 2, 3, 4]},
+    "clipsam-tiny-240": {"layers": [1, 2, 3, 4]},
 }
 """Preset name -> documented defaults (the tapped layers to use with it)."""
 

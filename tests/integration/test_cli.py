@@ -11,10 +11,12 @@ import torch
 from clipsam.cli import main
 from tests.integration.conftest import DEMO_CONFIG, REPO, fast_args, run_cli
 
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
-# configs/benchmark/ holds grid files of `clipsam benchmark` (tests/unit/test_benchmark.py), and
+# configs/benchmark/ holds grid and suite files (lists of runs), not LightningCLI configs;
 # configs/methods/ files stack on a base config like the ablations.
-BASE_CONFIGS = [c for c in CONFIGS if not c.startswith(("configs/ablations/", "configs/benchmark/", "configs/methods/"))]
+CONFIGS = sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "benchmark" not in p.relative_to(REPO).parts
+)
+BASE_CONFIGS = [c for c in CONFIGS if not c.startswith(("configs/ablations/", "configs/methods/"))]
 ABLATIONS = [c for c in CONFIGS if c.startswith("configs/ablations/")]
 
 

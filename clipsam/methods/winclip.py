@@ -1,0 +1,393 @@
+"""WinCLIP zero-shot (Jeong et al., CVPR 2023): training-free window scores, harmonic aggregation.
+
+As restated in ../shared/BASELINES.md section 1 (anomalib's re-implementation is the default;
+written anew here for open_clip 3.x, whose transformer is batch-first):
+
+1. the frame image is squash-resized (bicubic) to ``input_size`` (240 for ViT-B-16-plus-240,
+   a 15 x 15 patch grid);
+2. text: each state of 7 normal / 4 anomalous states filled with the object name and put
+   into 21 templates; t_n and t_a are the means of each set's raw (not normalised) text
+   embeddings;
+3. ``ascore(e) = softmax([cos(e, t_n), cos(e, t_a)] / T)[1]`` (T = 0.07); the image score is
+   s0 = ascore(class embedding of the full image);
+4. for each window scale k (2 and 3), every k x k window of patches at stride 1 is embedded
+   from the class token plus that window's patch tokens only (taken after the positional
+   embedding; ln_pre is per token, so selecting after it is the same), through the
+   transformer, ln_post, class-token pooling and the projection;
+5. ``M_k(i, j)`` = harmonic mean of ascore over the windows of scale k covering patch (i, j)
+   (:func:`harmonic_aggregation`);
+6. ``M = (K + 1) / (sum_k 1 / M_k + 1 / s0)`` (K scales; 3 / (1/M_2 + 1/M_3 + 1/s0)), with s0
+   a constant map (:func:`fuse_scales`); bilinear (align_corners False) from the patch grid to
+   the frame. No smoothing.
+
+Difference to anomalib: the grid is upsampled once, straight to the frame (anomalib upsamples
+to its 240 input; in a 240 frame the two are the same).
+
+Dimension symbols: B batch, h x w patch grid, W_k windows of scale k, D embedding width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipsam.errors import ConfigError
+from clipsam.methods._openclip import (
+    DTYPES,
+    FrozenClipMixin,
+    build_open_clip,
+    check_vit,
+    encode_sentences,
+    resize_images,
+)
+from clipsam.methods.base import MapOutput, MapProducer
+from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
+
+__all__ = [
+    "ANOMALOUS_STATES",
+    "CONFIG",
+    "NORMAL_STATES",
+    "TEMPLATES",
+    "WinClip",
+    "WinClipConfig",
+    "build",
+    "build_prompts",
+    "fuse_scales",
+    "harmonic_aggregation",
+    "window_masks",
+    "zero_shot_scores",
+]
+
+NORMAL_STATES: tuple[str, ...] = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+"""WinCLIP's 7 normal states (``{}`` is the object name)."""
+
+ANOMALOUS_STATES: tuple[str, ...] = (
+    "damaged {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+"""WinCLIP's 4 anomalous states (no "broken", unlike the APRIL-GAN ensemble)."""
+
+TEMPLATES: tuple[str, ...] = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a jpeg corrupted photo of the {}.",  # listed twice in anomalib's list; kept (it weighs the mean)
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+)
+"""The 21 templates of anomalib's WinCLIP prompt ensemble, in its order."""
+
+
+@dataclass
+class WinClipConfig:
+    """WinCLIP's settings (``model.method_config`` when ``model.method=winclip``).
+
+    Attributes:
+        model_name: open_clip architecture (``ViT-B-16-plus-240``; ``clipsam-tiny-240`` for tests).
+        pretrained: open_clip tag (``laion400m_e31``, as anomalib) or a local checkpoint file;
+            ``None``/``""`` gives random weights seeded with ``seed`` (tests, demo).
+        cache_dir: open_clip's weight cache (``None``: its default).
+        input_size: Side the frame is squash-resized to before the model (240); ``None`` runs
+            at the frame size. Must be a multiple of the patch size.
+        scales: Window sides k in patches (stride 1), each at most the patch grid side.
+        temperature: T of ``softmax(cos / T)`` (0.07; caoyunkang's reproduction uses 0.01).
+        use_image_score: Fold s0 into the map as one more harmonic term (anomalib); ``False``
+            averages only the window scales harmonically.
+        object_name: How the category becomes the prompts' class name
+            (:func:`clipsam.prompts.object_name_for`): ``"category"`` (``metal_nut`` -> "metal nut",
+            anomalib's underscore replacement; it also drops VisA's trailing digits), ``"raw"``
+            (as on disk) or ``"generic"`` ("object").
+        frozen_dtype: dtype of the frozen open_clip weights (``float32`` for reference numbers).
+        window_batch: How many window sequences go through the transformer at once (memory knob,
+            no effect on the result).
+        seed: Seed of random weights.
+    """
+
+    model_name: str = "ViT-B-16-plus-240"
+    pretrained: str | None = "laion400m_e31"
+    cache_dir: str | None = None
+    input_size: int | None = 240
+    scales: list[int] = field(default_factory=lambda: [2, 3])
+    temperature: float = 0.07
+    use_image_score: bool = True
+    object_name: Literal["category", "raw", "generic"] = "category"
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    window_batch: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.scales = [int(k) for k in self.scales]
+        if not self.scales or any(k < 1 for k in self.scales):
+            raise ConfigError(f"model.method_config.scales={self.scales}: give window sides >= 1 (e.g. [2, 3]).")
+        if self.temperature <= 0:
+            raise ConfigError(f"model.method_config.temperature={self.temperature} must be > 0.")
+        if self.frozen_dtype not in DTYPES:
+            raise ConfigError(f"model.method_config.frozen_dtype={self.frozen_dtype!r}: use one of {list(DTYPES)}.")
+        if self.object_name not in OBJECT_NAME_MODES:
+            raise ConfigError(f"model.method_config.object_name={self.object_name!r}: use one of {list(OBJECT_NAME_MODES)}.")
+        if self.input_size is not None and self.input_size < 1:
+            raise ConfigError(f"model.method_config.input_size={self.input_size} must be positive or null.")
+        if self.window_batch < 1:
+            raise ConfigError(f"model.method_config.window_batch={self.window_batch} must be >= 1.")
+
+
+CONFIG = WinClipConfig
+
+
+# ---------------------------------------------------------------------- pure helpers
+def build_prompts(object_name: str) -> dict[str, list[str]]:
+    """WinCLIP's ensemble for one object name: 147 normal and 84 anomalous sentences, state-major."""
+    return {
+        "normal": [t.format(s.format(object_name)) for s in NORMAL_STATES for t in TEMPLATES],
+        "anomalous": [t.format(s.format(object_name)) for s in ANOMALOUS_STATES for t in TEMPLATES],
+    }
+
+
+def window_masks(grid: tuple[int, int], kernel: int, stride: int = 1) -> Tensor:
+    """Patch indices of every sliding window over a patch grid.
+
+    Windows are ordered row-major by their top-left patch; patch (i, j) has index ``i * w + j``.
+
+    Args:
+        grid: (h, w) patch grid.
+        kernel: Window side k in patches.
+        stride: Step between windows in patches.
+
+    Returns:
+        (k * k, W_k) int64: column m lists the k * k patch indices of window m, row-major inside
+        the window. E.g. ``window_masks((3, 3), 2)`` has columns [0,1,3,4], [1,2,4,5], [3,4,6,7],
+        [4,5,7,8].
+
+    Raises:
+        ConfigError: The window does not fit the grid.
+    """
+    height, width = grid
+    if kernel > height or kernel > width:
+        raise ConfigError(
+            f"model.method_config.scales: a {kernel}x{kernel} window does not fit the {height}x{width} patch "
+            "grid; use smaller scales or a larger input_size."
+        )
+    tops = torch.arange(0, height - kernel + 1, stride)
+    lefts = torch.arange(0, width - kernel + 1, stride)
+    offsets = (torch.arange(kernel)[:, None] * width + torch.arange(kernel)[None, :]).reshape(-1)  # (k*k,)
+    starts = (tops[:, None] * width + lefts[None, :]).reshape(-1)  # (W_k,)
+    return offsets[:, None] + starts[None, :]
+
+
+def harmonic_aggregation(window_scores: Tensor, masks: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Per patch, the harmonic mean of the scores of the windows that cover it (M_k).
+
+    ``M(p) = n_p / sum_{m covers p} 1 / s_m``; a window with score 0 makes its patches 0;
+    a patch no window covers gets 0.
+
+    Args:
+        window_scores: (B, W_k) scores in (0, 1].
+        masks: (k * k, W_k) patch indices per window (:func:`window_masks`).
+        grid: (h, w) patch grid.
+
+    Returns:
+        (B, h, w), same dtype as ``window_scores``.
+    """
+    batch = window_scores.shape[0]
+    cells = grid[0] * grid[1]
+    index = masks.to(window_scores.device).reshape(-1)  # (k*k*W_k,), window-major per row
+    inverse = (1.0 / window_scores).unsqueeze(1).expand(batch, masks.shape[0], masks.shape[1])
+    inverse = inverse.reshape(batch, -1)
+    total = window_scores.new_zeros(batch, cells).index_add_(1, index, inverse)
+    count = torch.bincount(index, minlength=cells).to(window_scores.dtype)
+    harmonic = torch.where(count > 0, count / total, torch.zeros_like(total))
+    return harmonic.nan_to_num(nan=0.0).reshape(batch, *grid)
+
+
+def fuse_scales(scale_maps: Sequence[Tensor], image_scores: Tensor | None) -> Tensor:
+    """Harmonic mean over the scale maps and, if given, the image score as a constant map.
+
+    ``M = (K + 1) / (sum_k 1 / M_k + 1 / s0)`` (WinCLIP with K = 2: 3 / (1/M_2 + 1/M_3 + 1/s0)).
+
+    Args:
+        scale_maps: K maps (B, h, w) in [0, 1].
+        image_scores: (B,) s0, or ``None`` to fuse the scale maps only.
+
+    Returns:
+        (B, h, w); 0 wherever one of the terms is 0.
+    """
+    terms = list(scale_maps)
+    if image_scores is not None:
+        terms.append(image_scores.view(-1, 1, 1).expand_as(terms[0]))
+    inverse = sum(1.0 / t for t in terms)
+    return (len(terms) / inverse).nan_to_num(nan=0.0)
+
+
+def zero_shot_scores(embeddings: Tensor, text: Tensor, temperature: float) -> Tensor:
+    """ascore: ``softmax([cos(e, t_n), cos(e, t_a)] / T)[1]``.
+
+    Args:
+        embeddings: (B, ..., D) image, window or patch embeddings.
+        text: (B, 2, D) per image (t_n, t_a); need not be normalised.
+        temperature: T.
+
+    Returns:
+        (B, ...) probability of "anomalous".
+    """
+    e = F.normalize(embeddings.float(), dim=-1)
+    t = F.normalize(text.float(), dim=-1)
+    lead = e.shape[1:-1]
+    cos = torch.einsum("bnd,bcd->bnc", e.reshape(e.shape[0], -1, e.shape[-1]), t)
+    return (cos / temperature).softmax(-1)[..., 1].reshape(e.shape[0], *lead)
+
+
+# ---------------------------------------------------------------------- the producer
+class WinClip(FrozenClipMixin, MapProducer):
+    """WinCLIP zero-shot map producer (training-free).
+
+    Args:
+        clip_model: open_clip ``CLIP`` with a class-token ViT tower built for ``input_size``.
+        tokenizer: Its tokenizer.
+        config: The settings.
+        input_size: Side the model runs at (the frame side when ``config.input_size`` is None).
+    """
+
+    name = "winclip"
+    trainable = False
+
+    def __init__(self, *, clip_model: nn.Module, tokenizer, config: WinClipConfig, input_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.clip = clip_model
+        self.visual = check_vit(clip_model, "model.method_config", config.model_name)
+        self.tokenizer = tokenizer
+        self.input_size = int(input_size)
+        patch = self.visual.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+        if self.input_size % patch:
+            raise ConfigError(
+                f"model.method_config.input_size={self.input_size} is not a multiple of the patch size {patch}."
+            )
+        self.grid = (self.input_size // patch, self.input_size // patch)
+        self.masks = [window_masks(self.grid, k) for k in config.scales]  # checks the scales fit
+        self.dtype = DTYPES[config.frozen_dtype]
+        self._freeze_clip(self.dtype)
+        self._text_cache: dict[str, Tensor] = {}
+
+    def _device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def text_embeddings(self, categories: Sequence[str]) -> Tensor:
+        """(B, 2, D) float32: (t_n, t_a), the raw-mean text embeddings of each category's ensemble."""
+        device = self._device()
+        out = []
+        for category in categories:
+            object_name = object_name_for(category, self.config.object_name)
+            cached = self._text_cache.get(object_name)
+            if cached is None or cached.device != device:
+                prompts = build_prompts(object_name)
+                normal = encode_sentences(self.clip, self.tokenizer, prompts["normal"], device).mean(0)
+                anomalous = encode_sentences(self.clip, self.tokenizer, prompts["anomalous"], device).mean(0)
+                cached = torch.stack([normal, anomalous])
+                self._text_cache[object_name] = cached
+            out.append(cached)
+        return torch.stack(out)
+
+    def _encode_tokens(self, tokens: Tensor) -> Tensor:
+        """Token sequences (S, 1 + n, C) (class token first) -> pooled projected embeddings (S, D)."""
+        x = self.visual.transformer(tokens)
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled.float()
+
+    def encode(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Image and window embeddings.
+
+        Args:
+            images: (B, 3, S, S) at the model's input size, CLIP-normalised.
+
+        Returns:
+            ``(image (B, D), [windows (B, W_k, D) per scale])``, float32.
+        """
+        batch = images.shape[0]
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            tokens = self.visual._embeds(images.to(self.dtype))  # (B, 1 + h*w, C), after ln_pre
+            image = self._encode_tokens(tokens)
+            cls, patches = tokens[:, :1], tokens[:, 1:]
+            windows = []
+            for masks in self.masks:
+                masks = masks.to(images.device)
+                count, n_windows = masks.shape
+                picked = patches[:, masks.t().reshape(-1)]  # (B, W_k * k*k, C)
+                picked = picked.reshape(batch * n_windows, count, -1)
+                seqs = torch.cat([cls.repeat_interleave(n_windows, dim=0), picked], dim=1)
+                chunks = [self._encode_tokens(c) for c in seqs.split(self.config.window_batch)]
+                windows.append(torch.cat(chunks).reshape(batch, n_windows, -1))
+        return image, windows
+
+    def forward(self, images: Tensor, categories: Sequence[str]) -> MapOutput:
+        """Args: images (B, 3, H, W) CLIP-normalised frame; categories: B names.
+
+        Returns:
+            :class:`MapOutput` with ``anomaly_map`` (B, H, W) in [0, 1] and ``image_scores`` s0 (B,);
+            ``extras["scale_maps"]``: the M_k on the patch grid, (B, K, h, w).
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if len(categories) != images.shape[0]:
+            raise ValueError(f"got {len(categories)} categories for {images.shape[0]} images")
+        height, width = images.shape[-2:]
+        text = self.text_embeddings(categories)  # (B, 2, D)
+        image, windows = self.encode(resize_images(images.float(), self.input_size))
+        s0 = zero_shot_scores(image.unsqueeze(1), text, self.config.temperature)[:, 0]  # (B,)
+        scale_maps = [
+            harmonic_aggregation(zero_shot_scores(w, text, self.config.temperature), m, self.grid)
+            for w, m in zip(windows, self.masks)
+        ]
+        fused = fuse_scales(scale_maps, s0 if self.config.use_image_score else None)  # (B, h, w)
+        anomaly_map = F.interpolate(fused.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        return MapOutput(
+            anomaly_map=anomaly_map.squeeze(1).clamp(0.0, 1.0),
+            image_scores=s0,
+            extras={"scale_maps": torch.stack(scale_maps, dim=1)},
+        )
+
+
+def build(config: WinClipConfig, *, image_size: int) -> WinClip:
+    """Build WinCLIP for frames of side ``image_size`` (weights resolved as :mod:`clipsam.models.clip`)."""
+    input_size = int(config.input_size or image_size)
+    clip_model, tokenizer = build_open_clip(
+        section="model.method_config",
+        model_name=config.model_name,
+        pretrained=config.pretrained,
+        image_size=input_size,
+        cache_dir=config.cache_dir,
+        seed=config.seed,
+    )
+    return WinClip(clip_model=clip_model, tokenizer=tokenizer, config=config, input_size=input_size)
