@@ -193,6 +193,24 @@ class ClipSamModule(LightningModule):
                 "frozen models with model.clip.frozen_dtype and model.sam.dtype (bfloat16 is the "
                 "fast path on CPU and GPU)"
             )
+        if self.eval_config.use_sam and stage in ("test", "validate", "predict"):
+            self._request_sam_inputs()
+
+    def _request_sam_inputs(self) -> None:
+        """Make the datamodule add SAM's input (the original image at SAM's size) to test items."""
+        from clipsam.models.sam import sam_input_side
+
+        side = sam_input_side(self.sam_config.variant)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "set_sam_image_size"):
+            return
+        if datamodule.sam_image_size is None:
+            datamodule.set_sam_image_size(side)
+        elif int(datamodule.sam_image_size) != side:
+            raise ConfigError(
+                f"data.sam_image_size={datamodule.sam_image_size} but SAM {self.sam_config.variant!r} encodes "
+                f"{side} x {side} inputs: set data.sam_image_size to {side} or leave it null"
+            )
 
     def configure_model(self) -> None:
         """Build the frozen CLIP (always) and SAM (test/predict only), once."""
@@ -220,6 +238,7 @@ class ClipSamModule(LightningModule):
             cascade=self.cascade_config,
             embedding_cache=cache,
             weights_id=weights_identity(self.sam_config),
+            compile_encoder=self.sam_config.compile,
         )
 
     def _stage(self) -> str | None:
@@ -298,7 +317,6 @@ class ClipSamModule(LightningModule):
             fused pixel scores in [0, 1], ``mask`` (B, H, W) bool final mask, ``image_scores`` (B,)
             and ``clip_image_scores`` (B,).
         """
-        from clipsam.data.transforms import denormalize
         from clipsam.fusion import fuse_scores
 
         assert self.clip_model is not None
@@ -310,25 +328,17 @@ class ClipSamModule(LightningModule):
             scores = anomaly_map
             mask = anomaly_map >= self.eval_config.predict_mask_threshold
         else:
-            images_uint8 = denormalize(batch["image"])  # (B, 3, H, W) uint8
-            t_enc = time.perf_counter()
-            # F = Enc_I(img) (Eq. 4): one batched encoder call (cache hits skip it), reused by
-            # PPG and every cascade step.
-            embeddings = self.refiner.embed_images(images_uint8)  # (B, C, h, w)
-            self._add_time("sam_encoder", time.perf_counter() - t_enc)
-            scores_list, masks = [], []
-            for image, amap, embedding in zip(images_uint8, anomaly_map, embeddings):
-                refined = self.refiner.refine(image, amap, embedding=embedding)
-                for key, seconds in refined.timings.items():
-                    self._add_time(key, seconds)
-                t1 = time.perf_counter()
-                scores_list.append(
-                    fuse_scores(amap, refined.mask_probs, refined.mask, method=self.eval_config.fusion)
-                )
-                self._add_time("fusion", time.perf_counter() - t1)
-                masks.append(refined.mask)
-            scores = torch.stack(scores_list)
-            mask = torch.stack(masks)
+            # The refiner reads what it needs from the batch (SAM's input of the original image).
+            refined = self.refiner.refine_batch(batch, anomaly_map)
+            for key, seconds in refined.timings.items():
+                self._add_time(key, seconds)
+            t1 = time.perf_counter()
+            method = self.eval_config.fusion
+            scores = torch.stack(
+                [fuse_scores(a, p, m, method=method) for a, p, m in zip(anomaly_map, refined.mask_probs, refined.mask)]
+            )
+            self._add_time("fusion", time.perf_counter() - t1)
+            mask = refined.mask
         return {
             "anomaly_map": anomaly_map,
             "scores": scores,
