@@ -135,46 +135,56 @@ def _row_intervals(kernel: torch.Tensor) -> list[tuple[int, int, int]] | None:
     return rows
 
 
-def dilate(masks: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Binary dilation of a batch of masks, on their device, as ``cv2.dilate`` computes it.
+def dilate(masks: torch.Tensor, kernel: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Binary dilation of a batch of masks, as ``cv2.dilate`` computes it.
 
     ``out(y, x) = max over kernel cells (i, j) of in(y + i - a, x + j - a)`` with OpenCV's
-    default anchor ``a = k // 2`` and outside the mask counting as background. The kernels of
+    default anchor ``a = k // 2`` and outside the mask counting as background.
+
+    Backends: "torch" runs on the masks' device with no host round trip: the kernels of
     :func:`structuring_element` have one run of ones per row, so the dilation is a 1-D max-pool
-    per distinct row run followed by a max over shifted rows (a handful of device ops, no host
-    round trip); a kernel with gaps in a row falls back to a convolution.
+    per distinct row run followed by a max over shifted rows (a kernel with gaps in a row falls
+    back to a convolution). "cv2" calls ``cv2.dilate`` per mask (host memory). "auto" (default)
+    uses cv2 for CPU tensors (already in host memory, and fastest there) and torch otherwise.
 
     Args:
         masks: (B, H, W) or (H, W) bool.
         kernel: (k, k) bool structuring element.
+        backend: "auto", "torch" or "cv2".
 
     Returns:
-        bool tensor shaped like ``masks``.
+        bool tensor shaped like ``masks``, on its device.
     """
+    if backend not in ("auto", "torch", "cv2"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cv2', got {backend!r}")
     squeeze = masks.ndim == 2
-    x = (masks[None] if squeeze else masks).to(torch.float32)[:, None]  # (B, 1, H, W)
+    batch = masks[None] if squeeze else masks
+    if backend == "cv2" or (backend == "auto" and batch.device.type == "cpu"):
+        element = kernel.detach().cpu().numpy().astype("uint8")
+        host = batch.detach().cpu().contiguous().numpy().view("uint8")
+        out = torch.stack([torch.from_numpy(cv2.dilate(m, element)) for m in host]).to(batch.device).bool()
+        return out[0] if squeeze else out
+    x = batch.to(torch.float32)[:, None]  # (B, 1, H, W)
     size = int(kernel.shape[0])
     anchor = size // 2
     height, width = x.shape[-2:]
     intervals = _row_intervals(kernel)
+    padded = F.pad(x, (anchor, size - 1 - anchor, anchor, size - 1 - anchor))  # (B, 1, H+k-1, W+k-1)
     if intervals is None:
-        weight = kernel.to(x.device, torch.float32)[None, None]
-        padded = F.pad(x, (anchor, size - 1 - anchor, anchor, size - 1 - anchor))
-        out = F.conv2d(padded, weight) > 0.5
+        out = F.conv2d(padded, kernel.to(x.device, torch.float32)[None, None]) > 0.5
     elif not intervals:
         out = torch.zeros_like(x, dtype=torch.bool)
     else:
-        padded = F.pad(x, (anchor, size - 1 - anchor))  # (B, 1, H, W + k - 1): columns x + j - a
-        runs: dict[tuple[int, int], torch.Tensor] = {}
+        runs: dict[tuple[int, int], torch.Tensor] = {}  # (B, 1, H+k-1, W): max over columns x+j0-a .. x+j1-a
         for _, j0, j1 in intervals:
             if (j0, j1) not in runs:
                 window = padded[..., j0 : j1 + width]
                 runs[(j0, j1)] = F.max_pool2d(window, (1, j1 - j0 + 1), stride=1) if j1 > j0 else window
-        out = None
+        acc = None
         for i, j0, j1 in intervals:
-            shifted = F.pad(runs[(j0, j1)], (0, 0, anchor, size - 1 - anchor))[..., i : i + height, :]
-            out = shifted if out is None else torch.maximum(out, shifted)
-        out = out > 0.5
+            shifted = runs[(j0, j1)][..., i : i + height, :]  # rows y + i - a
+            acc = shifted.clone() if acc is None else torch.maximum(acc, shifted, out=acc)
+        out = acc > 0.5
     out = out[:, 0]
     return out[0] if squeeze else out
 
@@ -405,11 +415,12 @@ def _ring_similarity(
 
     rows2, cols2 = rows * rows, cols * cols
     rows_pair, cols_pair = pairs(rows), pairs(cols)
-    cols_t, cols2_t, cols_pair_t = cols.transpose(1, 2), cols2.transpose(1, 2), cols_pair.transpose(1, 2)
-    dot = rows @ to_target @ cols_t
-    norm2 = rows2 @ self_dot @ cols2_t + 2 * (
-        rows2 @ right @ cols_pair_t + rows_pair @ down @ cols2_t + rows_pair @ cross @ cols_pair_t
-    )
+    cols2_t, cols_pair_t = cols2.transpose(1, 2), cols_pair.transpose(1, 2)
+    dot = rows @ (to_target @ cols.transpose(1, 2))
+    # Two (H x 2h) @ (2h x W) products instead of four: group the terms by their row factor.
+    by_rows2 = self_dot @ cols2_t + 2 * (right @ cols_pair_t)  # (B, h, W)
+    by_rows_pair = 2 * (down @ cols2_t + cross @ cols_pair_t)
+    norm2 = torch.cat((rows2, rows_pair), 2) @ torch.cat((by_rows2, by_rows_pair), 1)
     norms = norm2.clamp_min(0).sqrt() * target.norm(dim=1)[:, None, None]
     return dot / norms.clamp_min(1e-8)
 
