@@ -286,6 +286,8 @@ class AnomalyDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=default_collate,
             drop_last=False,
+            # Page-locked batches let Lightning's non-blocking host-to-device copies overlap.
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
