@@ -25,6 +25,7 @@ form used by the SAM stage; :func:`generate_point_prompts` is its one-image form
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import cv2
@@ -277,7 +278,12 @@ def _mean_feature(features: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 
 def _pixel_similarity(
-    features: torch.Tensor, target: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: tuple[int, int]
+    features: torch.Tensor,
+    target: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    size: tuple[int, int],
+    extent: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Cosine similarity of the bilinear features of frame pixels ``(ys, xs)`` to ``target``.
 
@@ -290,6 +296,8 @@ def _pixel_similarity(
     Args:
         features: (C, h, w) float covering the H x W frame; target: (C,) float.
         ys, xs: (P,) int64 pixel rows / columns; size: (H, W).
+        extent: feature cells (rows, columns) the frame covers (see
+            :func:`generate_point_prompts_batched`); None: the whole grid.
 
     Returns:
         (P,) float32 cosine similarities.
@@ -308,10 +316,13 @@ def _pixel_similarity(
     diag = pad((table[:, :-1, :-1] * table[:, 1:, 1:]).sum(0))  # F[y, x] . F[y+1, x+1]
     anti = pad((table[:, :-1, 1:] * table[:, 1:, :-1]).sum(0))  # F[y, x+1] . F[y+1, x]
 
-    sy = ((ys.to(table.device).double() + 0.5) * (grid_h / height) - 0.5).clamp(0, grid_h - 1)
-    sx = ((xs.to(table.device).double() + 0.5) * (grid_w / width) - 0.5).clamp(0, grid_w - 1)
+    ext_h, ext_w = (float(grid_h), float(grid_w)) if extent is None else (float(extent[0]), float(extent[1]))
+    last_h = min(grid_h, max(1, math.ceil(ext_h - 1e-9))) - 1  # last valid cell
+    last_w = min(grid_w, max(1, math.ceil(ext_w - 1e-9))) - 1
+    sy = ((ys.to(table.device).double() + 0.5) * (ext_h / height) - 0.5).clamp(0, last_h)
+    sx = ((xs.to(table.device).double() + 0.5) * (ext_w / width) - 0.5).clamp(0, last_w)
     y0, x0 = sy.floor().long(), sx.floor().long()
-    y1, x1 = (y0 + 1).clamp(max=grid_h - 1), (x0 + 1).clamp(max=grid_w - 1)
+    y1, x1 = (y0 + 1).clamp(max=last_h), (x0 + 1).clamp(max=last_w)
     wy, wx = (sy - y0).to(torch.float32), (sx - x0).to(torch.float32)
     # A clamped corner (x1 == x0 or y1 == y0) only happens where its weight is 0.
     wa, wb, wc, wd = (1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx
@@ -349,10 +360,18 @@ _INT64_MAX = 2**63 - 1
 
 
 def _order_key(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered as the float32 ``values`` (``-0.0`` equals ``0.0``), in [-2^31, 2^31)."""
-    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32).to(torch.int64)
-    magnitude = bits & 0x7FFFFFFF
-    return torch.where(bits >= 0, magnitude, -magnitude - 1)
+    """int32 keys ordered as the float32 ``values`` (``-0.0`` equals ``0.0``; no NaN).
+
+    A float's bits read as int32 are ordered for non-negative floats and reversed for negative
+    ones; flipping the 31 magnitude bits of the negative ones makes the whole range ordered.
+    """
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _sort_keys(values: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
+    """int64 ``key(values) * 2^32 + tiebreak``: one exact key, no ties (tiebreak < 2^32, unique)."""
+    return (_order_key(values).to(torch.int64) << 32) | tiebreak
 
 
 def _interpolation_matrices(size: int, grid: int, extent: torch.Tensor) -> torch.Tensor:
@@ -425,6 +444,57 @@ def _ring_similarity(
     return dot / norms.clamp_min(1e-8)
 
 
+def _ppg_compact(
+    anomaly_maps: torch.Tensor,
+    sam_features: torch.Tensor,
+    feature_extent: torch.Tensor | None,
+    kernel: torch.Tensor,
+    *,
+    num_positive: int,
+    num_negative: int,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout)."""
+    device = anomaly_maps.device
+    batch, height, width = anomaly_maps.shape
+    amaps = anomaly_maps.detach().to(torch.float32)
+    regions = amaps >= threshold  # (B, H, W) S_a
+    rings = anomaly_ring(regions, kernel) if num_negative > 0 else None
+    feats = sam_features.detach().to(device, torch.float32)
+    grid_h, grid_w = feats.shape[-2:]
+    coords = torch.zeros((batch, num_positive + num_negative, 2), dtype=torch.float32, device=device)
+    labels = torch.full((batch, num_positive + num_negative), -1, dtype=torch.int64, device=device)
+    for b in range(batch):
+        region = regions[b]
+        inside = region.flatten().nonzero().squeeze(1)  # raster order
+        if inside.numel() == 0:
+            continue
+        pos_idx = inside[_stable_topk(amaps[b].flatten()[inside], num_positive, largest=True)]
+        neg_idx = inside[:0]
+        if rings is not None:
+            ring_idx = rings[b].flatten().nonzero().squeeze(1)
+            if ring_idx.numel() > 0:
+                if feature_extent is None:
+                    extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64)
+                else:
+                    extent = feature_extent[b : b + 1].detach().to("cpu", torch.float64)
+                rows = _interpolation_matrices(height, grid_h, extent[:, 0].to(device))[0]  # (H, h)
+                cols = _interpolation_matrices(width, grid_w, extent[:, 1].to(device))[0]  # (W, w)
+                weights = rows.T @ region.to(torch.float32) @ cols  # (h, w)
+                mean_a = torch.einsum("chw,hw->c", feats[b], weights) / inside.numel()
+                similarity = _pixel_similarity(
+                    feats[b], mean_a, ring_idx // width, ring_idx % width, (height, width),
+                    extent=(float(extent[0, 0]), float(extent[0, 1])),
+                ).to(device)
+                neg_idx = ring_idx[_stable_topk(similarity, num_negative, largest=False)]
+        for start, idx, label in ((0, pos_idx, 1), (num_positive, neg_idx, 0)):
+            n = idx.numel()
+            coords[b, start : start + n, 0] = (idx % width).to(torch.float32)
+            coords[b, start : start + n, 1] = (idx // width).to(torch.float32)
+            labels[b, start : start + n] = label
+    return coords, labels
+
+
 def generate_point_prompts_batched(
     anomaly_maps: torch.Tensor,
     sam_features: torch.Tensor,
@@ -435,6 +505,7 @@ def generate_point_prompts_batched(
     kernel_shape: str,
     kernel_size: int,
     feature_extent: torch.Tensor | None = None,
+    strategy: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPG (Eq. 1-7) for a batch, on the tensors' device: no host sync, no loop over pixels.
 
@@ -455,6 +526,11 @@ def generate_point_prompts_batched(
             clamped to the valid cells ``[0, ceil(extent_w) - 1]``. None means (h, w): the
             features cover the frame exactly. For SAM's padded embedding of an image resized to
             (h', w') in an S x S input, the extent is ``(h' * h / S, w' * w / S)``.
+        strategy: "dense" computes every quantity for every pixel (batched tensor ops, no
+            sync: the accelerator path); "compact" works image by image on the pixels of
+            ``S_a`` and of the ring only (index lists; the fast path in host memory); "auto"
+            (default) picks "compact" for CPU tensors and "dense" otherwise. Same points; the
+            similarities may differ in the last float bit between the two.
 
     Returns:
         ``(coords, labels)``: (B, K, 2) float32 (x, y) frame pixel indices and (B, K) int64
@@ -468,17 +544,24 @@ def generate_point_prompts_batched(
         )
     if num_positive < 0 or num_negative < 0:
         raise ValueError(f"num_positive and num_negative must be >= 0, got {num_positive}, {num_negative}")
+    if strategy not in ("auto", "dense", "compact"):
+        raise ValueError(f"strategy must be 'auto', 'dense' or 'compact', got {strategy!r}")
     kernel = structuring_element(kernel_shape, int(kernel_size))
     device = anomaly_maps.device
     batch, height, width = anomaly_maps.shape
     pixels = height * width
+    if strategy == "compact" or (strategy == "auto" and device.type == "cpu"):
+        return _ppg_compact(
+            anomaly_maps, sam_features, feature_extent, kernel,
+            num_positive=num_positive, num_negative=num_negative, threshold=threshold,
+        )
     amap = anomaly_maps.detach().to(torch.float32)
     region = amap >= threshold  # (B, H, W) S_a
     index = torch.arange(pixels, dtype=torch.int64, device=device)
 
     # Eq. 1-2: P_h = Topk(S_a * Map_a): larger score first, then smaller raster index.
-    pos_key = _order_key(amap.reshape(batch, pixels)) * 2**32 + (2**32 - 1 - index)
-    pos_key = pos_key.masked_fill(~region.reshape(batch, pixels), _INT64_MIN)
+    pos_key = _sort_keys(amap.reshape(batch, pixels), (2**32 - 1) - index)
+    pos_key.masked_fill_(~region.reshape(batch, pixels), _INT64_MIN)
     k_pos = min(num_positive, pixels)
     pos_val, pos_idx = torch.topk(pos_key, k_pos, dim=1, largest=True, sorted=True)
     pos_ok = pos_val != _INT64_MIN
@@ -499,8 +582,8 @@ def generate_point_prompts_batched(
         count = region.reshape(batch, pixels).sum(1).clamp_min(1).to(torch.float32)
         mean_a = torch.einsum("bchw,bhw->bc", feats, weights) / count[:, None]  # mean F over S_a
         similarity = _ring_similarity(feats, mean_a, rows, cols)  # (B, H, W) Map_s
-        neg_key = _order_key(similarity.reshape(batch, pixels)) * 2**32 + index
-        neg_key = neg_key.masked_fill(~ring.reshape(batch, pixels), _INT64_MAX)
+        neg_key = _sort_keys(similarity.reshape(batch, pixels), index)
+        neg_key.masked_fill_(~ring.reshape(batch, pixels), _INT64_MAX)
         neg_val, neg_idx = torch.topk(neg_key, k_neg, dim=1, largest=False, sorted=True)
         neg_ok = neg_val != _INT64_MAX
     else:

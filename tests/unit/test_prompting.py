@@ -206,13 +206,14 @@ def _blob_maps(batch, size, seed):
     "size, grid, shape, ksize",
     [((40, 40), (40, 40), "ellipse", 9), ((37, 53), (8, 12), "ellipse", 25), ((48, 32), (16, 16), "rect", 20), ((30, 30), (7, 7), "cross", 5)],
 )
-def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize):
+@pytest.mark.parametrize("strategy", ["dense", "compact"])
+def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize, strategy):
     """Same points, same order, as the one-image-at-a-time PPG (cv2 ring, per-pixel similarity)."""
     maps = _blob_maps(4, size, seed=ksize)
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(4, 6, *grid, generator=gen)
     kwargs = dict(num_positive=4, num_negative=5, threshold=0.6, kernel_shape=shape, kernel_size=ksize)
-    coords, labels = generate_point_prompts_batched(maps, feats, **kwargs)
+    coords, labels = generate_point_prompts_batched(maps, feats, strategy=strategy, **kwargs)
     assert coords.shape == (4, 9, 2) and labels.shape == (4, 9)
     for i in range(4):
         ref_coords, ref_labels = reference_point_prompts(maps[i], feats[i], **kwargs)
@@ -228,11 +229,13 @@ def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize):
     assert (labels[0] == -1).all(), "an empty S_a gives only padding points"
 
 
-def test_padding_slots_when_region_and_ring_are_small():
+@pytest.mark.parametrize("strategy", ["dense", "compact"])
+def test_padding_slots_when_region_and_ring_are_small(strategy):
     amap = torch.zeros(1, 12, 12)
     amap[0, 5, 5] = 0.9  # S_a: one pixel; ring of a 3x3 rect: 8 pixels
     coords, labels = generate_point_prompts_batched(
-        amap, torch.randn(1, 4, 12, 12), num_positive=3, num_negative=10, threshold=0.5, kernel_shape="rect", kernel_size=3
+        amap, torch.randn(1, 4, 12, 12), num_positive=3, num_negative=10, threshold=0.5, kernel_shape="rect",
+        kernel_size=3, strategy=strategy,
     )
     assert labels[0].tolist() == [1, -1, -1] + [0] * 8 + [-1, -1]
     assert coords[0, 0].tolist() == [5.0, 5.0]
@@ -248,3 +251,20 @@ def test_device_dilation_equals_cv2_on_random_masks(shape, ksize):
     for i in range(3):
         expected = cv2.dilate(masks[i].numpy().astype(np.uint8), kernel.numpy().astype(np.uint8)).astype(bool)
         assert np.array_equal(out[i].numpy(), expected)
+
+
+def test_dense_and_compact_strategies_agree_with_a_padded_embedding_extent():
+    """The SAM case: features of a non-square image padded in a square grid (fractional extent)."""
+    maps = _blob_maps(3, (50, 50), seed=7)
+    feats = torch.randn(3, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    extent = torch.tensor([[10.4, 16.0], [16.0, 7.3], [16.0, 16.0]], dtype=torch.float64)
+    kwargs = dict(num_positive=3, num_negative=6, threshold=0.6, kernel_shape="ellipse", kernel_size=11)
+    dense = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="dense", **kwargs)
+    compact = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="compact", **kwargs)
+    assert torch.equal(dense[0], compact[0]) and torch.equal(dense[1], compact[1])
+    # cells past the extent (padding) never matter
+    changed = feats.clone()
+    changed[0, :, 11:] = 1e3
+    changed[1, :, :, 8:] = -1e3
+    again = generate_point_prompts_batched(maps, changed, feature_extent=extent, strategy="dense", **kwargs)
+    assert torch.equal(again[0], dense[0])
