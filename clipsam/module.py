@@ -230,6 +230,9 @@ class ClipSamModule(LightningModule):
             from clipsam.models.clip import build_clip_model
 
             self.clip_model = build_clip_model(self.clip_config, image_size=self.image_size)
+            if self.clip_config.compile:
+                for block in self.clip_model.clip.visual.transformer.resblocks:
+                    block.compile()
             if self._pending_adapter_state is not None:
                 self.clip_model.load_adapter_state_dict(self._pending_adapter_state)
                 self._pending_adapter_state = None
