@@ -355,6 +355,7 @@ def _stable_topk(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor
     return candidates[order]
 
 
+_COMPACT_MAX_FRACTION = 0.1  # "auto" on CPU: index lists up to this fraction of pixels in S_a
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -528,9 +529,10 @@ def generate_point_prompts_batched(
             (h', w') in an S x S input, the extent is ``(h' * h / S, w' * w / S)``.
         strategy: "dense" computes every quantity for every pixel (batched tensor ops, no
             sync: the accelerator path); "compact" works image by image on the pixels of
-            ``S_a`` and of the ring only (index lists; the fast path in host memory); "auto"
-            (default) picks "compact" for CPU tensors and "dense" otherwise. Same points; the
-            similarities may differ in the last float bit between the two.
+            ``S_a`` and of the ring only (index lists; the fast path in host memory when
+            ``S_a`` is small); "auto" (default) picks "compact" for CPU tensors whose ``S_a``
+            covers at most 10 % of the pixels, else "dense". Same points; the similarities may
+            differ in the last float bit between the two.
 
     Returns:
         ``(coords, labels)``: (B, K, 2) float32 (x, y) frame pixel indices and (B, K) int64
@@ -550,7 +552,11 @@ def generate_point_prompts_batched(
     device = anomaly_maps.device
     batch, height, width = anomaly_maps.shape
     pixels = height * width
-    if strategy == "compact" or (strategy == "auto" and device.type == "cpu"):
+    if strategy == "auto" and device.type == "cpu":
+        # Index lists pay per pixel of S_a and of the ring; dense pays per frame pixel.
+        covered = int((anomaly_maps >= threshold).sum())
+        strategy = "compact" if covered <= _COMPACT_MAX_FRACTION * anomaly_maps.numel() else "dense"
+    if strategy == "compact":
         return _ppg_compact(
             anomaly_maps, sam_features, feature_extent, kernel,
             num_positive=num_positive, num_negative=num_negative, threshold=threshold,
