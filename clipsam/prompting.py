@@ -446,20 +446,21 @@ def _ring_similarity(
 
 
 def _ppg_compact(
-    anomaly_maps: torch.Tensor,
+    amaps: torch.Tensor,
+    regions: torch.Tensor,
     sam_features: torch.Tensor,
     feature_extent: torch.Tensor | None,
     kernel: torch.Tensor,
     *,
     num_positive: int,
     num_negative: int,
-    threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout)."""
-    device = anomaly_maps.device
-    batch, height, width = anomaly_maps.shape
-    amaps = anomaly_maps.detach().to(torch.float32)
-    regions = amaps >= threshold  # (B, H, W) S_a
+    """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout).
+
+    Args: amaps (B, H, W) float32 ``Map_a``; regions (B, H, W) bool ``S_a``; the rest as the caller.
+    """
+    device = amaps.device
+    batch, height, width = amaps.shape
     rings = anomaly_ring(regions, kernel) if num_negative > 0 else None
     feats = sam_features.detach().to(device, torch.float32)
     grid_h, grid_w = feats.shape[-2:]
@@ -481,7 +482,8 @@ def _ppg_compact(
                     extent = feature_extent[b : b + 1].detach().to("cpu", torch.float64)
                 rows = _interpolation_matrices(height, grid_h, extent[:, 0].to(device))[0]  # (H, h)
                 cols = _interpolation_matrices(width, grid_w, extent[:, 1].to(device))[0]  # (W, w)
-                weights = rows.T @ region.to(torch.float32) @ cols  # (h, w)
+                # sum over S_a of the bilinear weights, from its pixel list: rows[y]^T cols[x]
+                weights = rows[inside // width].T @ cols[inside % width]  # (h, w)
                 mean_a = torch.einsum("chw,hw->c", feats[b], weights) / inside.numel()
                 similarity = _pixel_similarity(
                     feats[b], mean_a, ring_idx // width, ring_idx % width, (height, width),
@@ -552,17 +554,16 @@ def generate_point_prompts_batched(
     device = anomaly_maps.device
     batch, height, width = anomaly_maps.shape
     pixels = height * width
-    if strategy == "auto" and device.type == "cpu":
-        # Index lists pay per pixel of S_a and of the ring; dense pays per frame pixel.
-        covered = int((anomaly_maps >= threshold).sum())
-        strategy = "compact" if covered <= _COMPACT_MAX_FRACTION * anomaly_maps.numel() else "dense"
-    if strategy == "compact":
-        return _ppg_compact(
-            anomaly_maps, sam_features, feature_extent, kernel,
-            num_positive=num_positive, num_negative=num_negative, threshold=threshold,
-        )
     amap = anomaly_maps.detach().to(torch.float32)
     region = amap >= threshold  # (B, H, W) S_a
+    if strategy == "auto" and device.type == "cpu":
+        # Index lists pay per pixel of S_a and of the ring; dense pays per frame pixel.
+        covered = int(region.sum())
+        strategy = "compact" if covered <= _COMPACT_MAX_FRACTION * region.numel() else "dense"
+    if strategy == "compact":
+        return _ppg_compact(
+            amap, region, sam_features, feature_extent, kernel, num_positive=num_positive, num_negative=num_negative
+        )
     index = torch.arange(pixels, dtype=torch.int64, device=device)
 
     # Eq. 1-2: P_h = Topk(S_a * Map_a): larger score first, then smaller raster index.
