@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipsam.cascade import CascadeConfig, mask_to_box, run_cascade
+from clipsam.cascade import CascadeConfig, run_cascade
 from clipsam.data.transforms import build_sam_input
 from clipsam.fusion import fuse_scores
 from clipsam.models.sam import SamConfig, SamRefiner, build_sam, frame_to_original
