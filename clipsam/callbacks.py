@@ -8,14 +8,24 @@
   overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
   predictions.csv       path, image score, mask and overlay files, one row per image
   skipped.txt           files in the input folder that were not images (if any)
+  run.json              the checkpoint used (path, sha256) and the input folder
+  INCOMPLETE            only while the run is going or when it did not end normally
 ```
 
-Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten.
+Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten. Output
+names come from the input path below the predict folder; a name longer than the file system
+allows (255 bytes with ``.png``) is shortened and made unique with a hash of the full name, and
+``predictions.csv`` maps every input path to its files. The output root holds a
+``.clipsam-output`` marker, so an output folder placed inside the input folder is never read back
+as input (:func:`clipsam.data.folder.list_images` skips it). Ctrl+C (or an error) leaves
+``predictions.csv`` with the images done so far and an ``INCOMPLETE`` file saying why.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +37,26 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 
-from clipsam.io import atomic_torch_save, atomic_write, next_version_dir
+from clipsam.data.samples import read_image
+from clipsam.io import atomic_torch_save, atomic_write, next_version_dir, safe_torch_load
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter", "heat_map", "render_overlay"]
+__all__ = ["OUTPUT_MARKER", "AtomicCheckpointIO", "PredictionWriter", "heat_map", "output_name", "render_overlay"]
+
+OUTPUT_MARKER = ".clipsam-output"
+"""File in the root of clipsam's predict outputs; folders holding it are never read as input."""
+
+#: Longest output file stem in bytes: 255 (NAME_MAX) minus ".png" minus a margin for suffixes.
+MAX_STEM_BYTES = 240
+
+
+def output_name(name: str, *, max_bytes: int = MAX_STEM_BYTES) -> str:
+    """``name`` if it fits in ``max_bytes`` (UTF-8), else its head + "~" + 16 hex of its sha256."""
+    raw = name.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: max_bytes - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{head}~{digest}"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,6 +75,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load with ``weights_only=True`` always (whatever the caller or the environment asks).
+
+        Raises:
+            WeightsError: the file is missing, truncated, or holds more than tensors and plain data.
+        """
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return safe_torch_load(path, what="checkpoint", map_location=map_location or "cpu")
 
 
 def heat_map(scores: np.ndarray) -> np.ndarray:
@@ -98,12 +135,26 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        run_dir = str(next_version_dir(self.output_root)) if trainer.is_global_zero else ""
+        run_dir = ""
+        if trainer.is_global_zero:
+            run_dir = str(next_version_dir(self.output_root))
+            marker = self.output_root / OUTPUT_MARKER
+            if not marker.exists():
+                marker.write_text("clipsam predict outputs: never read as input by clipsam\n")
+            (Path(run_dir) / "INCOMPLETE").write_text("clipsam predict has not finished writing this folder\n")
+            # Which adapters made these masks: checkpoint path + sha256 (set by the CLI).
+            record = {
+                "checkpoint": getattr(pl_module, "checkpoint_record", None),
+                "predict_dir": str(getattr(getattr(trainer, "datamodule", None), "predict_dir", "") or ""),
+            }
+            with atomic_write(Path(run_dir) / "run.json") as tmp:
+                tmp.write_text(json.dumps(record, indent=2))
         self.run_dir = Path(trainer.strategy.broadcast(run_dir))
         (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self._used_names = set()
         self._rows = []
+        self._finished = False
         skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
         if skipped and trainer.is_global_zero:
             with atomic_write(self.run_dir / "skipped.txt") as tmp:
@@ -122,11 +173,11 @@ class PredictionWriter(BasePredictionWriter):
         except ValueError:
             relative = Path(source.name)
         # Unique across processes too: each image is predicted by one process only.
-        name = "__".join((*relative.parent.parts, relative.stem))
+        name = output_name("__".join((*relative.parent.parts, relative.stem)))
         candidate, n = name, 1
         while candidate in self._used_names:
             n += 1
-            candidate = f"{name}_{n}"
+            candidate = output_name(f"{name}_{n}")
         self._used_names.add(candidate)
         return candidate
 
@@ -143,8 +194,7 @@ class PredictionWriter(BasePredictionWriter):
         assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
         for i, path in enumerate(prediction["path"]):
             height, width = (int(v) for v in prediction["original_size"][i].tolist())
-            with Image.open(path) as img:
-                original = np.asarray(img.convert("RGB"))
+            original = read_image(path)  # (H, W, 3) uint8, display orientation, scaled by bit depth
             scores = _resize(prediction["scores"][i].float().numpy(), (height, width), nearest=False)
             mask = _resize(prediction["mask"][i].numpy().astype(np.uint8), (height, width), nearest=True) > 0
             name = self._unique_name(path, trainer)
@@ -164,18 +214,35 @@ class PredictionWriter(BasePredictionWriter):
                 }
             )
 
+    def _write_csv(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        fields = ["path", "image_score", "anomalous_pixels", "mask", "overlay"]
+        with atomic_write(path) as tmp:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Ctrl+C or an error during predict: keep what was done, say the folder is incomplete."""
+        if self.run_dir is None or getattr(self, "_finished", True) or not self.run_dir.is_dir():
+            return
+        reason = "interrupted (Ctrl+C)" if isinstance(exception, KeyboardInterrupt) else f"failed: {type(exception).__name__}: {exception}"
+        done = len(self._rows)
+        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
+        try:
+            self._write_csv(self.run_dir / name, self._rows)
+            if trainer.is_global_zero:
+                (self.run_dir / "INCOMPLETE").write_text(
+                    f"clipsam predict {reason} after {done} image(s) (rank {trainer.global_rank}); "
+                    f"{name} lists them. Run predict again for the whole folder.\n"
+                )
+        except OSError:
+            pass  # a full or read-only disk: the INCOMPLETE file written at the start stays
+
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write ``predictions.csv`` (under DDP: each process its part, then rank 0 merges)."""
         assert self.run_dir is not None
-        fields = ["path", "image_score", "anomalous_pixels", "mask", "overlay"]
-
-        def write(path: Path, rows: list[dict[str, Any]]) -> None:
-            with atomic_write(path) as tmp:
-                with tmp.open("w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(rows)
-
+        write = self._write_csv
         final = self.run_dir / "predictions.csv"
         if trainer.world_size == 1:
             write(final, self._rows)
@@ -195,5 +262,7 @@ class PredictionWriter(BasePredictionWriter):
                 rows.sort(key=lambda row: row["path"])
                 write(final, rows)
                 total = len(rows)
+        self._finished = True
         if trainer.is_global_zero:
+            (self.run_dir / "INCOMPLETE").unlink(missing_ok=True)
             print(f"clipsam: wrote {total} masks and overlays to {self.run_dir}")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images, parse_folder
+from clipsam.data.mosaic import Mosaic
 from clipsam.data.mvtec import parse_mvtec
 from clipsam.data.samples import Sample, ValidationMode, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
@@ -58,12 +59,17 @@ class DatasetSpec:
             category is the root's folder name).
         split: ``"test"`` (default: normal + anomalous images with masks, used for training too,
             per the protocol) or ``"train"`` (normal images only). Ignored for ``folder``.
+        mosaic_rate: ``data.train`` only: probability that a training item is replaced by a
+            2 x 2 mosaic of four images of its category with their masks (APRIL-GAN's
+            ``aug_rate``: 0.2 when training on MVTec-AD, none on VisA; see
+            :mod:`clipsam.data.mosaic`). 0 disables.
     """
 
     format: Literal["mvtec", "visa", "folder"]
     root: str
     categories: list[str] | None = None
     split: Literal["train", "test"] = "test"
+    mosaic_rate: float = 0.0
 
 
 def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sample], bool, str]:
@@ -123,6 +129,9 @@ class EpochSeededRandomSampler(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        set_dataset_epoch = getattr(self.data_source, "set_epoch", None)
+        if set_dataset_epoch is not None:  # the mosaic draws follow the epoch too
+            set_dataset_epoch(self.epoch)
 
     def __iter__(self):  # type: ignore[override]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -221,11 +230,23 @@ class AnomalyDataModule(LightningDataModule):
         if spec is None:
             need = "a training dataset" if command == "fit" else "a dataset to evaluate"
             raise ConfigError(f"{key} is not set: `clipsam {command}` needs {need}")
+        if spec.mosaic_rate and command != "fit":
+            raise ConfigError(
+                f"{key}.mosaic_rate={spec.mosaic_rate}: the mosaic augmentation is for training only; "
+                f"set it on data.train and remove it from {key}"
+            )
         samples, require_masks, what = parse_spec(spec, key=key)
-        validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
+        validate_samples(
+            samples,
+            check=self.validation,
+            what=what,
+            require_masks=require_masks,
+            categories=spec.categories if spec.format != "folder" else None,
+        )
         transform = build_transform(self.image_size, augment=augment, seed=self.seed)
+        mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
         sam_side = self.sam_image_size if command != "fit" else None
-        return AnomalyDataset(samples, transform, sam_side=sam_side)
+        return AnomalyDataset(samples, transform, mosaic=mosaic, sam_side=sam_side)
 
     def _build_predict(self) -> AnomalyDataset:
         if not self.predict_dir:
