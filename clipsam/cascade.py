@@ -27,7 +27,7 @@ import torch
 
 from clipsam.errors import ConfigError
 
-__all__ = ["CascadeConfig", "CascadeResult", "CascadeStep", "DecodeFn", "mask_to_box", "run_cascade"]
+__all__ = ["CascadeConfig", "CascadeResult", "CascadeStep", "DecodeFn", "mask_to_box", "masks_to_boxes", "run_cascade"]
 
 DecodeFn = Callable[
     [torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]],
@@ -198,3 +198,25 @@ def run_cascade(
             )
         )
     return CascadeResult(mask=steps[-1].mask, mask_logits=steps[-1].mask_logits, steps=steps)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounding boxes of a batch of masks (Eq. 11, ``F_location``) without a host sync.
+
+    Args:
+        masks: (N, H, W) bool.
+
+    Returns:
+        ``(boxes, valid)``: (N, 4) float32 XYXY inclusive pixel indices as :func:`mask_to_box`
+        (zeros for an empty mask) and (N,) bool, False for empty masks.
+    """
+    rows = masks.any(2)  # (N, H)
+    cols = masks.any(1)  # (N, W)
+    height, width = masks.shape[-2:]
+    y_min = rows.to(torch.uint8).argmax(1)
+    y_max = height - 1 - rows.flip(1).to(torch.uint8).argmax(1)
+    x_min = cols.to(torch.uint8).argmax(1)
+    x_max = width - 1 - cols.flip(1).to(torch.uint8).argmax(1)
+    valid = rows.any(1)
+    boxes = torch.stack((x_min, y_min, x_max, y_max), 1).to(torch.float32)
+    return boxes * valid[:, None], valid

@@ -134,6 +134,18 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     raise ConfigError(f"expected {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy device tensors to host memory with non-blocking copies and ONE synchronisation."""
+    on_device = [t.device for t in tensors.values() if t.device.type != "cpu"]
+    if not on_device:
+        return tensors
+    if on_device[0].type != "cuda":  # other accelerators: blocking copies are the safe choice
+        return {k: v.to("cpu") for k, v in tensors.items()}
+    out = {k: v.to("cpu", non_blocking=True) for k, v in tensors.items()}
+    torch.cuda.current_stream(on_device[0]).synchronize()
+    return out
+
+
 def _to_plain(value: Any) -> Any:
     """Dataclasses -> dicts, tuples -> lists: hparams that load with torch.load(weights_only=True)."""
     if dataclasses.is_dataclass(value):
@@ -288,6 +300,24 @@ class ClipSamModule(LightningModule):
                 "frozen models with model.clip.frozen_dtype and model.sam.dtype (bfloat16 is the "
                 "fast path on CPU and GPU)"
             )
+        if self.refiner_name == "ppg_cps" and stage in ("test", "validate", "predict"):
+            self._request_sam_inputs()
+
+    def _request_sam_inputs(self) -> None:
+        """Make the datamodule add SAM's input (the original image at SAM's size) to test items."""
+        from clipsam.models.sam import sam_input_side
+
+        side = sam_input_side(self.sam_config.variant)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "set_sam_image_size"):
+            return
+        if datamodule.sam_image_size is None:
+            datamodule.set_sam_image_size(side)
+        elif int(datamodule.sam_image_size) != side:
+            raise ConfigError(
+                f"data.sam_image_size={datamodule.sam_image_size} but SAM {self.sam_config.variant!r} encodes "
+                f"{side} x {side} inputs: set data.sam_image_size to {side} or leave it null"
+            )
 
     def configure_model(self) -> None:
         """Build the producer (always) and the refiner (test/validate/predict only), once."""
@@ -296,6 +326,9 @@ class ClipSamModule(LightningModule):
             if self._pending_trainable_state is not None:
                 self.producer.load_trainable_state_dict(self._pending_trainable_state)
                 self._pending_trainable_state = None
+            if self.method == "april_gan" and self.clip_config.compile:
+                for block in self.clip_model.clip.visual.transformer.resblocks:
+                    block.compile()
         stage = self._stage()
         if self.refiner is None and self.refiner_name != "none" and stage in ("test", "validate", "predict"):
             self.refiner = self._build_refiner()
@@ -516,6 +549,7 @@ class ClipSamModule(LightningModule):
             mask = anomaly_map >= self.eval_config.predict_mask_threshold
             image_scores = producer_scores
         else:
+            # The refiner reads what it needs from the batch (SAM's input of the original image).
             refined = self.refiner.refine_batch(batch, anomaly_map)
             for key, seconds in refined.timings.items():
                 self._add_time(key, seconds)
@@ -569,18 +603,32 @@ class ClipSamModule(LightningModule):
     def _eval_step(self, batch: dict[str, Any]) -> None:
         result = self._segment(batch)
         cat_index = {c: i for i, c in enumerate(self._categories)}
-        category_ids = torch.tensor([cat_index[c] for c in batch["category"]], device=self.device)
+        category_ids = torch.tensor([cat_index[c] for c in batch["category"]])
+        # Metric states live in host memory (compute_on_cpu): copy what they need in one go,
+        # so the device is synchronised once per batch, not once per check inside update().
+        host = _to_host(
+            {
+                "scores": result["scores"],
+                "image_scores": result["image_scores"],
+                "anomaly_map": result["anomaly_map"],
+                "clip_image_scores": result["clip_image_scores"],
+                "masks": batch["mask"] > 0.5,
+                "labels": batch["label"],
+                "sample_ids": batch["index"],
+                "has_mask": batch["has_mask"],
+            }
+        )
         common = {
-            "masks": batch["mask"] > 0.5,
-            "labels": batch["label"],
+            "masks": host["masks"],
+            "labels": host["labels"],
             "category_ids": category_ids,
-            "sample_ids": batch["index"],
-            "has_mask": batch["has_mask"],
+            "sample_ids": host["sample_ids"],
+            "has_mask": host["has_mask"],
         }
         assert self.test_metrics is not None
-        self.test_metrics.update(result["scores"], image_scores=result["image_scores"], **common)
+        self.test_metrics.update(host["scores"], image_scores=host["image_scores"], **common)
         if self.clip_metrics is not None:
-            self.clip_metrics.update(result["anomaly_map"], image_scores=result["clip_image_scores"], **common)
+            self.clip_metrics.update(host["anomaly_map"], image_scores=host["clip_image_scores"], **common)
         self._collect_overlays(batch, result)
 
     def _collect_overlays(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:

@@ -17,17 +17,18 @@ anomaly map, float32, the convention of SAM's clicks (SAM's prompt encoder adds 
 reach the pixel centre). Points are given in the anomaly map's frame; the caller maps them to
 SAM's input frame with SAM's ``ResizeLongestSide.apply_coords``.
 
-Torch and OpenCV (the structuring element and the dilation of the ring); no Lightning, no
-segment_anything.
+Torch, and OpenCV for the structuring element only (the dilation runs on the device); no
+Lightning, no segment_anything. :func:`generate_point_prompts_batched` is the batched, device-side
+form used by the SAM stage; :func:`generate_point_prompts` is its one-image form.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +38,9 @@ __all__ = [
     "KERNEL_SHAPES",
     "PromptConfig",
     "anomaly_ring",
+    "dilate",
     "generate_point_prompts",
+    "generate_point_prompts_batched",
     "structuring_element",
 ]
 
@@ -119,24 +122,86 @@ def structuring_element(kernel_shape: str, kernel_size: int) -> torch.Tensor:
     return torch.from_numpy(element).bool()
 
 
-def anomaly_ring(region: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``N_a = dilate(S_a) - S_a`` (Eq. 3), by ``cv2.dilate`` with its default anchor.
+def _row_intervals(kernel: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(row, first column, last column) of each non-empty kernel row, or None if a row has a gap."""
+    element = kernel.detach().cpu().bool()
+    rows = []
+    for i in range(element.shape[0]):
+        cols = torch.nonzero(element[i]).flatten().tolist()
+        if not cols:
+            continue
+        if cols[-1] - cols[0] + 1 != len(cols):
+            return None
+        rows.append((i, cols[0], cols[-1]))
+    return rows
 
-    The (H, W) mask makes a round trip through host memory (one byte per pixel).
+
+def dilate(masks: torch.Tensor, kernel: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Binary dilation of a batch of masks, as ``cv2.dilate`` computes it.
+
+    ``out(y, x) = max over kernel cells (i, j) of in(y + i - a, x + j - a)`` with OpenCV's
+    default anchor ``a = k // 2`` and outside the mask counting as background.
+
+    Backends: "torch" runs on the masks' device with no host round trip: the kernels of
+    :func:`structuring_element` have one run of ones per row, so the dilation is a 1-D max-pool
+    per distinct row run followed by a max over shifted rows (a kernel with gaps in a row falls
+    back to a convolution). "cv2" calls ``cv2.dilate`` per mask (host memory). "auto" (default)
+    uses cv2 for CPU tensors (already in host memory, and fastest there) and torch otherwise.
 
     Args:
-        region: (H, W) bool, ``S_a``.
+        masks: (B, H, W) or (H, W) bool.
+        kernel: (k, k) bool structuring element.
+        backend: "auto", "torch" or "cv2".
+
+    Returns:
+        bool tensor shaped like ``masks``, on its device.
+    """
+    if backend not in ("auto", "torch", "cv2"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cv2', got {backend!r}")
+    squeeze = masks.ndim == 2
+    batch = masks[None] if squeeze else masks
+    if backend == "cv2" or (backend == "auto" and batch.device.type == "cpu"):
+        element = kernel.detach().cpu().numpy().astype("uint8")
+        host = batch.detach().cpu().contiguous().numpy().view("uint8")
+        out = torch.stack([torch.from_numpy(cv2.dilate(m, element)) for m in host]).to(batch.device).bool()
+        return out[0] if squeeze else out
+    x = batch.to(torch.float32)[:, None]  # (B, 1, H, W)
+    size = int(kernel.shape[0])
+    anchor = size // 2
+    height, width = x.shape[-2:]
+    intervals = _row_intervals(kernel)
+    padded = F.pad(x, (anchor, size - 1 - anchor, anchor, size - 1 - anchor))  # (B, 1, H+k-1, W+k-1)
+    if intervals is None:
+        out = F.conv2d(padded, kernel.to(x.device, torch.float32)[None, None]) > 0.5
+    elif not intervals:
+        out = torch.zeros_like(x, dtype=torch.bool)
+    else:
+        runs: dict[tuple[int, int], torch.Tensor] = {}  # (B, 1, H+k-1, W): max over columns x+j0-a .. x+j1-a
+        for _, j0, j1 in intervals:
+            if (j0, j1) not in runs:
+                window = padded[..., j0 : j1 + width]
+                runs[(j0, j1)] = F.max_pool2d(window, (1, j1 - j0 + 1), stride=1) if j1 > j0 else window
+        acc = None
+        for i, j0, j1 in intervals:
+            shifted = runs[(j0, j1)][..., i : i + height, :]  # rows y + i - a
+            acc = shifted.clone() if acc is None else torch.maximum(acc, shifted, out=acc)
+        out = acc > 0.5
+    out = out[:, 0]
+    return out[0] if squeeze else out
+
+
+def anomaly_ring(region: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``N_a = dilate(S_a) - S_a`` (Eq. 3), the dilation of ``cv2.dilate`` (:func:`dilate`).
+
+    Args:
+        region: (H, W) or (B, H, W) bool, ``S_a``.
         kernel: (k, k) bool structuring element (see :func:`structuring_element`).
 
     Returns:
-        (H, W) bool ring on ``region``'s device: pixels reached by the dilation that are not in
-        ``region``. Outside the map counts as background (OpenCV's default border for dilation).
+        bool ring shaped like ``region``, on its device: pixels reached by the dilation that
+        are not in ``region``. Outside the map counts as background (OpenCV's default border).
     """
-    if not bool(region.any()):
-        return torch.zeros_like(region, dtype=torch.bool)
-    source = region.detach().cpu().numpy().astype(np.uint8)
-    dilated = cv2.dilate(source, kernel.cpu().numpy().astype(np.uint8))
-    return torch.from_numpy(dilated.astype(bool)).to(region.device) & ~region
+    return dilate(region, kernel) & ~region
 
 
 def _interpolation_matrix(size: int, grid: int, device: torch.device) -> torch.Tensor:
@@ -213,7 +278,12 @@ def _mean_feature(features: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
 
 def _pixel_similarity(
-    features: torch.Tensor, target: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: tuple[int, int]
+    features: torch.Tensor,
+    target: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
+    size: tuple[int, int],
+    extent: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Cosine similarity of the bilinear features of frame pixels ``(ys, xs)`` to ``target``.
 
@@ -226,6 +296,8 @@ def _pixel_similarity(
     Args:
         features: (C, h, w) float covering the H x W frame; target: (C,) float.
         ys, xs: (P,) int64 pixel rows / columns; size: (H, W).
+        extent: feature cells (rows, columns) the frame covers (see
+            :func:`generate_point_prompts_batched`); None: the whole grid.
 
     Returns:
         (P,) float32 cosine similarities.
@@ -244,10 +316,13 @@ def _pixel_similarity(
     diag = pad((table[:, :-1, :-1] * table[:, 1:, 1:]).sum(0))  # F[y, x] . F[y+1, x+1]
     anti = pad((table[:, :-1, 1:] * table[:, 1:, :-1]).sum(0))  # F[y, x+1] . F[y+1, x]
 
-    sy = ((ys.to(table.device).double() + 0.5) * (grid_h / height) - 0.5).clamp(0, grid_h - 1)
-    sx = ((xs.to(table.device).double() + 0.5) * (grid_w / width) - 0.5).clamp(0, grid_w - 1)
+    ext_h, ext_w = (float(grid_h), float(grid_w)) if extent is None else (float(extent[0]), float(extent[1]))
+    last_h = min(grid_h, max(1, math.ceil(ext_h - 1e-9))) - 1  # last valid cell
+    last_w = min(grid_w, max(1, math.ceil(ext_w - 1e-9))) - 1
+    sy = ((ys.to(table.device).double() + 0.5) * (ext_h / height) - 0.5).clamp(0, last_h)
+    sx = ((xs.to(table.device).double() + 0.5) * (ext_w / width) - 0.5).clamp(0, last_w)
     y0, x0 = sy.floor().long(), sx.floor().long()
-    y1, x1 = (y0 + 1).clamp(max=grid_h - 1), (x0 + 1).clamp(max=grid_w - 1)
+    y1, x1 = (y0 + 1).clamp(max=last_h), (x0 + 1).clamp(max=last_w)
     wy, wx = (sy - y0).to(torch.float32), (sx - x0).to(torch.float32)
     # A clamped corner (x1 == x0 or y1 == y0) only happens where its weight is 0.
     wa, wb, wc, wd = (1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx
@@ -280,6 +355,263 @@ def _stable_topk(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor
     return candidates[order]
 
 
+_COMPACT_MAX_FRACTION = 0.1  # "auto" on CPU: index lists up to this fraction of pixels in S_a
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _order_key(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered as the float32 ``values`` (``-0.0`` equals ``0.0``; no NaN).
+
+    A float's bits read as int32 are ordered for non-negative floats and reversed for negative
+    ones; flipping the 31 magnitude bits of the negative ones makes the whole range ordered.
+    """
+    bits = (values.to(torch.float32) + 0.0).contiguous().view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _sort_keys(values: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
+    """int64 ``key(values) * 2^32 + tiebreak``: one exact key, no ties (tiebreak < 2^32, unique)."""
+    return (_order_key(values).to(torch.int64) << 32) | tiebreak
+
+
+def _interpolation_matrices(size: int, grid: int, extent: torch.Tensor) -> torch.Tensor:
+    """(B, size, grid) float32 bilinear weights of grid cells at the centres of ``size`` pixels.
+
+    Pixel ``x`` sits at grid coordinate ``(x + 0.5) * extent / size - 0.5``, clamped to
+    ``[0, ceil(extent) - 1]`` (border padding at the edge of the valid cells), in float64:
+    ``extent == grid == size`` gives the identity.
+
+    Args:
+        size: pixels along the axis; grid: cells along the axis;
+        extent: (B,) float64, how many cells the pixels cover (``grid`` when the features cover
+            the frame exactly; less when the embedding is padded).
+    """
+    extent = extent.to(torch.float64)
+    last = (torch.ceil(extent - 1e-9).clamp(1, grid) - 1)[:, None]  # (B, 1) last valid cell
+    pos = torch.arange(size, dtype=torch.float64, device=extent.device)
+    src = ((pos[None] + 0.5) * (extent[:, None] / size) - 0.5).clamp_min(0)
+    src = torch.minimum(src, last)  # (B, size)
+    i0 = src.floor()
+    i1 = torch.minimum(i0 + 1, last)
+    w1 = src - i0
+    matrix = torch.zeros((extent.shape[0], size, grid), dtype=torch.float64, device=extent.device)
+    matrix.scatter_add_(2, i0.long()[..., None], (1 - w1)[..., None])
+    matrix.scatter_add_(2, i1.long()[..., None], w1[..., None])
+    return matrix.to(torch.float32)
+
+
+def _ring_similarity(
+    features: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """Cosine similarity of every frame pixel's bilinear feature to ``target``, batched.
+
+    The quantities of :func:`_pixel_similarity` (per-cell dots with the target, with itself and
+    with the right, lower and diagonal neighbours) are spread to all pixels by the separable
+    interpolation matrices: with ``A`` (H, h) and ``B`` (W, w), ``f . t = A (F . t) B^T`` and
+    ``|f|^2 = A2 self B2^T + 2 (A2 right BB^T + AA down B2^T + AA (diag + anti) BB^T)``, where
+    ``A2 = A * A`` and ``AA[y, k] = A[y, k] A[y, k + 1]`` (likewise for B).
+
+    Args:
+        features: (B, C, h, w) float32; target: (B, C) float32;
+        rows: (B, H, h) and cols: (B, W, w) interpolation matrices.
+
+    Returns:
+        (B, H, W) float32.
+    """
+    table = features
+
+    def pad(dots: torch.Tensor) -> torch.Tensor:
+        return F.pad(dots, (0, table.shape[3] - dots.shape[2], 0, table.shape[2] - dots.shape[1]))
+
+    to_target = torch.einsum("bchw,bc->bhw", table, target)
+    self_dot = (table * table).sum(1)
+    right = pad((table[:, :, :, :-1] * table[:, :, :, 1:]).sum(1))
+    down = pad((table[:, :, :-1, :] * table[:, :, 1:, :]).sum(1))
+    cross = pad((table[:, :, :-1, :-1] * table[:, :, 1:, 1:]).sum(1) + (table[:, :, :-1, 1:] * table[:, :, 1:, :-1]).sum(1))
+
+    def pairs(matrix: torch.Tensor) -> torch.Tensor:  # M[., k] * M[., k + 1]
+        return F.pad(matrix[..., :-1] * matrix[..., 1:], (0, 1))
+
+    rows2, cols2 = rows * rows, cols * cols
+    rows_pair, cols_pair = pairs(rows), pairs(cols)
+    cols2_t, cols_pair_t = cols2.transpose(1, 2), cols_pair.transpose(1, 2)
+    dot = rows @ (to_target @ cols.transpose(1, 2))
+    # Two (H x 2h) @ (2h x W) products instead of four: group the terms by their row factor.
+    by_rows2 = self_dot @ cols2_t + 2 * (right @ cols_pair_t)  # (B, h, W)
+    by_rows_pair = 2 * (down @ cols2_t + cross @ cols_pair_t)
+    norm2 = torch.cat((rows2, rows_pair), 2) @ torch.cat((by_rows2, by_rows_pair), 1)
+    norms = norm2.clamp_min(0).sqrt() * target.norm(dim=1)[:, None, None]
+    return dot / norms.clamp_min(1e-8)
+
+
+def _ppg_compact(
+    amaps: torch.Tensor,
+    regions: torch.Tensor,
+    sam_features: torch.Tensor,
+    feature_extent: torch.Tensor | None,
+    kernel: torch.Tensor,
+    *,
+    num_positive: int,
+    num_negative: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout).
+
+    Args: amaps (B, H, W) float32 ``Map_a``; regions (B, H, W) bool ``S_a``; the rest as the caller.
+    """
+    device = amaps.device
+    batch, height, width = amaps.shape
+    rings = anomaly_ring(regions, kernel) if num_negative > 0 else None
+    feats = sam_features.detach().to(device, torch.float32)
+    grid_h, grid_w = feats.shape[-2:]
+    coords = torch.zeros((batch, num_positive + num_negative, 2), dtype=torch.float32, device=device)
+    labels = torch.full((batch, num_positive + num_negative), -1, dtype=torch.int64, device=device)
+    for b in range(batch):
+        region = regions[b]
+        inside = region.flatten().nonzero().squeeze(1)  # raster order
+        if inside.numel() == 0:
+            continue
+        pos_idx = inside[_stable_topk(amaps[b].flatten()[inside], num_positive, largest=True)]
+        neg_idx = inside[:0]
+        if rings is not None:
+            ring_idx = rings[b].flatten().nonzero().squeeze(1)
+            if ring_idx.numel() > 0:
+                if feature_extent is None:
+                    extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64)
+                else:
+                    extent = feature_extent[b : b + 1].detach().to("cpu", torch.float64)
+                rows = _interpolation_matrices(height, grid_h, extent[:, 0].to(device))[0]  # (H, h)
+                cols = _interpolation_matrices(width, grid_w, extent[:, 1].to(device))[0]  # (W, w)
+                # sum over S_a of the bilinear weights, from its pixel list: rows[y]^T cols[x]
+                weights = rows[inside // width].T @ cols[inside % width]  # (h, w)
+                mean_a = torch.einsum("chw,hw->c", feats[b], weights) / inside.numel()
+                similarity = _pixel_similarity(
+                    feats[b], mean_a, ring_idx // width, ring_idx % width, (height, width),
+                    extent=(float(extent[0, 0]), float(extent[0, 1])),
+                ).to(device)
+                neg_idx = ring_idx[_stable_topk(similarity, num_negative, largest=False)]
+        for start, idx, label in ((0, pos_idx, 1), (num_positive, neg_idx, 0)):
+            n = idx.numel()
+            coords[b, start : start + n, 0] = (idx % width).to(torch.float32)
+            coords[b, start : start + n, 1] = (idx // width).to(torch.float32)
+            labels[b, start : start + n] = label
+    return coords, labels
+
+
+def generate_point_prompts_batched(
+    anomaly_maps: torch.Tensor,
+    sam_features: torch.Tensor,
+    *,
+    num_positive: int,
+    num_negative: int,
+    threshold: float,
+    kernel_shape: str,
+    kernel_size: int,
+    feature_extent: torch.Tensor | None = None,
+    strategy: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPG (Eq. 1-7) for a batch, on the tensors' device: no host sync, no loop over pixels.
+
+    The same points in the same order as :func:`generate_point_prompts` per image, laid out in
+    fixed slots so a batch is one tensor: slots ``[0, num_positive)`` hold the positives (highest
+    ``Map_a`` in ``S_a`` first), slots ``[num_positive, K)`` the negatives (lowest ``Map_s`` on the
+    ring first), K = num_positive + num_negative. A slot without a point (``S_a`` or the ring
+    smaller than k, or ``S_a`` empty) has label -1 and coordinates (0, 0): SAM's padding point.
+    Ties go to the smaller raster index (an exact int64 sort key: float bits, then index).
+
+    Args:
+        anomaly_maps: (B, H, W) float in [0, 1], ``Map_a`` in the frame.
+        sam_features: (B, C, h, w) float, SAM image-encoder features.
+        num_positive, num_negative, threshold, kernel_shape, kernel_size: as
+            :func:`generate_point_prompts`.
+        feature_extent: (B, 2) float, how many feature cells (rows, columns) the frame covers:
+            frame pixel ``x`` of W sits at grid coordinate ``(x + 0.5) * extent_w / W - 0.5``,
+            clamped to the valid cells ``[0, ceil(extent_w) - 1]``. None means (h, w): the
+            features cover the frame exactly. For SAM's padded embedding of an image resized to
+            (h', w') in an S x S input, the extent is ``(h' * h / S, w' * w / S)``.
+        strategy: "dense" computes every quantity for every pixel (batched tensor ops, no
+            sync: the accelerator path); "compact" works image by image on the pixels of
+            ``S_a`` and of the ring only (index lists; the fast path in host memory when
+            ``S_a`` is small); "auto" (default) picks "compact" for CPU tensors whose ``S_a``
+            covers at most 10 % of the pixels, else "dense". Same points; the similarities may
+            differ in the last float bit between the two.
+
+    Returns:
+        ``(coords, labels)``: (B, K, 2) float32 (x, y) frame pixel indices and (B, K) int64
+        (1 positive, 0 negative, -1 padding), on ``anomaly_maps``' device.
+    """
+    if anomaly_maps.ndim != 3:
+        raise ValueError(f"anomaly_maps must be (B, H, W), got shape {tuple(anomaly_maps.shape)}")
+    if sam_features.ndim != 4 or sam_features.shape[0] != anomaly_maps.shape[0]:
+        raise ValueError(
+            f"sam_features must be (B, C, h, w) with the maps' batch size, got {tuple(sam_features.shape)}"
+        )
+    if num_positive < 0 or num_negative < 0:
+        raise ValueError(f"num_positive and num_negative must be >= 0, got {num_positive}, {num_negative}")
+    if strategy not in ("auto", "dense", "compact"):
+        raise ValueError(f"strategy must be 'auto', 'dense' or 'compact', got {strategy!r}")
+    kernel = structuring_element(kernel_shape, int(kernel_size))
+    device = anomaly_maps.device
+    batch, height, width = anomaly_maps.shape
+    pixels = height * width
+    amap = anomaly_maps.detach().to(torch.float32)
+    region = amap >= threshold  # (B, H, W) S_a
+    if strategy == "auto" and device.type == "cpu":
+        # Index lists pay per pixel of S_a and of the ring; dense pays per frame pixel.
+        covered = int(region.sum())
+        strategy = "compact" if covered <= _COMPACT_MAX_FRACTION * region.numel() else "dense"
+    if strategy == "compact":
+        return _ppg_compact(
+            amap, region, sam_features, feature_extent, kernel, num_positive=num_positive, num_negative=num_negative
+        )
+    index = torch.arange(pixels, dtype=torch.int64, device=device)
+
+    # Eq. 1-2: P_h = Topk(S_a * Map_a): larger score first, then smaller raster index.
+    pos_key = _sort_keys(amap.reshape(batch, pixels), (2**32 - 1) - index)
+    pos_key.masked_fill_(~region.reshape(batch, pixels), _INT64_MIN)
+    k_pos = min(num_positive, pixels)
+    pos_val, pos_idx = torch.topk(pos_key, k_pos, dim=1, largest=True, sorted=True)
+    pos_ok = pos_val != _INT64_MIN
+
+    # Eq. 3-7: P_l = Lowestk(Map_s) on the ring N_a.
+    k_neg = min(num_negative, pixels)
+    if k_neg > 0:
+        ring = anomaly_ring(region, kernel)  # (B, H, W)
+        feats = sam_features.detach().to(device, torch.float32)
+        _, _, grid_h, grid_w = feats.shape
+        if feature_extent is None:
+            extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64, device=device).expand(batch, 2)
+        else:
+            extent = feature_extent.to(device, torch.float64)
+        rows = _interpolation_matrices(height, grid_h, extent[:, 0])  # (B, H, h)
+        cols = _interpolation_matrices(width, grid_w, extent[:, 1])  # (B, W, w)
+        weights = rows.transpose(1, 2) @ region.to(torch.float32) @ cols  # (B, h, w)
+        count = region.reshape(batch, pixels).sum(1).clamp_min(1).to(torch.float32)
+        mean_a = torch.einsum("bchw,bhw->bc", feats, weights) / count[:, None]  # mean F over S_a
+        similarity = _ring_similarity(feats, mean_a, rows, cols)  # (B, H, W) Map_s
+        neg_key = _sort_keys(similarity.reshape(batch, pixels), index)
+        neg_key.masked_fill_(~ring.reshape(batch, pixels), _INT64_MAX)
+        neg_val, neg_idx = torch.topk(neg_key, k_neg, dim=1, largest=False, sorted=True)
+        neg_ok = neg_val != _INT64_MAX
+    else:
+        neg_idx = torch.zeros((batch, 0), dtype=torch.int64, device=device)
+        neg_ok = torch.zeros((batch, 0), dtype=torch.bool, device=device)
+
+    def slots(idx: torch.Tensor, ok: torch.Tensor, label: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.where(ok, idx, torch.zeros_like(idx))
+        coords = torch.stack((idx % width, idx // width), dim=2).to(torch.float32)
+        labels = torch.where(ok, torch.full_like(idx, label), torch.full_like(idx, -1))
+        missing = count - idx.shape[1]  # k larger than the number of pixels
+        if missing:
+            coords = F.pad(coords, (0, 0, 0, missing))
+            labels = F.pad(labels, (0, missing), value=-1)
+        return coords, labels
+
+    pos_coords, pos_labels = slots(pos_idx, pos_ok, 1, num_positive)
+    neg_coords, neg_labels = slots(neg_idx, neg_ok, 0, num_negative)
+    return torch.cat((pos_coords, neg_coords), 1), torch.cat((pos_labels, neg_labels), 1)
+
+
 def generate_point_prompts(
     anomaly_map: torch.Tensor,
     sam_features: torch.Tensor,
@@ -309,6 +641,9 @@ def generate_point_prompts(
     ``sam_features[:, y, x]``. SAM's 64 x 64 grid on a 518 x 518 frame is thus upsampled
     bilinearly, like SAM's own mask upsampling.
 
+    Computed by :func:`generate_point_prompts_batched` on a batch of one (its padding slots
+    dropped).
+
     Args:
         anomaly_map: (H, W) float in [0, 1], ``Map_a`` in the evaluation frame.
         sam_features: (C, h, w) float, SAM image-encoder features covering the same frame.
@@ -334,36 +669,14 @@ def generate_point_prompts(
         raise ValueError(f"sam_features must be (C, h, w), got shape {tuple(sam_features.shape)}")
     if num_positive < 0 or num_negative < 0:
         raise ValueError(f"num_positive and num_negative must be >= 0, got {num_positive}, {num_negative}")
-    kernel = structuring_element(kernel_shape, int(kernel_size))
-
-    device = anomaly_map.device
-    height, width = anomaly_map.shape
-    amap = anomaly_map.detach().to(torch.float32)
-    region = amap >= threshold  # (H, W) bool, S_a
-    empty = (torch.zeros((0, 2), dtype=torch.float32, device=device), torch.zeros((0,), dtype=torch.int64, device=device))
-    if not bool(region.any()):
-        return empty
-
-    # Eq. 1-2: positives among S_a's pixels, listed in raster order; stable top-k.
-    inside = region.flatten().nonzero().squeeze(1)  # (P,) raster indices of S_a
-    scores = amap.flatten()[inside]  # R_a on S_a
-    pos_idx = inside[_stable_topk(scores, num_positive, largest=True)]
-
-    # Eq. 3-7: negatives on the ring, by cosine similarity to the mean anomaly feature.
-    ring = anomaly_ring(region, kernel.to(device))
-    ring_idx = ring.flatten().nonzero().squeeze(1)  # (Q,) raster indices of N_a
-    if num_negative > 0 and ring_idx.numel() > 0:
-        feats = sam_features.detach()
-        mean_a = _mean_feature(feats, region)  # (C,) mean of F over S_a
-        # (Q,) Map_s: cosine similarity of each ring pixel's feature to the mean.
-        similarity = _pixel_similarity(feats, mean_a, ring_idx // width, ring_idx % width, (height, width)).to(device)
-        neg_idx = ring_idx[_stable_topk(similarity, num_negative, largest=False)]
-    else:
-        neg_idx = ring_idx[:0]
-
-    idx = torch.cat((pos_idx, neg_idx))
-    coords = torch.stack((idx % width, idx // width), dim=1).to(torch.float32)  # (K, 2) (x, y)
-    labels = torch.cat(
-        (torch.ones_like(pos_idx, dtype=torch.int64), torch.zeros_like(neg_idx, dtype=torch.int64))
+    coords, labels = generate_point_prompts_batched(
+        anomaly_map[None],
+        sam_features[None],
+        num_positive=num_positive,
+        num_negative=num_negative,
+        threshold=threshold,
+        kernel_shape=kernel_shape,
+        kernel_size=kernel_size,
     )
-    return coords, labels
+    keep = labels[0] >= 0  # valid slots come first within the positives and the negatives
+    return coords[0][keep], labels[0][keep]

@@ -162,6 +162,11 @@ class AnomalyDataModule(LightningDataModule):
         seed: seeds the training shuffle and augmentations.
         predict_category: object name for predict images (used in the text prompts); None uses
             each image's parent folder name.
+        sam_image_size: side S of SAM's input. When set, validate/test/predict items also carry
+            ``sam_image`` (the ORIGINAL image, long side resized to S in the DataLoader worker,
+            zero-padded to S x S) and ``sam_size``. None (default): the model sets it from its
+            SAM (:meth:`set_sam_image_size`, called by ``ClipSamModule.setup``); training
+            never carries it.
     """
 
     def __init__(
@@ -178,6 +183,7 @@ class AnomalyDataModule(LightningDataModule):
         validation: Literal["full", "headers", "off"] = "full",
         seed: int = 0,
         predict_category: str | None = None,
+        sam_image_size: int | None = None,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -197,6 +203,9 @@ class AnomalyDataModule(LightningDataModule):
         self.validation: ValidationMode = validation
         self.seed = seed
         self.predict_category = predict_category
+        if sam_image_size is not None and sam_image_size <= 0:
+            raise ConfigError(f"data.sam_image_size must be positive or null, got {sam_image_size}")
+        self.sam_image_size = sam_image_size
         self.skipped_files: list[Path] = []
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
@@ -245,7 +254,8 @@ class AnomalyDataModule(LightningDataModule):
         if not has_masks:
             log.info("%s is image-level only: image metrics are computed, pixel metrics are n/a", what)
         mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
-        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic)
+        sam_side = self.sam_image_size if command != "fit" else None
+        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic, sam_side=sam_side)
 
     def _build_predict(self) -> AnomalyDataset:
         if not self.predict_dir:
@@ -262,7 +272,19 @@ class AnomalyDataModule(LightningDataModule):
             )
         samples = [Sample(p, None, -1, self.predict_category or p.parent.name, "unknown") for p in images]
         validate_samples(samples, check=self.validation, what=f"predict folder {folder}", require_masks=False)
-        return AnomalyDataset(samples, build_transform(self.image_size), has_labels=False)
+        return AnomalyDataset(
+            samples, build_transform(self.image_size), has_labels=False, sam_side=self.sam_image_size
+        )
+
+    def set_sam_image_size(self, side: int | None) -> None:
+        """Make validate/test/predict items carry SAM's input (``sam_image``, ``sam_size``).
+
+        Applies to datasets already built too (call it before their dataloaders iterate).
+        """
+        self.sam_image_size = side
+        for dataset in (self.test_dataset, self.predict_dataset):
+            if dataset is not None:
+                dataset.sam_side = side
 
     # ------------------------------------------------------------------------------ accessors
     @property
@@ -294,6 +316,8 @@ class AnomalyDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=default_collate,
             drop_last=False,
+            # Page-locked batches let Lightning's non-blocking host-to-device copies overlap.
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:

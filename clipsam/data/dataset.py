@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, read_image, read_mask
+from clipsam.data.transforms import build_sam_input
 from clipsam.errors import DatasetError
 
 __all__ = ["AnomalyDataset"]
@@ -32,7 +33,11 @@ class AnomalyDataset(Dataset):
     - ``label`` int64 (0-d): 0 normal, 1 anomalous, -1 unknown (``has_labels`` False);
     - ``category`` str; ``path`` str (image file);
     - ``index`` int64 (0-d): position in this dataset;
-    - ``original_size`` int64 (2,): (height, width) of the file on disk.
+    - ``original_size`` int64 (2,): (height, width) of the file on disk;
+    - only when ``sam_side`` is set (the SAM stage runs): ``sam_image`` uint8 (3, S, S), the
+      original image with its long side resized to S = ``sam_side`` and zero-padded
+      (:func:`clipsam.data.transforms.build_sam_input`), and ``sam_size`` int64 (2,), the (h, w)
+      of its valid part.
 
     ``torch.utils.data.default_collate`` batches these (strings become lists of str).
 
@@ -48,6 +53,8 @@ class AnomalyDataset(Dataset):
         mosaic: APRIL-GAN's 2 x 2 mosaic augmentation (:class:`clipsam.data.mosaic.Mosaic`)
             for training; None (default) for none. A mosaic item keeps its ``index`` and
             ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
+        sam_side: SAM's input side; when set, items carry ``sam_image`` / ``sam_size``. The
+            datamodule sets it (``data.sam_image_size``, or SAM's own size from the model).
     """
 
     def __init__(
@@ -58,12 +65,14 @@ class AnomalyDataset(Dataset):
         has_labels: bool = True,
         has_masks: bool = True,
         mosaic: Mosaic | None = None,
+        sam_side: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
         self.has_masks = has_masks
         self.mosaic = mosaic
+        self.sam_side = sam_side
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded by the training sampler: the epoch of the mosaic draws."""
@@ -96,7 +105,7 @@ class AnomalyDataset(Dataset):
         out = self.transform(image=image, mask=mask)
         frame = out["image"]
         frame_mask = torch.as_tensor(out["mask"]).to(torch.float32)  # (H, W) in {0, 1}
-        return {
+        item = {
             "image": frame.to(torch.float32),
             "mask": frame_mask,
             "has_mask": torch.tensor(has_mask, dtype=torch.bool),
@@ -106,3 +115,6 @@ class AnomalyDataset(Dataset):
             "index": torch.tensor(index, dtype=torch.int64),
             "original_size": torch.tensor([height, width], dtype=torch.int64),
         }
+        if self.sam_side:
+            item["sam_image"], item["sam_size"] = build_sam_input(image, int(self.sam_side))
+        return item

@@ -40,4 +40,5 @@ def build_ppg_cps(*, sam: Any, prompt: PromptConfig, cascade: CascadeConfig, **_
         cascade=cascade,
         embedding_cache=cache,
         weights_id=weights_identity(sam),
+        compile_encoder=sam.compile,
     )

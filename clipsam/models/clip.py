@@ -128,6 +128,10 @@ class ClipConfig:
         seed: Seed of the random frozen weights (when ``pretrained`` is empty) and of the
             adapter initialisation.
         logit_scale: Temperature of the patch-text and image-text similarities (APRIL-GAN: 100).
+        compile: ``torch.compile`` each frozen visual transformer block in place
+            (``nn.Module.compile``; weights and state-dict keys unchanged). Default off: the
+            first batch then compiles for tens of seconds (ViT-L on a GPU), worth it only for
+            long test runs.
     """
 
     model_name: str = "ViT-L-14-336"
@@ -144,6 +148,7 @@ class ClipConfig:
     quick_gelu: bool | None = None
     seed: int = 0
     logit_scale: float = 100.0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.layers = [int(v) for v in self.layers]

@@ -98,3 +98,20 @@ def test_mask_to_box():
     assert mask_to_box(mask) is None
     mask[6, 1] = mask[2, 7] = True
     assert mask_to_box(mask).tolist() == [1.0, 2.0, 7.0, 6.0]
+
+
+def test_batched_boxes_equal_mask_to_box():
+    from clipsam.cascade import masks_to_boxes
+
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 13, 17, generator=gen) > 0.95
+    masks[2] = False  # an empty mask: no box
+    masks[3] = False
+    masks[3, 12, 16] = True  # a single corner pixel
+    boxes, valid = masks_to_boxes(masks)
+    assert valid.tolist() == [mask_to_box(m) is not None for m in masks]
+    for i, mask in enumerate(masks):
+        expected = mask_to_box(mask)
+        if expected is not None:
+            assert torch.equal(boxes[i], expected)
+    assert boxes[3].tolist() == [16.0, 12.0, 16.0, 12.0]

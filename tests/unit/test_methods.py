@@ -192,23 +192,3 @@ def test_checkpoint_written_before_methods_existed_loads_as_april_gan() -> None:
         assert torch.equal(value, old[key] + 1.0)
     assert set(checkpoint["state_dict"]) == {f"producer.model.adapters.{k}" for k in old}, "renamed for Lightning's load"
 
-
-def test_sam_refiner_batch_equals_its_per_image_refine() -> None:
-    """ppg_cps's refine_batch is the per-image PPG + CPS on one batched encoding."""
-    from clipsam.cascade import CascadeConfig
-    from clipsam.data.transforms import denormalize
-    from clipsam.models.sam import SamRefiner, build_sam_tiny
-    from clipsam.prompting import PromptConfig
-
-    refiner = SamRefiner(sam=build_sam_tiny(), prompt=PromptConfig(kernel_size=5), cascade=CascadeConfig())
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 32, 32, generator=generator)
-    maps = torch.rand(2, 32, 32, generator=generator)
-    batch = refiner.refine_batch({"image": images}, maps)
-    assert refiner.encoder_calls == 2
-    for i, (image, amap) in enumerate(zip(denormalize(images), maps)):
-        single = refiner.refine(image, amap)
-        assert torch.equal(batch.mask[i], single.mask)
-        assert torch.allclose(batch.mask_probs[i], single.mask_probs, atol=1e-5)
-    assert batch.mask.shape == (2, 32, 32) and batch.mask.dtype == torch.bool
-    assert set(batch.timings) >= {"sam_encoder", "ppg", "cascade_step_1"}

@@ -182,3 +182,89 @@ def test_stable_topk_matches_a_stable_sort():
         for largest in (True, False):
             expected = torch.sort(values, descending=largest, stable=True).indices[:k]
             assert torch.equal(_stable_topk(values, k, largest=largest), expected)
+
+
+# --------------------------------------------------------------------------- batched PPG
+from clipsam.prompting import dilate, generate_point_prompts_batched  # noqa: E402
+from tests.helpers.ppg_reference import reference_point_prompts  # noqa: E402
+
+
+def _blob_maps(batch, size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    height, width = size
+    ys, xs = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    maps = []
+    for i in range(batch):
+        cy, cx = torch.rand(2, generator=gen) * torch.tensor([height, width])
+        blob = torch.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * (height / 6) ** 2))
+        noisy = blob + 0.05 * torch.rand(size, generator=gen)
+        maps.append(noisy.clamp(0, 1) if i % 3 else torch.zeros(size))  # every third map: empty S_a
+    return torch.stack(maps)
+
+
+@pytest.mark.parametrize(
+    "size, grid, shape, ksize",
+    [((40, 40), (40, 40), "ellipse", 9), ((37, 53), (8, 12), "ellipse", 25), ((48, 32), (16, 16), "rect", 20), ((30, 30), (7, 7), "cross", 5)],
+)
+@pytest.mark.parametrize("strategy", ["dense", "compact"])
+def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize, strategy):
+    """Same points, same order, as the one-image-at-a-time PPG (cv2 ring, per-pixel similarity)."""
+    maps = _blob_maps(4, size, seed=ksize)
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(4, 6, *grid, generator=gen)
+    kwargs = dict(num_positive=4, num_negative=5, threshold=0.6, kernel_shape=shape, kernel_size=ksize)
+    coords, labels = generate_point_prompts_batched(maps, feats, strategy=strategy, **kwargs)
+    assert coords.shape == (4, 9, 2) and labels.shape == (4, 9)
+    for i in range(4):
+        ref_coords, ref_labels = reference_point_prompts(maps[i], feats[i], **kwargs)
+        keep = labels[i] >= 0
+        torch.testing.assert_close(coords[i][keep], ref_coords, rtol=0, atol=0)
+        torch.testing.assert_close(labels[i][keep], ref_labels, rtol=0, atol=0)
+        one_coords, one_labels = generate_point_prompts(maps[i], feats[i], **kwargs)
+        torch.testing.assert_close(one_coords, ref_coords, rtol=0, atol=0)
+        # padding slots: positives first (slots 0..3), negatives after (4..8), -1 at the end of each
+        pos, neg = labels[i, :4], labels[i, 4:]
+        assert set(pos.tolist()) <= {1, -1} and set(neg.tolist()) <= {0, -1}
+        assert (coords[i][~keep] == 0).all()
+    assert (labels[0] == -1).all(), "an empty S_a gives only padding points"
+
+
+@pytest.mark.parametrize("strategy", ["dense", "compact"])
+def test_padding_slots_when_region_and_ring_are_small(strategy):
+    amap = torch.zeros(1, 12, 12)
+    amap[0, 5, 5] = 0.9  # S_a: one pixel; ring of a 3x3 rect: 8 pixels
+    coords, labels = generate_point_prompts_batched(
+        amap, torch.randn(1, 4, 12, 12), num_positive=3, num_negative=10, threshold=0.5, kernel_shape="rect",
+        kernel_size=3, strategy=strategy,
+    )
+    assert labels[0].tolist() == [1, -1, -1] + [0] * 8 + [-1, -1]
+    assert coords[0, 0].tolist() == [5.0, 5.0]
+
+
+@pytest.mark.parametrize("shape, ksize", [("ellipse", 25), ("ellipse", 6), ("rect", 20), ("cross", 7)])
+def test_device_dilation_equals_cv2_on_random_masks(shape, ksize):
+    gen = torch.Generator().manual_seed(ksize)
+    masks = torch.rand(3, 41, 57, generator=gen) > 0.97
+    kernel = structuring_element(shape, ksize)
+    out = dilate(masks, kernel, backend="torch")  # the accelerator path, run on the CPU here
+    assert torch.equal(dilate(masks, kernel, backend="cv2"), out)
+    for i in range(3):
+        expected = cv2.dilate(masks[i].numpy().astype(np.uint8), kernel.numpy().astype(np.uint8)).astype(bool)
+        assert np.array_equal(out[i].numpy(), expected)
+
+
+def test_dense_and_compact_strategies_agree_with_a_padded_embedding_extent():
+    """The SAM case: features of a non-square image padded in a square grid (fractional extent)."""
+    maps = _blob_maps(3, (50, 50), seed=7)
+    feats = torch.randn(3, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    extent = torch.tensor([[10.4, 16.0], [16.0, 7.3], [16.0, 16.0]], dtype=torch.float64)
+    kwargs = dict(num_positive=3, num_negative=6, threshold=0.6, kernel_shape="ellipse", kernel_size=11)
+    dense = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="dense", **kwargs)
+    compact = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="compact", **kwargs)
+    assert torch.equal(dense[0], compact[0]) and torch.equal(dense[1], compact[1])
+    # cells past the extent (padding) never matter
+    changed = feats.clone()
+    changed[0, :, 11:] = 1e3
+    changed[1, :, :, 8:] = -1e3
+    again = generate_point_prompts_batched(maps, changed, feature_extent=extent, strategy="dense", **kwargs)
+    assert torch.equal(again[0], dense[0])

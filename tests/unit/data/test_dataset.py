@@ -137,3 +137,21 @@ def test_augmentations_off_by_default_and_flip_masks_with_images() -> None:
     out = build_transform(8, augment=AugmentConfig(hflip=1.0), seed=0)(image=image, mask=mask)
     assert np.asarray(out["mask"])[:, 4:].all() and not np.asarray(out["mask"])[:, :4].any()
     assert (denormalize(out["image"])[:, :, 4:] > 200).all()
+
+
+def test_sam_input_is_the_original_resized_as_sam_predictor_does(tmp_path: Path) -> None:
+    """``sam_image`` = SamPredictor's input before normalisation: long side to S, PIL, zero pad."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    gen = np.random.default_rng(0)
+    original = gen.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    path = write_image(tmp_path / "rgb.png", original)
+    plain = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False)
+    assert "sam_image" not in plain[0], "without sam_side the items stay as before"
+    dataset = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False, sam_side=64)
+    item = dataset[0]
+    expected = ResizeLongestSide(64).apply_image(original)  # what SamPredictor.set_image encodes
+    assert item["sam_size"].tolist() == [38, 64] == list(expected.shape[:2])
+    assert item["sam_image"].shape == (3, 64, 64) and item["sam_image"].dtype == torch.uint8
+    assert np.array_equal(item["sam_image"][:, :38, :].permute(1, 2, 0).numpy(), expected)
+    assert int(item["sam_image"][:, 38:, :].abs().sum()) == 0  # zero padding below

@@ -75,7 +75,7 @@ def test_tiny_sam_is_frozen_seeded_and_leaves_global_rng_alone(tiny):
 
 def test_refine_runs_the_three_step_cascade_end_to_end(tiny):
     refiner = _refiner(tiny)
-    calls, handle = _count_calls(tiny.mask_decoder)
+    calls, handle = _count_calls(tiny.mask_decoder.transformer)
     try:
         out = refiner.refine(_image(), _anomaly_map())
     finally:
@@ -99,7 +99,7 @@ def test_refine_runs_the_three_step_cascade_end_to_end(tiny):
 
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_refine_with_fewer_steps(tiny, num_steps):
-    calls, handle = _count_calls(tiny.mask_decoder)
+    calls, handle = _count_calls(tiny.mask_decoder.transformer)
     try:
         out = _refiner(tiny, num_steps=num_steps).refine(_image(), _anomaly_map())
     finally:
@@ -109,7 +109,7 @@ def test_refine_with_fewer_steps(tiny, num_steps):
 
 
 def test_refine_without_anomaly_skips_the_decoder(tiny):
-    calls, handle = _count_calls(tiny.mask_decoder)
+    calls, handle = _count_calls(tiny.mask_decoder.transformer)
     try:
         out = _refiner(tiny).refine(_image(), torch.zeros(FRAME))
     finally:
@@ -144,22 +144,27 @@ def test_embedding_cache_hit_returns_identical_tensors_and_skips_encoder(tiny, t
         handle.remove()
     assert second.cache_hit is True and calls == [] and refiner.encoder_calls == 1
     assert torch.equal(first.mask_probs, second.mask_probs) and torch.equal(first.mask, second.mask)
-    key = cache.key(_image(), model_id=refiner.model_id)
-    assert torch.equal(cache.load(key), refiner._encode(_image()[None]))
-    assert cache.key(_image(1), model_id=refiner.model_id) != key
-    assert cache.key(_image(), model_id=refiner.model_id.replace("seed=0", "seed=1")) != key
+    sam_input, sam_size = refiner.sam_inputs(_image()[None])
+    h, w = sam_size[0].tolist()
+    key = cache.key(sam_input[0, :, :h, :w], model_id=refiner.model_id)  # keyed on what is encoded
+    assert torch.equal(cache.load(key), refiner.embed_images(_image()[None]).cpu())
+    assert cache.key(sam_input[0], model_id=refiner.model_id) != key
+    assert cache.key(sam_input[0, :, :h, :w], model_id=refiner.model_id.replace("seed=0", "seed=1")) != key
 
 
 def test_corrupt_cache_file_is_ignored_and_recomputed(tiny, tmp_path):
     cache = EmbeddingCache(tmp_path)
     refiner = _refiner(tiny, cache=cache)
     reference = refiner.embed_images(_image()[None])
-    path = cache.path(cache.key(_image(), model_id=refiner.model_id))
+    sam_input, sam_size = refiner.sam_inputs(_image()[None])
+    h, w = sam_size[0].tolist()
+    key = cache.key(sam_input[0, :, :h, :w], model_id=refiner.model_id)
+    path = cache.path(key)
     path.write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="unreadable or invalid SAM embedding cache file"):
         again = refiner.embed_images(_image()[None])
     assert refiner.encoder_calls == 2 and torch.equal(again, reference)
-    assert torch.equal(cache.load(cache.key(_image(), model_id=refiner.model_id)), reference)  # rewritten
+    assert torch.equal(cache.load(key), reference)  # rewritten
 
 
 def test_cache_requires_a_weights_identity(tiny, tmp_path):
