@@ -40,7 +40,7 @@ def test_profile_stacks_on_the_paper_config(direction: str, monkeypatch: pytest.
     assert (clip.model_name, clip.pretrained, clip.layers) == ("ViT-L-14-336", "openai", [6, 12, 18, 24])
     assert clip.quick_gelu is False and clip.object_name == "raw" and clip.upsample == "logits"
     assert clip.layer_combine == "sum" and clip.smoothing_sigma == 0.0 and clip.image_score == "clip_global"
-    assert module.eval_config.use_sam is False and module.eval_config.fusion == "clip"
+    assert module.refiner_name == "none" and module.eval_config.fusion == "clip"
     assert module.eval_config.aupro and module.eval_config.aupro_protocol == "anomalyclip"
     assert data.batch_size == 8 and data.image_size == 518
     assert data.train_spec.format == train_format and data.train_spec.split == "test"
@@ -50,7 +50,7 @@ def test_profile_stacks_on_the_paper_config(direction: str, monkeypatch: pytest.
 
     # The paper config keeps the paper's settings and takes the fidelity fixes.
     pc = paper.clip_config
-    assert paper_data.batch_size == 16 and paper.eval_config.use_sam
+    assert paper_data.batch_size == 16 and paper.refiner_name == "ppg_cps"
     assert pc.quick_gelu is None and pc.object_name == "category" and pc.layer_combine == "mean"
     assert pc.upsample == "logits" and pc.image_score == "clip_global" and pc.frozen_dtype == "float32"
     assert paper_data.train_spec.mosaic_rate == mosaic

@@ -16,8 +16,9 @@ from tests.integration.conftest import DEMO_CONFIG, REPO, fast_args, run_cli
 CONFIGS = sorted(
     str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if "benchmark" not in p.relative_to(REPO).parts
 )
-BASE_CONFIGS = [c for c in CONFIGS if not c.startswith(("configs/ablations/", "configs/methods/"))]
+BASE_CONFIGS = [c for c in CONFIGS if not c.startswith(("configs/ablations/", "configs/methods/", "configs/refiners/"))]
 ABLATIONS = [c for c in CONFIGS if c.startswith("configs/ablations/")]
+REFINERS = [c for c in CONFIGS if c.startswith("configs/refiners/")]
 
 
 @pytest.mark.parametrize("config", BASE_CONFIGS)
@@ -59,8 +60,8 @@ def test_every_ablation_instantiates_on_a_base_config(ablation: str, monkeypatch
         assert module.prompt_config.kernel_size == size
     if "num_steps" in text:
         assert module.cascade_config.num_steps == int(text.split("num_steps:")[1].split()[0])
-    if "use_sam: false" in text:
-        assert module.eval_config.use_sam is False
+    if "refiner: none" in text:
+        assert module.refiner_name == "none"
     assert module.clip_model is None, "frozen backbones must not be built at instantiation"
 
 
@@ -150,3 +151,29 @@ def test_data_synth_subcommand_writes_both_layouts(tmp_path: Path, capsys: pytes
     # a second run refuses to overwrite what is there
     assert main(args) == 2
     assert "clipsam: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("refiner", REFINERS)
+@pytest.mark.parametrize("method", ["configs/methods/april_gan_visa.yaml", "configs/methods/winclip_visa.yaml", "configs/methods/sdp_visa.yaml"])
+def test_every_refiner_config_stacks_on_every_map_producer(refiner: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/refiners/*.yaml combine with any CLIP-based producer: the refiner and fusion reach the module."""
+    import yaml
+
+    monkeypatch.chdir(REPO)
+    from clipsam.cli import ClipSamCLI
+    from clipsam.data.datamodule import AnomalyDataModule
+    from clipsam.module import ClipSamModule
+
+    cli = ClipSamCLI(
+        ClipSamModule,
+        AnomalyDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=["--config", "configs/visa.yaml", "--config", method, "--config", refiner],
+        run=False,
+    )
+    expected = yaml.safe_load(Path(REPO / refiner).read_text())["model"]
+    method_name = yaml.safe_load(Path(REPO / method).read_text())["model"].get("method", "april_gan")
+    assert cli.model.method == method_name
+    assert cli.model.refiner_name == expected["refiner"]
+    assert cli.model.eval_config.fusion == expected["evaluation"]["fusion"]
