@@ -6,7 +6,8 @@
 <predict_dir>/version_N/
   masks/<name>.png      final mask at the image's original size, 0 or 255
   overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
-  predictions.csv       path, image score, mask and overlay files, one row per image
+  predictions.csv       one row per image, written as the run goes: absolute paths, category,
+                        object name, image score, threshold, label, mask and overlay files
   skipped.txt           files in the input folder that were not images (if any)
 ```
 
@@ -16,6 +17,7 @@ Each run writes a fresh ``version_N`` directory, so earlier results are never ov
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,6 @@ def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, a
     return blended
 
 
-def _resize(array: np.ndarray, size_hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
-    height, width = size_hw
-    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.resize(array, (width, height), interpolation=interpolation)
-
-
 class PredictionWriter(BasePredictionWriter):
     """Write one mask PNG and one overlay PNG per predicted image.
 
@@ -93,7 +89,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_root = Path(output_dir).expanduser()
         self.run_dir: Path | None = None
         self._used_names: set[str] = set()
-        self._rows: list[dict[str, Any]] = []
+        self._count = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
@@ -103,7 +99,7 @@ class PredictionWriter(BasePredictionWriter):
         (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self._used_names = set()
-        self._rows = []
+        self._count = 0
         skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
         if skipped and trainer.is_global_zero:
             with atomic_write(self.run_dir / "skipped.txt") as tmp:
@@ -130,6 +126,41 @@ class PredictionWriter(BasePredictionWriter):
         self._used_names.add(candidate)
         return candidate
 
+    #: Columns of predictions.csv. Paths are absolute. ``label`` is 1 when ``image_score >=
+    #: threshold``; ``threshold_scope`` says where the thresholds came from (the category,
+    #: "global" or "default" = uncalibrated); ``object_name`` is what the text prompts said.
+    FIELDS = (
+        "path",
+        "category",
+        "object_name",
+        "image_score",
+        "threshold",
+        "label",
+        "pixel_threshold",
+        "threshold_scope",
+        "mask_source",
+        "anomalous_pixels",
+        "mask",
+        "overlay",
+    )
+
+    def _csv_part(self, trainer: Trainer) -> Path:
+        assert self.run_dir is not None
+        if trainer.world_size == 1:
+            return self.run_dir / "predictions.csv"
+        return self.run_dir / f".predictions_rank{trainer.global_rank}.csv"
+
+    def _append_rows(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        """Append rows to this process's CSV as the run goes (a crash keeps what was done)."""
+        path = self._csv_part(trainer)
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -140,13 +171,18 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        from clipsam.postprocess import to_original_size
+
         assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
+        mask_source = getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam")
+        if getattr(pl_module, "refiner", None) is None:
+            mask_source = "score"
+        rows = []
         for i, path in enumerate(prediction["path"]):
             height, width = (int(v) for v in prediction["original_size"][i].tolist())
             with Image.open(path) as img:
                 original = np.asarray(img.convert("RGB"))
-            scores = _resize(prediction["scores"][i].float().numpy(), (height, width), nearest=False)
-            mask = _resize(prediction["mask"][i].numpy().astype(np.uint8), (height, width), nearest=True) > 0
+            scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
             name = self._unique_name(path, trainer)
             mask_path = self.run_dir / "masks" / f"{name}.png"
             overlay_path = self.run_dir / "overlays" / f"{name}.png"
@@ -154,35 +190,34 @@ class PredictionWriter(BasePredictionWriter):
                 Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
             with atomic_write(overlay_path) as tmp:
                 Image.fromarray(render_overlay(original, scores, mask)).save(tmp, format="PNG")
-            self._rows.append(
+            rows.append(
                 {
-                    "path": path,
+                    "path": os.path.abspath(path),
+                    "category": prediction["category"][i],
+                    "object_name": prediction["object_names"][i],
                     "image_score": float(prediction["image_scores"][i]),
+                    "threshold": prediction["image_thresholds"][i],
+                    "label": int(bool(prediction["labels"][i])),
+                    "pixel_threshold": prediction["pixel_thresholds"][i],
+                    "threshold_scope": prediction["threshold_scopes"][i],
+                    "mask_source": mask_source,
                     "anomalous_pixels": int(mask.sum()),
-                    "mask": str(mask_path),
-                    "overlay": str(overlay_path),
+                    "mask": os.path.abspath(mask_path),
+                    "overlay": os.path.abspath(overlay_path),
                 }
             )
+        self._append_rows(trainer, rows)
+        self._count += len(rows)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write ``predictions.csv`` (under DDP: each process its part, then rank 0 merges)."""
+        """Finish ``predictions.csv`` (under DDP: rank 0 merges the per-process parts, sorted)."""
         assert self.run_dir is not None
-        fields = ["path", "image_score", "anomalous_pixels", "mask", "overlay"]
-
-        def write(path: Path, rows: list[dict[str, Any]]) -> None:
-            with atomic_write(path) as tmp:
-                with tmp.open("w", newline="") as handle:
-                    writer = csv.DictWriter(handle, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(rows)
-
         final = self.run_dir / "predictions.csv"
-        if trainer.world_size == 1:
-            write(final, self._rows)
-            total = len(self._rows)
-        else:
-            part = self.run_dir / f".predictions_rank{trainer.global_rank}.csv"
-            write(part, self._rows)
+        total = self._count
+        if trainer.world_size > 1:
+            part = self._csv_part(trainer)
+            if not part.exists():
+                self._append_rows(trainer, [])
             trainer.strategy.barrier("clipsam_predictions_written")
             total = 0
             if trainer.is_global_zero:
@@ -191,9 +226,16 @@ class PredictionWriter(BasePredictionWriter):
                     rank_part = self.run_dir / f".predictions_rank{rank}.csv"
                     with rank_part.open(newline="") as handle:
                         rows.extend(csv.DictReader(handle))
-                    rank_part.unlink()
                 rows.sort(key=lambda row: row["path"])
-                write(final, rows)
+                with atomic_write(final) as tmp:
+                    with tmp.open("w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+                        writer.writeheader()
+                        writer.writerows(rows)
+                for rank in range(trainer.world_size):
+                    (self.run_dir / f".predictions_rank{rank}.csv").unlink()
                 total = len(rows)
+        elif not final.exists():
+            self._append_rows(trainer, [])
         if trainer.is_global_zero:
             print(f"clipsam: wrote {total} masks and overlays to {self.run_dir}")

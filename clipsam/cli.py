@@ -6,6 +6,7 @@ own :class:`~lightning.pytorch.cli.LightningCLI` over :class:`clipsam.module.Cli
 files may use ``${oc.env:MVTEC_ROOT,data/mvtec}`` for dataset roots.
 
 ``clipsam data synth|download ...`` handles data on disk (see :mod:`clipsam.data.cli`).
+``clipsam export --format bundle|onnx ...`` exports a trained model (see :mod:`clipsam.export`).
 
 Errors the user can fix (:class:`clipsam.errors.ClipSamError`) are printed as one line without a
 traceback, and the process exits with status 2.
@@ -160,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             from clipsam.data.cli import data_main
 
             return data_main(args[1:])
+        if args and args[0] == "export":
+            from clipsam.export import export_main
+
+            return export_main(args[1:])
         # No explicit args from the console script: LightningCLI reads sys.argv itself.
         _build_cli(None if argv is None else args)
     except ClipSamError as err:

@@ -79,8 +79,24 @@ class EvalConfig:
         pr_curve_points: points of the per-category pixel PR curve kept for the report and
             W&B (exact points, thinned; 0 disables).
         predict_dir: root folder of predict outputs; each run writes a fresh ``version_N``.
-        predict_mask_threshold: threshold on the fused score for the written mask when SAM is
-            off (with SAM on, the written mask is SAM's final cascade mask).
+        predict_mask_threshold: pixel threshold on the fused score used when no thresholds file
+            gives one (``thresholds``): the written mask with ``mask_source="score"`` or with
+            SAM off.
+        predict_image_threshold: image-score threshold of the ``label`` column of
+            predictions.csv when no thresholds file gives one.
+        threshold_method: how ``clipsam test`` calibrates the decision thresholds it writes to
+            ``thresholds.json`` and ``test_results.json``: ``"f1"`` (F1-optimal on the labelled
+            test set) or ``"fpr"`` (from the normal images only, at ``target_fpr``); see
+            :mod:`clipsam.thresholds`.
+        target_fpr: allowed false-positive rate of ``threshold_method="fpr"`` (image level:
+            fraction of normal images flagged; pixel level: fraction of their pixels).
+        thresholds: a ``thresholds.json`` written by ``clipsam test`` (or an exported bundle
+            folder) that ``predict`` and :class:`clipsam.Segmenter` decide with: per-category
+            thresholds, else the pooled ("global") ones. None: the two ``predict_*_threshold``
+            defaults (uncalibrated).
+        mask_source: where the written mask comes from: ``"sam"`` (SAM's final cascade mask,
+            M_3) or ``"score"`` (fused pixel score >= the pixel threshold). With SAM off the
+            mask is always the score above the pixel threshold.
     """
 
     use_sam: bool = True
@@ -92,6 +108,11 @@ class EvalConfig:
     pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
+    predict_image_threshold: float = 0.5
+    threshold_method: Literal["f1", "fpr"] = "f1"
+    target_fpr: float = 0.01
+    thresholds: str | None = None
+    mask_source: Literal["sam", "score"] = "sam"
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
@@ -158,6 +179,21 @@ class ClipSamModule(LightningModule):
                 f"model.evaluation.fusion={self.eval_config.fusion!r} is not a fusion method; "
                 f"choose one of {', '.join(FUSION_METHODS)}"
             )
+        from clipsam.thresholds import THRESHOLD_METHODS
+
+        if self.eval_config.threshold_method not in THRESHOLD_METHODS:
+            raise ConfigError(
+                f"model.evaluation.threshold_method={self.eval_config.threshold_method!r}: choose one of "
+                f"{', '.join(THRESHOLD_METHODS)}"
+            )
+        if not 0.0 <= float(self.eval_config.target_fpr) < 1.0:
+            raise ConfigError(f"model.evaluation.target_fpr={self.eval_config.target_fpr} must be in [0, 1)")
+        if self.eval_config.mask_source not in ("sam", "score"):
+            raise ConfigError(
+                f"model.evaluation.mask_source={self.eval_config.mask_source!r}: choose 'sam' (SAM's final "
+                "mask) or 'score' (fused score above the pixel threshold)"
+            )
+        self._thresholds: dict[str, Any] | None = None
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
         self.save_hyperparameters(
@@ -205,6 +241,13 @@ class ClipSamModule(LightningModule):
                 self._pending_adapter_state = None
         stage = self._stage()
         if self.refiner is None and self.eval_config.use_sam and stage in ("test", "validate", "predict"):
+            self.refiner = self._build_refiner()
+
+    def build_inference_models(self) -> None:
+        """Build the frozen models for inference without a Trainer (:class:`clipsam.Segmenter`,
+        ``clipsam export``): CLIP always, SAM when ``model.evaluation.use_sam``."""
+        self.configure_model()
+        if self.refiner is None and self.eval_config.use_sam:
             self.refiner = self._build_refiner()
 
     def _build_refiner(self) -> torch.nn.Module:
@@ -361,7 +404,11 @@ class ClipSamModule(LightningModule):
         # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
         kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
         self.test_metrics = PerCategoryMetrics(
-            categories, pr_curve_points=self.eval_config.pr_curve_points, **kwargs
+            categories,
+            pr_curve_points=self.eval_config.pr_curve_points,
+            threshold_method=self.eval_config.threshold_method,
+            target_fpr=self.eval_config.target_fpr,
+            **kwargs,
         ).to(self.device)
         self.clip_metrics = None
         if self.eval_config.report_clip_baseline and self.refiner is not None and self.eval_config.fusion != "clip":
@@ -412,6 +459,9 @@ class ClipSamModule(LightningModule):
 
         assert self.test_metrics is not None
         results = self.test_metrics.compute()  # synced over ranks: every rank holds the same values
+        thresholds = results.pop("thresholds", None)
+        if thresholds is not None:
+            thresholds["scores"] = self.score_settings()
         baseline = self.clip_metrics.compute() if self.clip_metrics is not None else None
         for key, value in results["mean"].items():
             self.log(f"{prefix}/{key}", float(value), rank_zero_only=True)
@@ -442,6 +492,7 @@ class ClipSamModule(LightningModule):
                 timings=self._timings,
                 config=dict(self.hparams),
                 stage=prefix,
+                thresholds=thresholds,
             )
         self.test_metrics.reset()
         if self.clip_metrics is not None:
@@ -466,15 +517,86 @@ class ClipSamModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_end("validate")
 
-    # ------------------------------------------------------------------ predict
+    # ------------------------------------------------------------------ decisions / predict
+    def score_settings(self) -> dict[str, Any]:
+        """The settings the pixel and image scores depend on (recorded with thresholds)."""
+        return {
+            "use_sam": bool(self.eval_config.use_sam),
+            "fusion": self.eval_config.fusion,
+            "image_score": self.clip_config.image_score,
+            "image_size": self.image_size,
+        }
+
+    def load_thresholds(self) -> dict[str, Any] | None:
+        """Read ``model.evaluation.thresholds`` once (None when unset); refuse other scores."""
+        from clipsam.thresholds import check_compatible, load_thresholds
+
+        source = self.eval_config.thresholds
+        if not source:
+            return None
+        if self._thresholds is None:
+            thresholds = load_thresholds(source)
+            check_compatible(thresholds, self.score_settings(), source=str(source))
+            self._thresholds = thresholds
+        return self._thresholds
+
+    def decide(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Thresholds, labels and the written mask for a segmented batch (predict, Segmenter).
+
+        Args:
+            batch: the batch (``category`` is used to pick per-category thresholds).
+            result: :meth:`_segment`'s output.
+
+        Returns:
+            ``result`` plus ``mask`` (B, H, W) bool from ``model.evaluation.mask_source``,
+            ``labels`` (B,) bool (image score >= image threshold), ``image_thresholds`` and
+            ``pixel_thresholds`` (lists of float), ``threshold_scopes`` (where each came from:
+            the category, "global" or "default") and ``object_names`` (what the prompts said).
+        """
+        from clipsam.prompts import object_name_for
+        from clipsam.thresholds import lookup
+
+        thresholds = self.load_thresholds()
+        config = self.eval_config
+        categories = list(batch["category"])
+        image_t, pixel_t, scopes = [], [], []
+        for category in categories:
+            t_img, scope = lookup(thresholds, "image", category, config.predict_image_threshold)
+            t_pix, _ = lookup(thresholds, "pixel", category, config.predict_mask_threshold)
+            image_t.append(t_img)
+            pixel_t.append(t_pix)
+            scopes.append(scope)
+        scores = result["scores"]
+        if config.mask_source == "score" or self.refiner is None:
+            limits = torch.tensor(pixel_t, dtype=scores.dtype, device=scores.device).view(-1, 1, 1)
+            mask = scores >= limits
+        else:
+            mask = result["mask"]
+        image_limits = torch.tensor(image_t, dtype=torch.float32, device=scores.device)
+        return {
+            **result,
+            "mask": mask,
+            "labels": result["image_scores"].float() >= image_limits,
+            "image_thresholds": image_t,
+            "pixel_thresholds": pixel_t,
+            "threshold_scopes": scopes,
+            "object_names": [object_name_for(c, self.clip_config.object_name) for c in categories],
+        }
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        result = self._segment(batch)
+        result = self.decide(batch, self._segment(batch))
         return {
             "path": list(batch["path"]),
+            "category": list(batch["category"]),
             "original_size": batch["original_size"].cpu(),
             "scores": result["scores"].to(torch.float16).cpu(),  # (B, H, W), half to keep memory low
             "mask": result["mask"].cpu(),
             "image_scores": result["image_scores"].cpu(),
+            "labels": result["labels"].cpu(),
+            "image_thresholds": result["image_thresholds"],
+            "pixel_thresholds": result["pixel_thresholds"],
+            "threshold_scopes": result["threshold_scopes"],
+            "object_names": result["object_names"],
         }
 
     def configure_callbacks(self) -> list[Any]:

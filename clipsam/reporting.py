@@ -5,6 +5,8 @@ Everything goes to the run directory (``trainer.log_dir``, a fresh ``version_N``
 ```
 test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config
 test_results.csv      one row per category (+ "mean"), the table printed on the console
+thresholds.json       image- and pixel-level decision thresholds (model.evaluation.threshold_method),
+                      per category and pooled; `predict` reads it via model.evaluation.thresholds
 overlays/*.png   image | ground truth | CLIP map | final scores | final mask, per logged image
 ```
 
@@ -168,13 +170,18 @@ def report_test_results(
     config: dict[str, Any],
     stage: str = "test",
     run_dir: str | Path | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Print the table and write every report of a test (or validate) run (rank 0 only).
 
     Files are named after ``stage``: ``test_results.json`` / ``validate_results.json``.
 
+    With ``thresholds`` (:func:`clipsam.thresholds.compute_thresholds` output) they go into the
+    JSON under ``"thresholds"`` and into ``thresholds.json`` beside it.
+
     Returns:
-        dict of the written paths ("json", "csv", "overlays", and "wandb" when a W&B run exists).
+        dict of the written paths ("json", "csv", "overlays", "thresholds" when given, and
+        "wandb" when a W&B run exists).
     """
     from rich.console import Console
 
@@ -186,6 +193,7 @@ def report_test_results(
         "results": results,
         "clip_only": baseline,
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
+        "thresholds": thresholds,
         "config": config,
     }
     if (run_dir / f"{stage}_results.json").exists():
@@ -193,6 +201,10 @@ def report_test_results(
         # trainer.logger=false): never overwrite an earlier report, use a fresh sub-directory.
         run_dir = next_version_dir(run_dir / f"{stage}_reports")
     paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline, stem=f"{stage}_results")
+    if thresholds is not None:
+        from clipsam.thresholds import THRESHOLDS_FILE, save_thresholds
+
+        paths["thresholds"] = save_thresholds(run_dir / THRESHOLDS_FILE, _jsonable(thresholds))
 
     overlay_dir = run_dir / "overlays"
     panels = []
@@ -208,6 +220,8 @@ def report_test_results(
     console = Console()
     console.print(format_table(results, baseline, title=f"clipsam {stage}"))
     console.print(f"metrics: {paths['json']}  {paths['csv']}")
+    if "thresholds" in paths:
+        console.print(f"thresholds: {paths['thresholds']}  (use with --model.evaluation.thresholds=...)")
     if panels:
         console.print(f"overlays: {overlay_dir}  (image | ground truth | CLIP map | final scores | final mask)")
 
