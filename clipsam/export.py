@@ -147,8 +147,13 @@ def export_bundle(
             evaluation["thresholds"] = THRESHOLDS_FILE  # relative to the bundle
         else:
             evaluation["thresholds"] = None
-        model.setdefault("sam", {})["embedding_cache_dir"] = None
-        bundle_config = {"model": model, "data": {"image_size": module.image_size}}
+        # Every key with its value (defaults included), so a later clipsam with other defaults
+        # rebuilds the same model.
+        full = dict(module.hparams)
+        full.pop("image_size", None)
+        full["evaluation"] = {**full["evaluation"], "thresholds": evaluation["thresholds"]}
+        full["sam"] = {**full["sam"], "embedding_cache_dir": None}
+        bundle_config = {"model": full, "data": {"image_size": module.image_size}}
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(bundle_config, sort_keys=False))
@@ -233,8 +238,14 @@ def _onnx_modules() -> tuple[Any, Any]:
 
 
 def _export(model: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> None:
-    with torch.no_grad():
-        torch.onnx.export(model, args, str(path), dynamo=False, **kwargs)
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, args, str(path), dynamo=False, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def export_onnx(
@@ -338,12 +349,16 @@ def _export_sam_decoder(sam: Any, path: Path, opset: int, generator: torch.Gener
     with torch.no_grad():
         ref = onnx_model(*inputs.values())
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # a different number of points than at export: the dynamic axis works
-    feeds = {k: v.numpy() for k, v in inputs.items()}
-    got = session.run(None, feeds)
-    # masks are upscaled logits; compare the logits themselves (low-res) and the IoU predictions
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    # Compare the mask logits (low-res) and the IoU predictions; ``masks`` are their upscaling.
     diff = max(float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
-    return {"file": str(path), "max_abs_diff": diff, "compared": ["iou_predictions", "low_res_masks"]}
+    # Another number of points than at export: the dynamic axis works.
+    fewer = {**inputs, "point_coords": inputs["point_coords"][:, :3], "point_labels": inputs["point_labels"][:, :3]}
+    with torch.no_grad():
+        ref = onnx_model(*fewer.values())
+    got = session.run(None, {k: v.numpy() for k, v in fewer.items()})
+    diff = max(diff, float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
+    return {"file": str(path), "max_abs_diff": diff, "compared": ["iou_predictions", "low_res_masks"], "num_points": [5, 3]}
 
 
 # ---------------------------------------------------------------------------------- CLI
