@@ -196,6 +196,9 @@ class ClipSamModule(LightningModule):
         self._thresholds: dict[str, Any] | None = None
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
+        # A missing thresholds file, or one calibrated on other scores, fails at parse time,
+        # before any model is built or run folder created.
+        self.load_thresholds()
         self.save_hyperparameters(
             {
                 "clip": _to_plain(self.clip_config),
