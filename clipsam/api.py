@@ -125,6 +125,9 @@ def build_module(config: Mapping[str, Any]) -> Any:
         model = dict(model.get("init_args") or {})
     image_size = (config.get("data") or {}).get("image_size", model.pop("image_size", 518))
     model.pop("image_size", None)
+    tiling = (config.get("data") or {}).get("tiling")
+    if tiling is not None:
+        model["tiling"] = tiling
     try:
         return ClipSamModule(**model, image_size=int(image_size))
     except TypeError as err:
@@ -176,7 +179,8 @@ class Segmenter:
         self.module = module.to(self.device).eval()
         self.category = category
         self.batch_size = max(1, int(batch_size))
-        self.transform = build_transform(module.image_size)
+        canvas = module.tiling.canvas()  # tiled inference: images go to the canvas, not the frame
+        self.transform = build_transform(canvas if canvas is not None else module.image_size)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -310,7 +314,7 @@ class Segmenter:
                 "mask": torch.zeros(n, *frames[0].shape[-2:]),
             }
             with _quiet():
-                out = self.module.decide(batch, self.module._segment(batch))
+                out = self.module.decide(batch, self.module.inference(batch))
             for i, (_, cat, path) in enumerate(chunk):
                 scores, mask = to_original_size(out["scores"][i], out["mask"][i], sizes[i])
                 amap, _ = to_original_size(out["anomaly_map"][i], out["mask"][i], sizes[i])

@@ -79,6 +79,8 @@ class ClipSamCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One frame size for data, CLIP and SAM prompts: set it once, as data.image_size.
         parser.link_arguments("data.image_size", "model.image_size")
+        # Tiled inference: the data cuts nothing, it only sizes the canvas; the model tiles.
+        parser.link_arguments("data.tiling", "model.tiling")
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config when ``--ckpt_path`` is given.

@@ -37,6 +37,7 @@ from clipsam.models.sam import SamConfig
 from clipsam.prompting import PromptConfig
 from clipsam.cascade import CascadeConfig
 from clipsam.fusion import FUSION_METHODS
+from clipsam.tiling import TilingConfig
 
 __all__ = ["ClipSamModule", "OptimizerConfig", "EvalConfig"]
 
@@ -153,6 +154,8 @@ class ClipSamModule(LightningModule):
         evaluation: fusion, reports and predict outputs.
         focal_gamma: focal-loss gamma (2 in the paper).
         image_size: the frame size; linked from ``data.image_size`` by the CLI.
+        tiling: tiled inference for large images (:mod:`clipsam.tiling`); linked from
+            ``data.tiling`` by the CLI. Off by default.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class ClipSamModule(LightningModule):
         evaluation: EvalConfig = EvalConfig(),
         focal_gamma: float = 2.0,
         image_size: int = 518,
+        tiling: TilingConfig | None = None,
     ) -> None:
         super().__init__()
         self.clip_config: ClipConfig = _as_dataclass(ClipConfig, clip)
@@ -196,6 +200,8 @@ class ClipSamModule(LightningModule):
         self._thresholds: dict[str, Any] | None = None
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
+        self.tiling: TilingConfig = _as_dataclass(TilingConfig, tiling)
+        self.tiling.check(self.image_size)
         # A missing thresholds file, or one calibrated on other scores, fails at parse time,
         # before any model is built or run folder created.
         self.load_thresholds()
@@ -209,6 +215,7 @@ class ClipSamModule(LightningModule):
                 "evaluation": _to_plain(self.eval_config),
                 "focal_gamma": self.focal_gamma,
                 "image_size": self.image_size,
+                "tiling": _to_plain(self.tiling),
             }
         )
         # Frozen parts are missing from checkpoints on purpose; we check adapters ourselves.
@@ -383,6 +390,41 @@ class ClipSamModule(LightningModule):
             "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
         }
 
+    def inference(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_segment`, tiled when ``model.tiling`` is on (test, predict and Segmenter).
+
+        With tiling, ``batch["image"]`` is the (B, 3, Hc, Wc) canvas: it is cut into frame-sized
+        tiles (run in chunks of B tiles), and the tile outputs are stitched back
+        (:mod:`clipsam.tiling`); image scores come from the stitched maps. Same keys and
+        meanings as :meth:`_segment`, at canvas size.
+        """
+        from clipsam.fusion import image_scores
+        from clipsam.tiling import split_tiles, stitch_tiles
+
+        images = batch["image"]
+        if self.tiling.canvas() is None or tuple(images.shape[-2:]) == (self.image_size, self.image_size):
+            return self._segment(batch)
+        tiles, positions = split_tiles(images, self.image_size, int(self.tiling.overlap))
+        categories = [c for c in batch["category"] for _ in positions]
+        chunk = max(1, images.shape[0])
+        parts: dict[str, list[torch.Tensor]] = {"anomaly_map": [], "scores": [], "mask": []}
+        for start in range(0, tiles.shape[0], chunk):
+            out = self._segment({"image": tiles[start : start + chunk], "category": categories[start : start + chunk]})
+            for key in parts:
+                parts[key].append(out[key])
+        size = tuple(images.shape[-2:])
+        anomaly_map = stitch_tiles(torch.cat(parts["anomaly_map"]), positions, size)
+        scores = stitch_tiles(torch.cat(parts["scores"]), positions, size)
+        mask = stitch_tiles(torch.cat(parts["mask"]), positions, size, reduce="any")
+        clip = self.clip_config
+        return {
+            "anomaly_map": anomaly_map,
+            "scores": scores,
+            "mask": mask,
+            "image_scores": self._image_score(scores),
+            "clip_image_scores": image_scores(anomaly_map, method=clip.image_score, topk_fraction=clip.topk_fraction),
+        }
+
     def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
         from clipsam.fusion import image_scores
 
@@ -420,7 +462,7 @@ class ClipSamModule(LightningModule):
         self._timings = {}
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
-        result = self._segment(batch)
+        result = self.inference(batch)
         cat_index = {c: i for i, c in enumerate(self._categories)}
         category_ids = torch.tensor([cat_index[c] for c in batch["category"]], device=self.device)
         common = {
@@ -528,6 +570,7 @@ class ClipSamModule(LightningModule):
             "fusion": self.eval_config.fusion,
             "image_score": self.clip_config.image_score,
             "image_size": self.image_size,
+            "tiling": _to_plain(self.tiling),
         }
 
     def load_thresholds(self) -> dict[str, Any] | None:
@@ -587,7 +630,7 @@ class ClipSamModule(LightningModule):
         }
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        result = self.decide(batch, self._segment(batch))
+        result = self.decide(batch, self.inference(batch))
         return {
             "path": list(batch["path"]),
             "category": list(batch["category"]),

@@ -58,7 +58,7 @@ THRESHOLDS_FILE = "thresholds.json"
 
 #: Settings that change the scores a threshold applies to: a thresholds file computed under
 #: other values would silently give wrong decisions, so :func:`check_compatible` refuses it.
-SCORE_KEYS: tuple[str, ...] = ("use_sam", "fusion", "image_score", "image_size")
+SCORE_KEYS: tuple[str, ...] = ("use_sam", "fusion", "image_score", "image_size", "tiling")
 
 
 def _flat(values: Any, name: str) -> np.ndarray:

@@ -35,6 +35,7 @@ from clipsam.data.samples import Sample, ValidationMode, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
 from clipsam.data.visa import parse_visa
 from clipsam.errors import ConfigError, DatasetError
+from clipsam.tiling import TilingConfig
 
 __all__ = ["AnomalyDataModule", "DatasetSpec", "EpochSeededRandomSampler", "parse_spec"]
 
@@ -147,6 +148,9 @@ class AnomalyDataModule(LightningDataModule):
         seed: seeds the training shuffle and augmentations.
         predict_category: object name for predict images (used in the text prompts); None uses
             each image's parent folder name.
+        tiling: tiled inference for validate/test/predict (:mod:`clipsam.tiling`): images are
+            resized to ``tiling.image_size`` (the canvas) and cut into frame-sized tiles; None
+            or ``image_size: null`` is off. Training always uses the frame.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class AnomalyDataModule(LightningDataModule):
         validation: Literal["full", "headers", "off"] = "full",
         seed: int = 0,
         predict_category: str | None = None,
+        tiling: TilingConfig | None = None,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -182,6 +187,8 @@ class AnomalyDataModule(LightningDataModule):
         self.validation: ValidationMode = validation
         self.seed = seed
         self.predict_category = predict_category
+        self.tiling = tiling if tiling is not None else TilingConfig()
+        self.tiling.check(image_size)
         self.skipped_files: list[Path] = []
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
@@ -200,21 +207,32 @@ class AnomalyDataModule(LightningDataModule):
         if stage == "fit":
             self.train_dataset = self._build(self.train_spec, "data.train", "fit", augment=self.augment)
         elif stage in ("validate", "test"):
-            self.test_dataset = self._build(self.test_spec, "data.test", stage, augment=None)
+            self.test_dataset = self._build(self.test_spec, "data.test", stage, augment=None, size=self._eval_size())
         elif stage == "predict":
             self.predict_dataset = self._build_predict()
         else:
             raise ConfigError(f"unknown stage {stage!r}: use fit, validate, test or predict")
 
+    def _eval_size(self) -> int | tuple[int, int]:
+        """Size of test/predict images: the tiling canvas when tiling, else the frame."""
+        canvas = self.tiling.canvas()
+        return canvas if canvas is not None else self.image_size
+
     def _build(
-        self, spec: DatasetSpec | None, key: str, command: str, *, augment: AugmentConfig | None
+        self,
+        spec: DatasetSpec | None,
+        key: str,
+        command: str,
+        *,
+        augment: AugmentConfig | None,
+        size: int | tuple[int, int] | None = None,
     ) -> AnomalyDataset:
         if spec is None:
             need = "a training dataset" if command == "fit" else "a dataset to evaluate"
             raise ConfigError(f"{key} is not set: `clipsam {command}` needs {need}")
         samples, require_masks, what = parse_spec(spec, key=key)
         validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
-        transform = build_transform(self.image_size, augment=augment, seed=self.seed)
+        transform = build_transform(size or self.image_size, augment=augment, seed=self.seed)
         return AnomalyDataset(samples, transform)
 
     def _build_predict(self) -> AnomalyDataset:
@@ -232,7 +250,7 @@ class AnomalyDataModule(LightningDataModule):
             )
         samples = [Sample(p, None, -1, self.predict_category or p.parent.name, "unknown") for p in images]
         validate_samples(samples, check=self.validation, what=f"predict folder {folder}", require_masks=False)
-        return AnomalyDataset(samples, build_transform(self.image_size), has_labels=False)
+        return AnomalyDataset(samples, build_transform(self._eval_size()), has_labels=False)
 
     # ------------------------------------------------------------------------------ accessors
     @property

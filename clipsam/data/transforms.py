@@ -71,7 +71,7 @@ class AugmentConfig:
 
 
 def build_transform(
-    image_size: int,
+    image_size: int | tuple[int, int],
     *,
     augment: AugmentConfig | None = None,
     seed: int | None = None,
@@ -83,14 +83,16 @@ def build_transform(
     ``mask`` uint8 (H, W) in {0, 1}, H = W = ``image_size``.
 
     Args:
-        image_size: side of the square frame in pixels.
+        image_size: side of the square frame in pixels, or (height, width) (the canvas of
+            tiled inference, :mod:`clipsam.tiling`).
         augment: training augmentations, applied after the resize; None means none.
         seed: seed of albumentations' random source (only matters with augmentations).
     """
-    if image_size <= 0:
+    height, width = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+    if height <= 0 or width <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     steps: list[A.BasicTransform] = [
-        A.Resize(image_size, image_size, interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST)
+        A.Resize(height, width, interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST)
     ]
     if augment is not None:
         steps += augment.transforms()

@@ -247,3 +247,25 @@ def test_documented_example_runs(trained: dict, capsys: pytest.CaptureFixture[st
     printed = capsys.readouterr().out
     assert "threshold" in printed and "anomalous pixels" in printed
     assert all(Path(p).name in printed for p in images)
+
+
+def test_tiled_inference_runs_both_stages_per_tile(trained: dict) -> None:
+    """A 128 x 128 image on a 128 x 128 canvas, 64 px tiles without overlap: each quadrant of
+    the stitched result is the untiled result of that quadrant (no resize anywhere)."""
+    from clipsam import Segmenter
+
+    config = _config(trained)
+    plain = Segmenter.from_checkpoint(trained["ckpt"], config, category="capsule")
+    config["data"]["tiling"] = {"image_size": [2 * SIZE, 2 * SIZE], "overlap": 0}
+    tiled = Segmenter.from_checkpoint(trained["ckpt"], config, category="capsule")
+    paths = sorted((trained["synth"] / "mvtec" / "capsule" / "test").rglob("*.png"))[:4]
+    quads = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    big = np.concatenate([np.concatenate(quads[:2], axis=1), np.concatenate(quads[2:], axis=1)], axis=0)
+    whole = tiled.segment(big)
+    assert whole.mask.shape == (2 * SIZE, 2 * SIZE)
+    for k, part in enumerate(plain.segment_batch(quads)):
+        y, x = (k // 2) * SIZE, (k % 2) * SIZE
+        np.testing.assert_allclose(whole.anomaly_map[y : y + SIZE, x : x + SIZE], part.anomaly_map, atol=1e-5)
+        assert np.array_equal(whole.mask[y : y + SIZE, x : x + SIZE], part.mask)
+    # the image score is the configured reduction (max) of the stitched scores
+    assert whole.image_score == pytest.approx(float(whole.scores.max()), abs=1e-6)
