@@ -8,7 +8,8 @@
   overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
   predictions.csv       one row per image, written as the run goes: absolute paths, category,
                         object name, image score, threshold, label, mask and overlay files
-  skipped.txt           files in the input folder that were not images (if any)
+  skipped.txt           input files not segmented, one per line: path <TAB> why (not an image
+                        file, undecodable, too large)
 ```
 
 Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten.
@@ -102,8 +103,9 @@ class PredictionWriter(BasePredictionWriter):
         self._count = 0
         skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
         if skipped and trainer.is_global_zero:
+            reasons = getattr(trainer.datamodule, "skip_reasons", {}) or {}
             with atomic_write(self.run_dir / "skipped.txt") as tmp:
-                tmp.write_text("".join(f"{p}\n" for p in skipped))
+                tmp.write_text("".join(f"{p}\t{reasons.get(p, 'not an image file')}\n" for p in skipped))
 
     def _unique_name(self, path: str, trainer: Trainer) -> str:
         """File name for an input image: its path below the predict folder, '/' -> '__'.

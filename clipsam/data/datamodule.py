@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images, parse_folder
 from clipsam.data.mvtec import parse_mvtec
-from clipsam.data.samples import Sample, ValidationMode, validate_samples
+from clipsam.data.samples import Sample, ValidationMode, is_image_file, set_max_image_pixels, split_valid, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
 from clipsam.data.visa import parse_visa
 from clipsam.errors import ConfigError, DatasetError
@@ -151,6 +151,8 @@ class AnomalyDataModule(LightningDataModule):
         tiling: tiled inference for validate/test/predict (:mod:`clipsam.tiling`): images are
             resized to ``tiling.image_size`` (the canvas) and cut into frame-sized tiles; None
             or ``image_size: null`` is off. Training always uses the frame.
+        max_image_pixels: images with more pixels are refused with an error naming the file
+            (PIL's decompression-bomb protection; the default is PIL's own limit); None: no limit.
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class AnomalyDataModule(LightningDataModule):
         seed: int = 0,
         predict_category: str | None = None,
         tiling: TilingConfig | None = None,
+        max_image_pixels: int | None = 178_956_970,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -189,6 +192,9 @@ class AnomalyDataModule(LightningDataModule):
         self.predict_category = predict_category
         self.tiling = tiling if tiling is not None else TilingConfig()
         self.tiling.check(image_size)
+        self.max_image_pixels = max_image_pixels
+        set_max_image_pixels(max_image_pixels)
+        self.skip_reasons: dict[Path, str] = {}
         self.skipped_files: list[Path] = []
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
@@ -235,11 +241,25 @@ class AnomalyDataModule(LightningDataModule):
         transform = build_transform(size or self.image_size, augment=augment, seed=self.seed)
         return AnomalyDataset(samples, transform)
 
+    #: Sub-folders of a dataset root that hold ground truth, not images to segment.
+    MASK_FOLDERS = frozenset({"ground_truth", "masks", "mask"})
+
     def _build_predict(self) -> AnomalyDataset:
         if not self.predict_dir:
-            raise ConfigError("data.predict_dir is not set: `clipsam predict` needs a folder of images")
+            raise ConfigError("data.predict_dir is not set: `clipsam predict` needs a folder of images or an image file")
         folder = Path(os.path.expanduser(self.predict_dir))
-        images, self.skipped_files = list_images(folder)
+        self.skip_reasons = {}
+        if folder.is_file():
+            if not is_image_file(folder):
+                raise DatasetError(f"data.predict_dir={folder} is a file but not an image (.png/.jpg/...): pass an image or a folder")
+            images, self.skipped_files = [folder], []
+        else:
+            images, self.skipped_files = list_images(folder)
+            # A dataset root (MVTec ground_truth/, folder-dataset masks/): masks are not inputs.
+            masks = [p for p in images if self.MASK_FOLDERS & set(p.relative_to(folder).parent.parts)]
+            if masks:
+                images = [p for p in images if p not in set(masks)]
+                log.warning("not segmenting %d mask file(s) under %s (folders named %s)", len(masks), folder, "/".join(sorted(self.MASK_FOLDERS)))
         if self.skipped_files:
             listed = ", ".join(str(p) for p in self.skipped_files[:20])
             more = f" and {len(self.skipped_files) - 20} more" if len(self.skipped_files) > 20 else ""
@@ -249,7 +269,14 @@ class AnomalyDataModule(LightningDataModule):
                 f"0 images found in {folder} (data.predict_dir): put .png/.jpg/... files there"
             )
         samples = [Sample(p, None, -1, self.predict_category or p.parent.name, "unknown") for p in images]
-        validate_samples(samples, check=self.validation, what=f"predict folder {folder}", require_masks=False)
+        # One undecodable (or too large) file must not end the run: skip it and say so.
+        samples, bad = split_valid(samples, check=self.validation)
+        for sample, problem in bad:
+            self.skipped_files.append(Path(sample.image_path))
+            self.skip_reasons[Path(sample.image_path)] = problem
+            log.warning("skipping %s", problem)
+        if not samples:
+            raise DatasetError(f"no decodable image in {folder} (data.predict_dir): {bad[0][1]}")
         return AnomalyDataset(samples, build_transform(self._eval_size()), has_labels=False)
 
     # ------------------------------------------------------------------------------ accessors
