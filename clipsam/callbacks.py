@@ -89,14 +89,23 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_root = Path(output_dir).expanduser()
         self.run_dir: Path | None = None
+        self._reserved_by: int | None = None
         self._used_names: set[str] = set()
         self._count = 0
+
+    def reserve_run_dir(self, trainer: Trainer) -> Path:
+        """Create this predict run's ``version_N`` once (the config is saved into it too)."""
+        if self.run_dir is None or self._reserved_by != id(trainer):
+            self._reserved_by = id(trainer)
+            run_dir = str(next_version_dir(self.output_root)) if trainer.is_global_zero else ""
+            self.run_dir = Path(trainer.strategy.broadcast(run_dir))
+        return self.run_dir
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        run_dir = str(next_version_dir(self.output_root)) if trainer.is_global_zero else ""
-        self.run_dir = Path(trainer.strategy.broadcast(run_dir))
+        self.reserve_run_dir(trainer)
+        assert self.run_dir is not None
         (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
         (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self._used_names = set()

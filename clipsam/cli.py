@@ -18,6 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -41,6 +42,9 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
+        if str(getattr(stage, "value", stage)) == "predict":
+            self._save_into_predict_dir(trainer)
+            return
         log_dir = trainer.log_dir
         if log_dir is not None and trainer.is_global_zero:
             directory = Path(log_dir)
@@ -55,6 +59,18 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
         # Broadcast the chosen name so all ranks agree, then let Lightning do the writing.
         self.config_filename = trainer.strategy.broadcast(self.config_filename)
         super().setup(trainer, pl_module, stage)
+
+    def _save_into_predict_dir(self, trainer: Trainer) -> None:
+        """predict: the config goes into the predictions' own ``version_N`` (one counter per
+        command; no logger run directory, no W&B run)."""
+        from clipsam.callbacks import PredictionWriter
+
+        writer = next((cb for cb in trainer.callbacks if isinstance(cb, PredictionWriter)), None)
+        if writer is not None:
+            run_dir = writer.reserve_run_dir(trainer)
+            if trainer.is_global_zero:
+                self.parser.save(self.config, str(run_dir / "config.yaml"), skip_none=False, overwrite=False, multifile=self.multifile)
+        self.already_saved = True
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Log the whole resolved config (trainer, model, data) to W&B, so runs compare there.
@@ -81,6 +97,20 @@ class ClipSamCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.image_size")
         # Tiled inference: the data cuts nothing, it only sizes the canvas; the model tiles.
         parser.link_arguments("data.tiling", "model.tiling")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            # Files are the output of predict: keeping every map in memory too grows ~0.8 MB
+            # per image. `--return_predictions=true` brings it back.
+            parser.set_defaults(return_predictions=False)
+        return parser
+
+    def before_instantiate_classes(self) -> None:
+        # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
+        # and no (empty) W&B run beside it.
+        if self.subcommand == "predict":
+            self.config["predict"]["trainer"]["logger"] = False
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config when ``--ckpt_path`` is given.

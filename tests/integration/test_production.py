@@ -75,8 +75,16 @@ def _config(trained: dict) -> dict:
 
 def _predict(trained: dict, *extra: str) -> Path:
     os.chdir(trained["root"])
+    runs_before = sorted((trained["root"] / "runs" / "demo").glob("version_*"))
+    wandb_before = sorted((trained["root"] / "runs" / "demo" / "wandb").glob("offline-run-*"))
     predict = run_cli(["predict", *trained["args"], "--ckpt_path", str(trained["ckpt"]), *extra])
     writer = next(cb for cb in predict.trainer.callbacks if type(cb).__name__ == "PredictionWriter")
+    # One version counter per command: no logger run folder, no W&B run, the config in the
+    # predictions' own folder; predictions are not also kept in memory.
+    assert sorted((trained["root"] / "runs" / "demo").glob("version_*")) == runs_before
+    assert sorted((trained["root"] / "runs" / "demo" / "wandb").glob("offline-run-*")) == wandb_before
+    assert (writer.run_dir / "config.yaml").is_file()
+    assert predict.config["predict"]["return_predictions"] is False
     return writer.run_dir
 
 

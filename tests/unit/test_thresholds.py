@@ -159,3 +159,4 @@ def test_save_load_lookup_and_compatibility(tmp_path) -> None:
         check_compatible(loaded, {"use_sam": True, "fusion": "clip"}, source="x")
     with pytest.raises(ConfigError, match="no such file"):
         load_thresholds(tmp_path / "missing.json")
+
