@@ -98,6 +98,9 @@ class EvalConfig:
         mask_source: where the written mask comes from: ``"sam"`` (SAM's final cascade mask,
             M_3) or ``"score"`` (fused pixel score >= the pixel threshold). With SAM off the
             mask is always the score above the pixel threshold.
+        predict_embedding_cache: let ``predict`` use the SAM embedding cache
+            (``model.sam.embedding_cache_dir``); off by default, as predict usually sees each
+            image once.
     """
 
     use_sam: bool = True
@@ -114,6 +117,7 @@ class EvalConfig:
     target_fpr: float = 0.01
     thresholds: str | None = None
     mask_source: Literal["sam", "score"] = "sam"
+    predict_embedding_cache: bool = False
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
@@ -265,8 +269,11 @@ class ClipSamModule(LightningModule):
 
         sam = build_sam(self.sam_config)
         cache = None
-        if self.sam_config.embedding_cache_dir:
-            cache = EmbeddingCache(self.sam_config.embedding_cache_dir)
+        # predict sees each image once: a cache there only fills the disk, unless asked for.
+        wanted = self._stage() != "predict" or self.eval_config.predict_embedding_cache
+        if self.sam_config.embedding_cache_dir and wanted:
+            max_gb = self.sam_config.embedding_cache_max_gb
+            cache = EmbeddingCache(self.sam_config.embedding_cache_dir, max_bytes=int(max_gb * 1e9) if max_gb else None)
         return SamRefiner(
             sam=sam,
             prompt=self.prompt_config,

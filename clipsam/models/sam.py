@@ -23,6 +23,7 @@ masks come back to the frame with ``Sam.postprocess_masks``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -106,6 +107,9 @@ class SamConfig:
         cache_dir: where official checkpoints are kept; None means ``$CLIPSAM_CACHE/sam`` if that
             environment variable is set, else ``~/.cache/clipsam/sam``.
         embedding_cache_dir: directory of the on-disk image-embedding cache; None disables it.
+            ``predict`` uses it only with ``model.evaluation.predict_embedding_cache``.
+        embedding_cache_max_gb: size bound of that cache; least recently used entries are
+            deleted beyond it. None: unbounded.
         dtype: dtype of the image encoder ("bfloat16" halves its memory; the prompt encoder and
             mask decoder always run in float32).
         seed: seed of the random weights of the "tiny" variant.
@@ -116,6 +120,7 @@ class SamConfig:
     checkpoint: str | None = None
     cache_dir: str | None = None
     embedding_cache_dir: str | None = None
+    embedding_cache_max_gb: float | None = 20.0
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     download: bool = True
@@ -335,10 +340,13 @@ class EmbeddingCache:
         hits, misses: lookups served / not served since construction.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int | None = None) -> None:
         self.directory = Path(directory).expanduser()
         self.hits = 0
         self.misses = 0
+        # LRU bound: a hit touches its file; above max_bytes the least recently used files go.
+        self.max_bytes = int(max_bytes) if max_bytes else None
+        self._size: int | None = None  # bytes on disk, scanned once, then tracked
 
     @staticmethod
     def key(image: torch.Tensor, *, model_id: str) -> str:
@@ -379,12 +387,43 @@ class EmbeddingCache:
             self.misses += 1
             return None
         self.hits += 1
+        if self.max_bytes:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # most recently used
         return embedding.to(torch.float32)
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
-        """Store a (1, C, h, w) embedding under ``key`` (atomic write)."""
+        """Store a (1, C, h, w) embedding under ``key`` (atomic write); evict LRU files above ``max_bytes``."""
         entry = {"key": key, "embedding": embedding.detach().to("cpu", torch.float32).contiguous().clone()}
-        atomic_torch_save(entry, self.path(key))
+        path = self.path(key)
+        atomic_torch_save(entry, path)
+        if self.max_bytes:
+            if self._size is None:
+                self._size = sum(p.stat().st_size for p in self.directory.glob("*/*.pt"))
+            else:
+                self._size += path.stat().st_size
+            if self._size > self.max_bytes:
+                self._evict(keep=path)
+
+    def _evict(self, *, keep: Path) -> None:
+        """Delete least recently used entries until the cache holds at most 90 % of ``max_bytes``."""
+        assert self.max_bytes is not None
+        entries = []
+        for p in self.directory.glob("*/*.pt"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                entries.append((st.st_mtime_ns, st.st_size, p))
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in entries:
+            if total <= 0.9 * self.max_bytes:
+                break
+            if p == keep:
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                total -= size
+        self._size = total
 
 
 @dataclasses.dataclass

@@ -147,7 +147,11 @@ def test_segmenter_masks_equal_predict_masks(trained: dict) -> None:
     """Same checkpoint, config and thresholds: the API's masks are the files predict writes."""
     from clipsam import Segmenter
 
-    run_dir = _predict(trained)  # SAM's final mask (default mask_source), default thresholds
+    cache = trained["root"] / "predict_embedding_cache"
+    # SAM's final mask (default mask_source), default thresholds; the embedding cache is set
+    # but predict leaves it off by default.
+    run_dir = _predict(trained, f"--model.sam.embedding_cache_dir={cache}")
+    assert not cache.exists() or not any(cache.rglob("*.pt")), "predict used the embedding cache by default"
     rows = _rows(run_dir)
     seg = Segmenter.from_checkpoint(trained["ckpt"], _config(trained), batch_size=2)
     results = seg.segment_batch([row["path"] for row in rows], category="capsule")
