@@ -59,12 +59,23 @@ class DatasetSpec:
             category is the root's folder name).
         split: ``"test"`` (default: normal + anomalous images with masks, used for training too,
             per the protocol) or ``"train"`` (normal images only). Ignored for ``folder``.
+        category: ``folder`` only: the category (object) name of the images, used in the text
+            prompts and reports; None uses the root's folder name.
+        normal_dir: ``folder`` only: sub-folder of normal images.
+        anomalous_dir: ``folder`` only: sub-folder of anomalous images; ``"auto"`` finds
+            ``anomalous/`` or anomalib's ``abnormal/``.
+        mask_dir: ``folder`` only: sub-folder of masks; ``"auto"`` finds ``masks/`` or
+            anomalib's ``mask/``; null: no masks.
     """
 
     format: Literal["mvtec", "visa", "folder"]
     root: str
     categories: list[str] | None = None
     split: Literal["train", "test"] = "test"
+    category: str | None = None
+    normal_dir: str = "good"
+    anomalous_dir: str = "auto"
+    mask_dir: str | None = "auto"
 
 
 def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sample], bool, str]:
@@ -99,7 +110,13 @@ def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sampl
     elif spec.format == "visa":
         samples = parse_visa(root, categories=spec.categories, split=spec.split)
     else:
-        samples = parse_folder(root)
+        samples = parse_folder(
+            root,
+            category=spec.category,
+            normal_dir=spec.normal_dir,
+            anomalous_dir=spec.anomalous_dir,
+            mask_dir=spec.mask_dir,
+        )
     what = f"{_NAMES[spec.format]} root {root}" + ("" if spec.format == "folder" else f", split {spec.split!r}")
     if spec.categories:
         what += f", categories {', '.join(spec.categories)}"

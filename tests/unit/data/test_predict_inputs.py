@@ -72,3 +72,25 @@ def test_too_large_images_name_the_file_and_the_key(tmp_path: Path, restore_pil_
     dm = _dm(tmp_path, max_image_pixels=10_000)
     assert [s.image_path.name for s in dm.predict_dataset.samples] == ["small.png"]
     assert "data.max_image_pixels" in dm.skip_reasons[path]
+
+
+def test_folder_dataset_recognises_the_anomalib_layout_and_names(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from clipsam.data.datamodule import DatasetSpec, parse_spec
+
+    root = tmp_path / "screws"
+    write_image(root / "good" / "n0.png", np.zeros((8, 8, 3), np.uint8))
+    write_image(root / "abnormal" / "a0.png", np.zeros((8, 8, 3), np.uint8))
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 255
+    write_image(root / "mask" / "a0.png", mask)
+    write_image(root / "extra" / "x.png", np.zeros((8, 8, 3), np.uint8))
+    with caplog.at_level("WARNING"):
+        samples, _, _ = parse_spec(DatasetSpec(format="folder", root=str(root), category="screw"))
+    assert [(s.image_path.name, s.label, s.category) for s in samples] == [("n0.png", 0, "screw"), ("a0.png", 1, "screw")]
+    assert samples[1].mask_path == root / "mask" / "a0.png"
+    assert "extra" in caplog.text, "ignored sub-folders are named in a warning"
+    # explicit names
+    samples, _, _ = parse_spec(
+        DatasetSpec(format="folder", root=str(root), normal_dir="extra", anomalous_dir="abnormal", mask_dir=None)
+    )
+    assert [(s.image_path.name, s.label, s.mask_path) for s in samples] == [("x.png", 0, None), ("a0.png", 1, None)]
