@@ -486,18 +486,29 @@ class ClipSamModule(LightningModule):
         self._collect_overlays(batch, result)
 
     def _collect_overlays(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:
+        """Keep up to ``num_overlays`` examples over the whole run, anomalous ones first.
+
+        An anomalous image arriving when the budget is full replaces a kept normal one, so a run
+        whose first batches are all normal still shows anomalies.
+        """
         from clipsam.data.transforms import denormalize
 
-        budget = self.eval_config.num_overlays - len(self._overlays)
+        budget = self.eval_config.num_overlays
         if budget <= 0 or not self.trainer.is_global_zero:
             return
-        # Prefer anomalous images: they show what the method does.
-        order = sorted(range(len(batch["path"])), key=lambda i: -int(batch["label"][i]))
-        for i in order[:budget]:
+        for i in range(len(batch["path"])):
+            anomalous = int(batch["label"][i]) == 1
+            if len(self._overlays) >= budget:
+                normal = [k for k, o in enumerate(self._overlays) if not o["anomalous"]]
+                if not anomalous or not normal:
+                    continue
+                self._overlays.pop(normal[-1])
             self._overlays.append(
                 {
                     "path": batch["path"][i],
                     "category": batch["category"][i],
+                    "anomalous": anomalous,
+                    "image_score": float(result["image_scores"][i]),
                     "image": denormalize(batch["image"][i]).cpu(),
                     "gt": (batch["mask"][i] > 0.5).cpu(),
                     "clip_map": result["anomaly_map"][i].cpu(),

@@ -31,7 +31,7 @@ from PIL import Image
 from clipsam.callbacks import heat_map
 from clipsam.io import atomic_write, next_version_dir
 
-__all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
+__all__ = ["format_table", "overlay_caption", "report_test_results", "write_metrics_files", "render_panel"]
 
 # Column order of the report; keys missing from the results are skipped.
 METRIC_COLUMNS = (
@@ -141,14 +141,50 @@ def write_metrics_files(
     return {"json": json_path, "csv": csv_path}
 
 
-def render_panel(overlay: dict[str, Any]) -> np.ndarray:
-    """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8."""
+def overlay_caption(overlay: dict[str, Any], thresholds: dict[str, Any] | None = None) -> str:
+    """``file | category | score S | threshold T | label`` for a panel (threshold: the
+    category's image threshold from ``thresholds``, when known)."""
+    from clipsam.thresholds import lookup
+
+    parts = [Path(overlay["path"]).name, overlay["category"]]
+    if "image_score" in overlay:
+        parts.append(f"score {overlay['image_score']:.3f}")
+        if thresholds:
+            threshold, _ = lookup(thresholds, "image", overlay["category"], float("nan"))
+            if threshold == threshold:  # not NaN
+                parts.append(f"threshold {threshold:.3f}")
+                parts.append("anomalous" if overlay["image_score"] >= threshold else "normal")
+    if "anomalous" in overlay:
+        parts.append(f"truth: {'anomalous' if overlay['anomalous'] else 'normal'}")
+    return " | ".join(parts)
+
+
+def _caption_strip(text: str, width: int) -> np.ndarray:
+    """A black (h, width, 3) strip with ``text`` in white, scaled to fit."""
+    import cv2
+
+    height = max(14, width // 40)
+    strip = np.zeros((height, width, 3), dtype=np.uint8)
+    scale = height / 30.0
+    (text_w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    if text_w > width - 4:
+        scale *= (width - 4) / text_w
+    cv2.putText(strip, text, (2, int(height * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return strip
+
+
+def render_panel(overlay: dict[str, Any], caption: str | None = None) -> np.ndarray:
+    """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8,
+    with ``caption`` in a strip above it when given."""
     image = overlay["image"].permute(1, 2, 0).numpy().astype(np.uint8)
     gt = np.repeat(overlay["gt"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
     clip_map = heat_map(overlay["clip_map"].float().numpy())
     scores = heat_map(overlay["scores"].float().numpy())
     mask = np.repeat(overlay["mask"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
-    return np.concatenate([image, gt, clip_map, scores, mask], axis=1)
+    panel = np.concatenate([image, gt, clip_map, scores, mask], axis=1)
+    if caption:
+        panel = np.concatenate([_caption_strip(caption, panel.shape[1]), panel], axis=0)
+    return panel
 
 
 def _wandb_logger(trainer: Any) -> Any:
@@ -209,7 +245,8 @@ def report_test_results(
     overlay_dir = run_dir / "overlays"
     panels = []
     for i, overlay in enumerate(overlays):
-        panel = render_panel(overlay)
+        overlay["caption"] = overlay_caption(overlay, thresholds)
+        panel = render_panel(overlay, overlay["caption"])
         overlay_dir.mkdir(parents=True, exist_ok=True)
         path = overlay_dir / f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}.png"
         with atomic_write(path) as tmp:
@@ -244,7 +281,9 @@ def _log_to_wandb(logger: Any, results: dict[str, Any], baseline: dict[str, Any]
         for overlay, panel in panels:
             examples.add_data(overlay["category"], overlay["path"], wandb.Image(panel))
         payload["examples"] = examples
-        payload["overlays"] = [wandb.Image(panel, caption=f"{o['category']}: {Path(o['path']).name}") for o, panel in panels]
+        payload["overlays"] = [
+            wandb.Image(panel, caption=o.get("caption") or f"{o['category']}: {Path(o['path']).name}") for o, panel in panels
+        ]
     for category, values in results.get("per_category", {}).items():
         curve = values.get("pixel_pr_curve")
         if curve:
