@@ -14,7 +14,10 @@ traceback, and the process exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 import yaml
 
 from lightning.pytorch import LightningModule, Trainer
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from clipsam.errors import ClipSamError
@@ -89,8 +93,61 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
             logger.experiment.config.update({"cli": config, "subcommand": subcommand}, allow_val_change=True)
 
 
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref|doc):`~?([^`]+)`")
+
+
+def clean_help(text: str) -> str:
+    """Docstring markup -> plain text for ``--help``: ``:class:`~a.B``` -> ``B``, ````x```` -> ``x``."""
+    text = _SPHINX_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
+    return text.replace("``", "")
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter without raw Sphinx markup in the help of each key."""
+
+    def _get_help_string(self, action: Any) -> str:
+        return clean_help(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(clean_help(text))
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(clean_help(text) if isinstance(text, str) else text)
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(clean_help(heading) if isinstance(heading, str) else heading)
+
+
+class ClipSamArgumentParser(LightningArgumentParser):
+    """Lightning's parser that suggests the closest valid key for a mistyped one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        unknown = re.findall(r"--[\w.\-]+", message) if "nrecognized argument" in message else []
+        if unknown:
+            valid = [opt for action in self._actions for opt in action.option_strings if opt.startswith("--")]
+            hints = []
+            for arg in unknown:
+                close = difflib.get_close_matches(arg, valid, n=1, cutoff=0.75)
+                if close:
+                    hints.append(f"{arg}: did you mean {close[0]}?")
+            if hints:
+                message = f"{message}\n" + "\n".join(hints)
+        super().error(message, ex)
+
+
 class ClipSamCLI(LightningCLI):
-    """LightningCLI with clipsam's argument links."""
+    """LightningCLI with clipsam's argument links, defaults and messages."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault(
+            "epilog",
+            "more commands: `clipsam data {synth,download} --help` (datasets on disk), "
+            "`clipsam export --help` (bundle / ONNX), `clipsam --version`.",
+        )
+        if self.parser_class is LightningArgumentParser:
+            self.parser_class = ClipSamArgumentParser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One frame size for data, CLIP and SAM prompts: set it once, as data.image_size.
@@ -104,7 +161,16 @@ class ClipSamCLI(LightningCLI):
             # Files are the output of predict: keeping every map in memory too grows ~0.8 MB
             # per image. `--return_predictions=true` brings it back.
             parser.set_defaults(return_predictions=False)
+        if subcommand in ("test", "validate"):
+            # clipsam prints its own per-category table; Lightning's would repeat the means.
+            parser.set_defaults(verbose=False)
         return parser
+
+    def after_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if path and self.trainer.is_global_zero:
+            print(f"clipsam: checkpoint {path}\n  next: clipsam test --config ... --ckpt_path {path}")
 
     def before_instantiate_classes(self) -> None:
         # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
@@ -157,6 +223,15 @@ _EXPECTED_WARNINGS = (
 def _silence_expected_warnings() -> None:
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's "💡 Tip: try installing litlogger/litmodels" advertisements, once per command.
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless" not in str(record.msg)
 
 
 def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
@@ -188,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipsam`` and ``lightning`` console scripts."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_SILENT", "true")
+    if args[:1] in (["--version"], ["-V"]):
+        from clipsam import __version__
+
+        print(f"clipsam {__version__}")
+        return 0
     try:
         if args and args[0] == "data":
             from clipsam.data.cli import data_main

@@ -66,8 +66,8 @@ class EvalConfig:
 
     Attributes:
         use_sam: run the SAM stage (PPG + CPS). False evaluates the CLIP map alone.
-        fusion: how the SAM mask and the CLIP map become pixel scores, one of
-            :data:`clipsam.fusion.FUSION_METHODS` (see :func:`clipsam.fusion.fuse_scores`). The
+        fusion: how the SAM mask and the CLIP map become pixel scores: clip, sam, product,
+            mean, max, clip_boost or clip_masked (:func:`clipsam.fusion.fuse_scores`). The
             paper does not spell this out; the default "clip_boost" is (Map_a + M_3) / 2: pixels
             inside SAM's final mask rank first, the CLIP map orders pixels within each side.
             "clip" is the CLIP-stage baseline (SAM ignored).
