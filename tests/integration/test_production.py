@@ -55,7 +55,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
         with contextlib.redirect_stdout(io.StringIO()) as fit_out:
             fit = run_cli(["fit", *_args(root)])
         ckpt = Path(fit.trainer.checkpoint_callback.last_model_path)
-        assert f"clipsam: checkpoint {ckpt}" in fit_out.getvalue(), "fit says where its checkpoint is
+        assert f"clipsam: checkpoint {ckpt}" in fit_out.getvalue(), "fit says where its checkpoint is"
         test = run_cli(["test", *_args(root), "--ckpt_path", str(ckpt)])
         test_dir = Path(test.trainer.log_dir)
         yield {"root": root, "synth": synth, "ckpt": ckpt, "test_dir": test_dir, "args": _args(root)}
