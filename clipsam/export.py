@@ -119,7 +119,6 @@ def export_bundle(
             non-empty output folder. Nothing is left behind on error.
     """
     from clipsam.api import _load_checkpoint, _quiet, build_module
-    from clipsam.module import ADAPTER_PREFIX
     from clipsam.thresholds import THRESHOLDS_FILE, check_compatible, load_thresholds, save_thresholds
 
     resolved = _resolved(config, overrides)
@@ -136,7 +135,9 @@ def export_bundle(
     if evaluation.get("thresholds"):
         thresholds_data = load_thresholds(evaluation["thresholds"])
         check_compatible(thresholds_data, module.score_settings(), source=str(evaluation["thresholds"]))
-    state = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(ADAPTER_PREFIX)}
+    # `clipsam fit` checkpoints already hold the trainable weights only (the module's
+    # on_save_checkpoint drops the frozen parts): keep exactly those, without optimizer state.
+    state = dict(checkpoint["state_dict"])
 
     out = _fresh_output(output)
     try:
@@ -209,21 +210,33 @@ def read_bundle(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, s
 
 # ---------------------------------------------------------------------------------- ONNX
 class ClipStageGraph(torch.nn.Module):
-    """The CLIP stage for ONNX: frame images -> (anomaly map, image scores), one category.
+    """The map stage for ONNX: frame images -> (anomaly map, image scores), one category.
 
-    Calls :class:`clipsam.models.clip.ClipAnomalyModel` itself (same math as test/predict); the
-    category's text features are computed once and become constants of the graph.
+    Calls the module's own map model (:class:`clipsam.models.clip.ClipAnomalyModel`, same math
+    as test/predict); one forward before tracing fills its text-feature cache, so the
+    category's text features become constants of the graph.
     """
 
-    def __init__(self, clip_model: torch.nn.Module, category: str) -> None:
+    def __init__(self, map_model: torch.nn.Module, category: str, image_size: int) -> None:
         super().__init__()
-        self.clip_model = clip_model
+        self.map_model = map_model
         self.category = category
-        clip_model.text_features([category])  # fill the text cache before tracing
+        with torch.no_grad():
+            map_model(torch.zeros(1, 3, image_size, image_size), [category])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.clip_model(images, [self.category] * images.shape[0])
+        out = self.map_model(images, [self.category] * images.shape[0])
         return out.anomaly_map, out.image_scores
+
+
+def _map_model(module: Any) -> torch.nn.Module:
+    """The module's map model: ``clip_model`` (CLIP adapters) or a method plug-in's ``producer``."""
+    model = getattr(module, "clip_model", None)
+    if model is None:
+        model = getattr(module, "producer", None)
+    if model is None:
+        raise ConfigError("this model has no map stage to export")
+    return model
 
 
 def _onnx_modules() -> tuple[Any, Any]:
@@ -288,7 +301,7 @@ def export_onnx(
     try:
         # -------- CLIP stage
         size = module.image_size
-        graph = ClipStageGraph(module.clip_model, category).eval()
+        graph = ClipStageGraph(_map_model(module), category, size).eval()
         images = torch.randn(batch_size, 3, size, size, generator=generator)
         clip_path = out / "clip_stage.onnx"
         with _quiet():
@@ -304,8 +317,9 @@ def export_onnx(
             "max_abs_diff": float(max(np.abs(got_map - ref_map.numpy()).max(), np.abs(got_scores - ref_scores.numpy()).max())),
         }
         # -------- SAM prompt encoder + mask decoder
-        if module.refiner is not None:
-            report["graphs"]["sam_decoder"] = _export_sam_decoder(module.refiner.sam, out / "sam_decoder.onnx", opset, generator, ort, onnx)
+        sam = getattr(module.refiner, "sam", None)
+        if sam is not None:
+            report["graphs"]["sam_decoder"] = _export_sam_decoder(sam, out / "sam_decoder.onnx", opset, generator, ort, onnx)
         (out / "onnx_check.json").write_text(json.dumps(report, indent=2))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

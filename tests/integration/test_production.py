@@ -211,7 +211,10 @@ def test_bundle_round_trip(trained: dict, tmp_path: Path, capsys: pytest.Capture
     assert main([*args, "--format", "bundle", "--output", str(bundle), "--thresholds", str(thresholds), "--category", "capsule"]) == 0
     assert {p.name for p in bundle.iterdir()} == {"bundle.json", "config.yaml", "weights.pt", "thresholds.json", "versions.json"}
     saved = torch.load(bundle / "weights.pt", map_location="cpu", weights_only=True)
-    assert saved["state_dict"] and all(k.startswith("clip_model.adapters.") for k in saved["state_dict"])
+    trained_state = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)["state_dict"]
+    assert saved["state_dict"].keys() == trained_state.keys(), "the bundle holds the trainable weights"
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in trained_state.items())
+    assert "optimizer_states" not in saved
 
     images = sorted(str(p) for p in (trained["synth"] / "mvtec" / "capsule" / "test").rglob("*.png"))
     direct = Segmenter.from_checkpoint(trained["ckpt"], _config(trained), thresholds=thresholds, category="capsule")
