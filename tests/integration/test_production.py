@@ -268,6 +268,7 @@ def test_documented_example_runs(trained: dict, capsys: pytest.CaptureFixture[st
     assert all(Path(p).name in printed for p in images)
 
 
+@pytest.mark.slow  # two more Segmenters and 8 forwards; the tile/stitch math is in tests/unit/test_tiling.py
 def test_tiled_inference_runs_both_stages_per_tile(trained: dict) -> None:
     """A 128 x 128 image on a 128 x 128 canvas, 64 px tiles without overlap: each quadrant of
     the stitched result is the untiled result of that quadrant (no resize anywhere)."""
