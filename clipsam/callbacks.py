@@ -18,6 +18,7 @@ Each run writes a fresh ``version_N`` directory, so earlier results are never ov
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from PIL import Image
 from clipsam.io import atomic_torch_save, atomic_write, next_version_dir
 
 __all__ = ["AtomicCheckpointIO", "PredictionWriter", "heat_map", "render_overlay"]
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -185,6 +188,15 @@ class PredictionWriter(BasePredictionWriter):
         from clipsam.postprocess import to_original_size
 
         assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
+        skipped = prediction.get("skipped") or []
+        if skipped:
+            # Undecodable while predicting: listed in skipped.txt (this process's part under
+            # DDP), the run goes on.
+            name = "skipped.txt" if trainer.world_size == 1 else f"skipped_rank{trainer.global_rank}.txt"
+            with (self.run_dir / name).open("a") as handle:
+                handle.writelines(f"{path}\t{' '.join(str(reason).split())}\n" for path, reason in skipped)
+            for path, reason in skipped:
+                log.warning("skipped %s: %s", path, reason)
         mask_source = getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam")
         if getattr(pl_module, "refiner", None) is None:
             mask_source = "score"

@@ -648,8 +648,11 @@ class ClipSamModule(LightningModule):
         }
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not batch["path"]:  # every file of this batch failed to decode (see PredictionWriter)
+            return {"path": [], "skipped": list(batch.get("skipped", []))}
         result = self.decide(batch, self.inference(batch))
         return {
+            "skipped": list(batch.get("skipped", [])),
             "path": list(batch["path"]),
             "category": list(batch["category"]),
             "original_size": batch["original_size"].cpu(),

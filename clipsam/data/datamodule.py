@@ -342,4 +342,42 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(self.test_dataset, "test", batch_size=self.test_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict", batch_size=self.test_batch_size, shuffle=False)
+        if self.predict_dataset is None:
+            raise RuntimeError("call datamodule.setup('predict') before asking for its dataloader")
+        # A file that fails to decode while predicting (validation off, or changed since setup)
+        # is skipped and reported, not the end of the run.
+        return DataLoader(
+            _SkipUndecodable(self.predict_dataset),
+            batch_size=self.test_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping,
+            drop_last=False,
+        )
+
+
+class _SkipUndecodable(torch.utils.data.Dataset):
+    """Items of ``dataset``; an item that raises :class:`DatasetError` becomes a skip marker."""
+
+    def __init__(self, dataset: AnomalyDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except DatasetError as err:
+            return {"_skipped": str(self.dataset.samples[index].image_path), "_reason": str(err)}
+
+
+def collate_skipping(items: list[dict]) -> dict:
+    """``default_collate`` of the good items, plus ``skipped``: [(path, reason)] of the others
+    (a batch of only skipped files has ``skipped`` and an empty ``path`` list)."""
+    good = [item for item in items if "_skipped" not in item]
+    skipped = [(item["_skipped"], item["_reason"]) for item in items if "_skipped" in item]
+    batch = default_collate(good) if good else {"path": []}
+    batch["skipped"] = skipped
+    return batch

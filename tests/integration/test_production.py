@@ -289,3 +289,19 @@ def test_tiled_inference_runs_both_stages_per_tile(trained: dict) -> None:
         assert np.array_equal(whole.mask[y : y + SIZE, x : x + SIZE], part.mask)
     # the image score is the configured reduction (max) of the stitched scores
     assert whole.image_score == pytest.approx(float(whole.scores.max()), abs=1e-6)
+
+
+def test_predict_skips_a_file_that_fails_while_running(trained: dict, tmp_path: Path) -> None:
+    """With validation off a broken file reaches the dataloader: it is skipped and listed, the
+    other images are written, predictions.csv holds them."""
+    folder = tmp_path / "line"
+    images = sorted((trained["synth"] / "mvtec" / "capsule" / "test").rglob("*.png"))[:2]
+    folder.mkdir()
+    for i, path in enumerate(images):
+        (folder / f"{i}.png").write_bytes(path.read_bytes())
+    (folder / "2_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run_dir = _predict(trained, f"--data.predict_dir={folder}", "--data.validation=off")
+    assert sorted(p.name for p in (run_dir / "masks").iterdir()) == ["0.png", "1.png"]
+    assert [row["path"] for row in _rows(run_dir)] == [str(folder / "0.png"), str(folder / "1.png")]
+    skipped = (run_dir / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith(f"{folder / '2_broken.png'}\t") and "cannot decode" in skipped[0]

@@ -94,3 +94,17 @@ def test_folder_dataset_recognises_the_anomalib_layout_and_names(tmp_path: Path,
         DatasetSpec(format="folder", root=str(root), normal_dir="extra", anomalous_dir="abnormal", mask_dir=None)
     )
     assert [(s.image_path.name, s.label, s.mask_path) for s in samples] == [("x.png", 0, None), ("a0.png", 1, None)]
+
+
+def test_files_that_fail_while_predicting_become_skip_markers(tmp_path: Path) -> None:
+    ok = write_image(tmp_path / "ok.png", np.zeros((8, 8, 3), np.uint8))
+    bad = tmp_path / "late.png"
+    write_image(bad, np.zeros((8, 8, 3), np.uint8))
+    dm = _dm(tmp_path)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated after setup")  # breaks after validation
+    batches = list(dm.predict_dataloader())
+    assert len(batches) == 1
+    (batch,) = batches
+    assert batch["path"] == [str(ok)] and batch["image"].shape[0] == 1
+    assert [path for path, _ in batch["skipped"]] == [str(bad)]
+    assert "cannot decode" in batch["skipped"][0][1]
