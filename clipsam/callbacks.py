@@ -257,6 +257,11 @@ class PredictionWriter(BasePredictionWriter):
                         writer.writerows(rows)
                 for rank in range(trainer.world_size):
                     (self.run_dir / f".predictions_rank{rank}.csv").unlink()
+                    part = self.run_dir / f"skipped_rank{rank}.txt"
+                    if part.exists():  # files that failed during the run, per process
+                        with (self.run_dir / "skipped.txt").open("a") as handle:
+                            handle.write(part.read_text())
+                        part.unlink()
                 total = len(rows)
         elif not final.exists():
             self._append_rows(trainer, [])
