@@ -10,14 +10,25 @@
                         object name, image score, threshold, label, mask and overlay files
   skipped.txt           input files not segmented, one per line: path <TAB> why (not an image
                         file, undecodable, too large)
+  config.yaml           the resolved config of the command
+  run.json              the checkpoint used (path, sha256) and the input folder
+  INCOMPLETE            only while the run is going or when it did not end normally
 ```
 
-Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten.
+Each run writes a fresh ``version_N`` directory, so earlier results are never overwritten. Output
+names come from the input path below the predict folder; a name longer than the file system
+allows (255 bytes with ``.png``) is shortened and made unique with a hash of the full name, and
+``predictions.csv`` maps every input path to its files. The output root holds a
+``.clipsam-output`` marker, so an output folder placed inside the input folder is never read back
+as input (:func:`clipsam.data.folder.list_images` skips it). Ctrl+C (or an error) leaves
+``predictions.csv`` with the images done so far and an ``INCOMPLETE`` file saying why.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,9 +42,27 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 
-from clipsam.io import atomic_torch_save, atomic_write, next_version_dir
+from clipsam.data.samples import read_image
+from clipsam.io import atomic_torch_save, atomic_write, next_version_dir, safe_torch_load
 
-__all__ = ["AtomicCheckpointIO", "PredictionWriter", "heat_map", "render_overlay"]
+__all__ = ["OUTPUT_MARKER", "AtomicCheckpointIO", "PredictionWriter", "heat_map", "output_name", "render_overlay"]
+
+OUTPUT_MARKER = ".clipsam-output"
+"""File in the root of clipsam's predict outputs; folders holding it are never read as input."""
+
+#: Longest output file stem in bytes: 255 (NAME_MAX) minus ".png" minus a margin for suffixes.
+MAX_STEM_BYTES = 240
+
+
+def output_name(name: str, *, max_bytes: int = MAX_STEM_BYTES) -> str:
+    """``name`` if it fits in ``max_bytes`` (UTF-8), else its head + "~" + 16 hex of its sha256."""
+    raw = name.encode("utf-8")
+    if len(raw) <= max_bytes:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    head = raw[: max_bytes - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{head}~{digest}"
+
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +83,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load with ``weights_only=True`` always (whatever the caller or the environment asks).
+
+        Raises:
+            WeightsError: the file is missing, truncated, or holds more than tensors and plain data.
+        """
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        return safe_torch_load(path, what="checkpoint", map_location=map_location or "cpu")
 
 
 def heat_map(scores: np.ndarray) -> np.ndarray:
@@ -88,58 +127,6 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: root folder; each predict run creates ``output_dir/version_N``.
     """
 
-    def __init__(self, output_dir: str) -> None:
-        super().__init__(write_interval="batch")
-        self.output_root = Path(output_dir).expanduser()
-        self.run_dir: Path | None = None
-        self._reserved_by: int | None = None
-        self._used_names: set[str] = set()
-        self._count = 0
-
-    def reserve_run_dir(self, trainer: Trainer) -> Path:
-        """Create this predict run's ``version_N`` once (the config is saved into it too)."""
-        if self.run_dir is None or self._reserved_by != id(trainer):
-            self._reserved_by = id(trainer)
-            run_dir = str(next_version_dir(self.output_root)) if trainer.is_global_zero else ""
-            self.run_dir = Path(trainer.strategy.broadcast(run_dir))
-        return self.run_dir
-
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "predict":
-            return
-        self.reserve_run_dir(trainer)
-        assert self.run_dir is not None
-        (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        self._used_names = set()
-        self._count = 0
-        skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
-        if skipped and trainer.is_global_zero:
-            reasons = getattr(trainer.datamodule, "skip_reasons", {}) or {}
-            with atomic_write(self.run_dir / "skipped.txt") as tmp:
-                tmp.write_text("".join(f"{p}\t{reasons.get(p, 'not an image file')}\n" for p in skipped))
-
-    def _unique_name(self, path: str, trainer: Trainer) -> str:
-        """File name for an input image: its path below the predict folder, '/' -> '__'.
-
-        ``good/000.png`` and ``hole/000.png`` become ``good__000`` and ``hole__000``; names that
-        still collide (or come from outside the folder) get a numeric suffix.
-        """
-        source = Path(path)
-        root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
-        try:
-            relative = source.resolve().relative_to(Path(root).expanduser().resolve()) if root else Path(source.name)
-        except ValueError:
-            relative = Path(source.name)
-        # Unique across processes too: each image is predicted by one process only.
-        name = "__".join((*relative.parent.parts, relative.stem))
-        candidate, n = name, 1
-        while candidate in self._used_names:
-            n += 1
-            candidate = f"{name}_{n}"
-        self._used_names.add(candidate)
-        return candidate
-
     #: Columns of predictions.csv. Paths are absolute. ``label`` is 1 when ``image_score >=
     #: threshold``; ``threshold_scope`` says where the thresholds came from (the category,
     #: "global" or "default" = uncalibrated); ``object_name`` is what the text prompts said.
@@ -157,6 +144,73 @@ class PredictionWriter(BasePredictionWriter):
         "mask",
         "overlay",
     )
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__(write_interval="batch")
+        self.output_root = Path(output_dir).expanduser()
+        self.run_dir: Path | None = None
+        self._reserved_by: int | None = None
+        self._used_names: set[str] = set()
+        self._count = 0
+        self._finished = True
+
+    def reserve_run_dir(self, trainer: Trainer) -> Path:
+        """Create this predict run's ``version_N`` once (the config is saved into it too)."""
+        if self.run_dir is None or self._reserved_by != id(trainer):
+            self._reserved_by = id(trainer)
+            run_dir = ""
+            if trainer.is_global_zero:
+                run_dir = str(next_version_dir(self.output_root))
+                marker = self.output_root / OUTPUT_MARKER
+                if not marker.exists():
+                    marker.write_text("clipsam predict outputs: never read as input by clipsam\n")
+                (Path(run_dir) / "INCOMPLETE").write_text("clipsam predict has not finished writing this folder\n")
+            self.run_dir = Path(trainer.strategy.broadcast(run_dir))
+        return self.run_dir
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        run_dir = self.reserve_run_dir(trainer)
+        if trainer.is_global_zero:
+            # Which adapters made these masks: checkpoint path + sha256 (set by the CLI).
+            record = {
+                "checkpoint": getattr(pl_module, "checkpoint_record", None),
+                "predict_dir": str(getattr(getattr(trainer, "datamodule", None), "predict_dir", "") or ""),
+            }
+            with atomic_write(run_dir / "run.json") as tmp:
+                tmp.write_text(json.dumps(record, indent=2))
+        (run_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (run_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        self._used_names = set()
+        self._count = 0
+        self._finished = False
+        skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
+        if skipped and trainer.is_global_zero:
+            reasons = getattr(trainer.datamodule, "skip_reasons", {}) or {}
+            with atomic_write(run_dir / "skipped.txt") as tmp:
+                tmp.write_text("".join(f"{p}\t{reasons.get(p, 'not an image file')}\n" for p in skipped))
+
+    def _unique_name(self, path: str, trainer: Trainer) -> str:
+        """File name for an input image: its path below the predict folder, '/' -> '__'.
+
+        ``good/000.png`` and ``hole/000.png`` become ``good__000`` and ``hole__000``; names that
+        still collide (or come from outside the folder) get a numeric suffix.
+        """
+        source = Path(path)
+        root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
+        try:
+            relative = source.resolve().relative_to(Path(root).expanduser().resolve()) if root else Path(source.name)
+        except ValueError:
+            relative = Path(source.name)
+        # Unique across processes too: each image is predicted by one process only.
+        name = output_name("__".join((*relative.parent.parts, relative.stem)))
+        candidate, n = name, 1
+        while candidate in self._used_names:
+            n += 1
+            candidate = output_name(f"{name}_{n}")
+        self._used_names.add(candidate)
+        return candidate
 
     def _csv_part(self, trainer: Trainer) -> Path:
         assert self.run_dir is not None
@@ -203,8 +257,7 @@ class PredictionWriter(BasePredictionWriter):
         rows = []
         for i, path in enumerate(prediction["path"]):
             height, width = (int(v) for v in prediction["original_size"][i].tolist())
-            with Image.open(path) as img:
-                original = np.asarray(img.convert("RGB"))
+            original = read_image(path)  # (H, W, 3) uint8, display orientation, scaled by bit depth
             scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
             name = self._unique_name(path, trainer)
             mask_path = self.run_dir / "masks" / f"{name}.png"
@@ -231,6 +284,23 @@ class PredictionWriter(BasePredictionWriter):
             )
         self._append_rows(trainer, rows)
         self._count += len(rows)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Ctrl+C or an error during predict: the CSV already holds what was done; say the folder is incomplete."""
+        if self.run_dir is None or self._finished or not self.run_dir.is_dir():
+            return
+        reason = "interrupted (Ctrl+C)" if isinstance(exception, KeyboardInterrupt) else f"failed: {type(exception).__name__}: {exception}"
+        try:
+            part = self._csv_part(trainer)
+            if not part.exists():
+                self._append_rows(trainer, [])
+            if trainer.is_global_zero:
+                (self.run_dir / "INCOMPLETE").write_text(
+                    f"clipsam predict {reason} after {self._count} image(s) (rank {trainer.global_rank}); "
+                    f"{part.name} lists them. Run predict again for the whole folder.\n"
+                )
+        except OSError:
+            pass  # a full or read-only disk: the INCOMPLETE file written at the start stays
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Finish ``predictions.csv`` (under DDP: rank 0 merges the per-process parts, sorted)."""
@@ -265,5 +335,7 @@ class PredictionWriter(BasePredictionWriter):
                 total = len(rows)
         elif not final.exists():
             self._append_rows(trainer, [])
+        self._finished = True
         if trainer.is_global_zero:
+            (self.run_dir / "INCOMPLETE").unlink(missing_ok=True)
             print(f"clipsam: wrote {total} masks and overlays to {self.run_dir}")

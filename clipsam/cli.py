@@ -43,13 +43,16 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
     else ``config_<stage>_<n>.yaml``.
     """
 
+    run_dir: Path | None = None
+    """The run directory the CLI reserved (None: ``trainer.log_dir``, as in Lightning)."""
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
         if str(getattr(stage, "value", stage)) == "predict":
             self._save_into_predict_dir(trainer)
             return
-        log_dir = trainer.log_dir
+        log_dir = str(self.run_dir) if self.run_dir is not None else trainer.log_dir
         if log_dir is not None and trainer.is_global_zero:
             directory = Path(log_dir)
             name = self.config_filename
@@ -62,7 +65,16 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
             self.config_filename = candidate.name
         # Broadcast the chosen name so all ranks agree, then let Lightning do the writing.
         self.config_filename = trainer.strategy.broadcast(self.config_filename)
-        super().setup(trainer, pl_module, stage)
+        if self.run_dir is None:
+            super().setup(trainer, pl_module, stage)
+            return
+        # Lightning's setup writes to trainer.log_dir; write to the reserved run directory instead.
+        if trainer.is_global_zero:
+            config_path = self.run_dir / self.config_filename
+            self.parser.save(self.config, str(config_path), skip_none=False, overwrite=False, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def _save_into_predict_dir(self, trainer: Trainer) -> None:
         """predict: the config goes into the predictions' own ``version_N`` (one counter per
@@ -89,8 +101,12 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
             return
         subcommand = str(getattr(stage, "value", stage))  # "fit", "test", ...
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        record = {"cli": config, "subcommand": subcommand}
+        # Which adapters this run used (path + sha256), and where its files are.
+        record["checkpoint"] = getattr(pl_module, "checkpoint_record", None)
+        record["run_dir"] = str(self.run_dir) if self.run_dir is not None else trainer.log_dir
         for logger in loggers:
-            logger.experiment.config.update({"cli": config, "subcommand": subcommand}, allow_val_change=True)
+            logger.experiment.config.update(record, allow_val_change=True)
 
 
 _SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref|doc):`~?([^`]+)`")
@@ -136,7 +152,17 @@ class ClipSamArgumentParser(LightningArgumentParser):
 
 
 class ClipSamCLI(LightningCLI):
-    """LightningCLI with clipsam's argument links, defaults and messages."""
+    """LightningCLI with clipsam's argument links, defaults, checks and run-directory handling.
+
+    Before anything is written, :meth:`_run_subcommand` checks everything a user can get wrong
+    (paths, ``~`` without a home directory, ``data.image_size`` against the patch size, output
+    folders, the dataset, the checkpoint); each problem is one :class:`ClipSamError`. Only then
+    is the run directory reserved (:func:`clipsam.runs.reserve_run_dir`) and handed to every
+    logger, checkpoint callback and the config saver, so two runs started together never share
+    one. The run directory holds an ``INCOMPLETE`` marker until the run ends normally.
+    ``predict`` has one folder only, its ``model.evaluation.predict_dir/version_N`` (the
+    PredictionWriter's, with its own ``INCOMPLETE`` marker): no logger run folder, no W&B run.
+    """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -155,6 +181,16 @@ class ClipSamCLI(LightningCLI):
         # Tiled inference: the data cuts nothing, it only sizes the canvas; the model tiles.
         parser.link_arguments("data.tiling", "model.tiling")
 
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help=(
+                "test/validate/predict without --ckpt_path, i.e. with randomly initialised CLIP "
+                "adapters (refused by default: the numbers would mean nothing)"
+            ),
+        )
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
@@ -172,11 +208,6 @@ class ClipSamCLI(LightningCLI):
         if path and self.trainer.is_global_zero:
             print(f"clipsam: checkpoint {path}\n  next: clipsam test --config ... --ckpt_path {path}")
 
-    def before_instantiate_classes(self) -> None:
-        # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
-        # and no (empty) W&B run beside it.
-        if self.subcommand == "predict":
-            self.config["predict"]["trainer"]["logger"] = False
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config when ``--ckpt_path`` is given.
@@ -184,27 +215,67 @@ class ClipSamCLI(LightningCLI):
         Lightning 2.6's CLI replaces the ``model`` config with the checkpoint's hyper-parameters.
         For clipsam that would silently undo every test-time setting (PPG kernel, cascade depth,
         fusion: the paper's ablations) in favour of the values at training time. The config
-        stays the interface; :meth:`clipsam.module.ClipSamModule.on_load_checkpoint` instead
+        stays the interface; :meth:`clipsam.module.ClipSamModule.check_checkpoint` instead
         checks that the checkpoint's adapters fit the configured backbone and layers, and says
         which keys to change when they don't.
         """
 
-    # Check the dataset of the subcommand before the trainer starts (and before loggers create
-    # run directories), so a bad layout is one clear error and nothing is written.
-    def _check_data(self, stage: str) -> None:
-        self.datamodule.setup(stage)
+    def before_instantiate_classes(self) -> None:
+        from clipsam import runs
 
-    def before_fit(self) -> None:
-        self._check_data("fit")
+        subcommand = str(self.subcommand)
+        config = self.config.get(subcommand, self.config)
+        runs.check_home_paths(config)
+        runs.check_image_size(config)
+        # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
+        # and no (empty) W&B run beside it.
+        if subcommand == "predict":
+            config["trainer"]["logger"] = False
 
-    def before_validate(self) -> None:
-        self._check_data("validate")
+    def _run_subcommand(self, subcommand: str) -> None:
+        from clipsam import runs
 
-    def before_test(self) -> None:
-        self._check_data("test")
-
-    def before_predict(self) -> None:
-        self._check_data("predict")
+        # 1. Every check that can fail, before any folder, config copy or W&B run exists.
+        runs.check_output_folders(self.trainer, self.model, subcommand)
+        self.datamodule.setup(subcommand)
+        ckpt = runs.resolve_ckpt_path(
+            self.config_init[subcommand].get("ckpt_path"),
+            subcommand=subcommand,
+            allow_untrained=bool(self.config_init[subcommand].get("allow_untrained", False)),
+            trainer=self.trainer,
+            model=self.model,
+        )
+        self.config_init[subcommand]["ckpt_path"] = ckpt.path
+        self.model.checkpoint_record = ckpt.record()
+        runs.check_sam_weights(self.model, subcommand)
+        if subcommand == "predict":
+            # One folder per predict: the PredictionWriter's version_N (config, run.json,
+            # INCOMPLETE marker, outputs; the writer marks an interrupted run itself).
+            try:
+                super()._run_subcommand(subcommand)
+            except SystemExit as exit_:
+                if str(getattr(self.trainer.state.status, "value", "")) == "interrupted":
+                    raise KeyboardInterrupt from exit_
+                raise
+            return
+        # 2. The run directory, reserved atomically and handed to loggers and callbacks.
+        run_dir = runs.reserve_run_dir(self.trainer, subcommand=subcommand, checkpoint=ckpt.record())
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, VersionedSaveConfigCallback):
+                callback.run_dir = run_dir
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as exit_:
+            # Lightning answers Ctrl+C with sys.exit(1) after its graceful shutdown.
+            if str(getattr(self.trainer.state.status, "value", "")) == "interrupted":
+                runs.mark_run(run_dir, "interrupted (Ctrl+C)")
+                raise KeyboardInterrupt from exit_
+            runs.mark_run(run_dir, f"exited with status {exit_.code}")
+            raise
+        except BaseException as err:
+            runs.mark_run(run_dir, "interrupted (Ctrl+C)" if isinstance(err, KeyboardInterrupt) else f"failed: {runs.one_line(err)}")
+            raise
+        runs.mark_run(run_dir, None)
 
 
 # Lightning warnings that are expected with clipsam's design and would only alarm users.
@@ -215,6 +286,8 @@ _EXPECTED_WARNINGS = (
     r".*Total length of `.*` across ranks is zero.*",
     # test/predict load adapters from a fit run's checkpoint into a new run directory.
     r".*The dirpath has changed from .* won't be reloaded.*",
+    # the run directory is reserved (and holds the INCOMPLETE marker) before the CSV logger starts.
+    r".*Experiment logs directory .* exists and is not empty.*",
     # internal deprecation inside Lightning 2.6 itself.
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
@@ -260,7 +333,14 @@ def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``clipsam`` and ``lightning`` console scripts."""
+    """Entry point of the ``clipsam`` and ``lightning`` console scripts.
+
+    Exit status: 0 done; 2 an error the user can fix, printed as one ``clipsam: error: ...``
+    line (a :class:`ClipSamError`, also when raised inside a DataLoader worker; a full or
+    read-only disk); 130 interrupted (Ctrl+C); anything else is a bug and keeps its traceback.
+    """
+    from clipsam import runs
+
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     if args[:1] in (["--version"], ["-V"]):
@@ -268,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"clipsam {__version__}")
         return 0
+    runs.refuse_unsafe_torch_load_override()
     try:
         if args and args[0] == "data":
             from clipsam.data.cli import data_main
@@ -280,7 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         # No explicit args from the console script: LightningCLI reads sys.argv itself.
         _build_cli(None if argv is None else args)
     except ClipSamError as err:
-        print(f"clipsam: error: {err}", file=sys.stderr)
+        print(f"clipsam: error: {runs.user_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = runs.disk_error_message(err)
+        if message is None:
+            raise
+        print(f"clipsam: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipsam: interrupted", file=sys.stderr)

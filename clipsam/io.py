@@ -9,7 +9,9 @@ user already has is overwritten.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Iterator
@@ -18,18 +20,22 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_torch_save", "next_version_dir"]
+from clipsam.errors import WeightsError
+
+__all__ = ["atomic_write", "atomic_torch_save", "next_version_dir", "safe_torch_load"]
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. The temporary
+    name is short (``.clipsam-XXXXXXXX.tmp``, not derived from ``path``), so a target whose name
+    is already near the file system's 255-byte limit can still be written.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".clipsam-", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600; the result should be readable as the umask says, like open() files.
@@ -50,9 +56,66 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``."""
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    Raises:
+        OSError: ``ENOSPC`` when the disk filled up (torch reports that as a RuntimeError).
+    """
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            if "write" in str(err).lower() and _nearly_full(tmp.parent):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < (1 << 20)
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why a weights-only load failed, in words; never PyTorch's advice to disable the check."""
+    text = str(err)
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if isinstance(err, pickle.UnpicklingError) or unsupported:
+        found = f" ({unsupported.group(1)})" if unsupported else ""
+        return (
+            f"it holds Python objects other than tensors and plain data{found}, which clipsam never "
+            "loads because loading them can run code"
+        )
+    if isinstance(err, EOFError) or any(
+        marker in text for marker in ("PytorchStreamReader", "zip archive", "central directory", "unexpected EOF")
+    ):
+        return "the file is truncated or not a PyTorch file"
+    first = next((line for line in text.splitlines() if line.strip() and "weights_only" not in line), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def safe_torch_load(path: str | os.PathLike[str], *, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear :class:`WeightsError` on failure.
+
+    ``weights_only=True`` is passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` in the
+    environment cannot turn it off: a crafted file never runs code.
+
+    Raises:
+        WeightsError: the file is missing, truncated, or holds more than tensors and plain data.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as err:
+        raise WeightsError(f"{what} file {path} does not exist") from err
+    except IsADirectoryError as err:
+        raise WeightsError(f"{what} path {path} is a folder: pass the file") from err
+    except Exception as err:
+        raise WeightsError(
+            f"cannot load {what} {path} safely: {_load_failure(err)}; pass a {what} written by clipsam "
+            "(`clipsam fit` writes runs/<name>/version_N/checkpoints/*.ckpt)"
+        ) from err
 
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")

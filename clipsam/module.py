@@ -73,7 +73,11 @@ class EvalConfig:
             "clip" is the CLIP-stage baseline (SAM ignored).
         report_clip_baseline: also compute the CLIP-only metrics in the same run, so the
             report shows the SAM stage's gain (doubles the score memory of the metric).
-        aupro: also compute pixel AUPRO (FPR limit 0.3).
+        aupro: also compute pixel AUPRO (FPR limit 0.3, 8-connected regions).
+        aupro_protocol: "mvtec" (MVTec AD evaluation, anomalib: 1000 thresholds, ``>=``, curve
+            from (0, 0) integrated to 0.3) or "anomalyclip" (AnomalyCLIP's and APRIL-GAN's
+            code: 200 thresholds, strict ``>``, FPR renormalised below 0.3), so numbers compare
+            with the tables they come from; see :func:`clipsam.metrics.functional.aupro`.
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
         num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
@@ -107,6 +111,7 @@ class EvalConfig:
     fusion: str = "clip_boost"
     report_clip_baseline: bool = True
     aupro: bool = False
+    aupro_protocol: Literal["mvtec", "anomalyclip"] = "mvtec"
     metric_score_dtype: Literal["float32", "float16"] = "float32"
     num_overlays: int = 8
     pr_curve_points: int = 100
@@ -118,6 +123,12 @@ class EvalConfig:
     thresholds: str | None = None
     mask_source: Literal["sam", "score"] = "sam"
     predict_embedding_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.aupro_protocol not in ("mvtec", "anomalyclip"):
+            raise ConfigError(
+                f"model.evaluation.aupro_protocol={self.aupro_protocol!r}: use 'mvtec' or 'anomalyclip'"
+            )
 
 
 def _as_dataclass(cls: type, value: Any) -> Any:
@@ -272,8 +283,14 @@ class ClipSamModule(LightningModule):
         # predict sees each image once: a cache there only fills the disk, unless asked for.
         wanted = self._stage() != "predict" or self.eval_config.predict_embedding_cache
         if self.sam_config.embedding_cache_dir and wanted:
+            # Entries of another shape (other weights under the same key, damage) are recomputed.
+            shape = (1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
             max_gb = self.sam_config.embedding_cache_max_gb
-            cache = EmbeddingCache(self.sam_config.embedding_cache_dir, max_bytes=int(max_gb * 1e9) if max_gb else None)
+            cache = EmbeddingCache(
+                self.sam_config.embedding_cache_dir,
+                embedding_shape=shape,
+                max_bytes=int(max_gb * 1e9) if max_gb else None,
+            )
         return SamRefiner(
             sam=sam,
             prompt=self.prompt_config,
@@ -290,45 +307,109 @@ class ClipSamModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the adapter weights (frozen CLIP/SAM are rebuilt from the config)."""
+        """Keep only the adapter weights (frozen CLIP/SAM are rebuilt from the config).
+
+        ``checkpoint["clipsam"]`` records what the adapters depend on: the CLIP backbone, its
+        pretrained tag (or file), the seed of random frozen weights, the tapped layers, and the
+        optimiser settings actually used (so a resume with other settings is visible).
+        """
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
         checkpoint["clipsam"] = {
             "clip_model_name": self.clip_config.model_name,
             "clip_pretrained": self.clip_config.pretrained,
+            "clip_seed": int(self.clip_config.seed),
             "layers": list(self.clip_config.layers),
             "adapter_shapes": {k: list(v.shape) for k, v in checkpoint["state_dict"].items()},
+            "optimizer": _to_plain(self.optimizer_config),
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Validate the adapters against this config before Lightning loads them."""
-        state = checkpoint.get("state_dict", {})
-        adapters = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
-        meta = checkpoint.get("clipsam", {})
-        if not adapters:
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], *, path: Any = None) -> None:
+        """Refuse a checkpoint whose adapters do not belong to this config's frozen CLIP.
+
+        Adapters map the frozen backbone's features: trained on other frozen weights they load
+        without error and give meaningless maps. Compared: backbone name, pretrained weights
+        (tag or file), the seed of random frozen weights (when ``pretrained`` is empty), tapped
+        layers. The CLI calls this before any run folder exists; :meth:`on_load_checkpoint` again.
+
+        Raises:
+            WeightsError: naming the recorded and the configured value and the key to change.
+        """
+        where = f"checkpoint {path}" if path is not None else "the checkpoint"
+        state = checkpoint.get("state_dict", {}) or {}
+        if not any(k.startswith(ADAPTER_PREFIX) for k in state):
             raise WeightsError(
-                "the checkpoint holds no CLIP adapter weights (keys 'clip_model.adapters.*'): "
+                f"{where} holds no CLIP adapter weights (keys 'clip_model.adapters.*'): "
                 "pass a checkpoint written by `clipsam fit` (runs/<name>/version_N/checkpoints/*.ckpt)"
             )
+        meta = checkpoint.get("clipsam", {}) or {}
         trained_with = meta.get("clip_model_name")
         if trained_with is not None and trained_with != self.clip_config.model_name:
             raise WeightsError(
-                f"checkpoint adapters were trained for CLIP backbone '{trained_with}' but "
+                f"{where}: adapters were trained for CLIP backbone '{trained_with}' but "
                 f"model.clip.model_name is '{self.clip_config.model_name}': use the config the "
                 "checkpoint was trained with, or a checkpoint trained for this backbone"
             )
+        if "clip_pretrained" in meta:
+            recorded, configured = meta.get("clip_pretrained") or None, self.clip_config.pretrained or None
+            if recorded != configured:
+                raise WeightsError(
+                    f"{where}: adapters were trained on frozen CLIP weights model.clip.pretrained={recorded!r} "
+                    f"but model.clip.pretrained is {configured!r}: adapters only fit the weights they were "
+                    f"trained on; set model.clip.pretrained={recorded!r} or use a checkpoint trained on {configured!r}"
+                )
+            if configured is None and "clip_seed" in meta and int(meta["clip_seed"]) != int(self.clip_config.seed):
+                raise WeightsError(
+                    f"{where}: adapters were trained on random frozen CLIP weights with model.clip.seed="
+                    f"{meta['clip_seed']} but model.clip.seed is {self.clip_config.seed}: other seed, other "
+                    f"weights; set model.clip.seed={meta['clip_seed']}"
+                )
         trained_layers = meta.get("layers")
         if trained_layers is not None and list(trained_layers) != list(self.clip_config.layers):
             raise WeightsError(
-                f"checkpoint adapters were trained on CLIP layers {list(trained_layers)} but "
+                f"{where}: adapters were trained on CLIP layers {list(trained_layers)} but "
                 f"model.clip.layers is {list(self.clip_config.layers)}: set model.clip.layers to "
                 "the layers the checkpoint was trained with"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Validate the adapters against this config before Lightning loads them.
+
+        When ``fit`` resumes, the optimiser settings of the config (``model.optimizer``: lr,
+        betas, weight decay) are written into the restored optimiser state, so the run trains
+        with what its config and hparams.yaml say; a change is reported on stderr.
+        """
+        self.check_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        adapters = {k[len(ADAPTER_PREFIX) :]: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        self._apply_optimizer_config(checkpoint)
         if self.clip_model is not None:
             # Raises WeightsError on any key/shape mismatch.
             self.clip_model.load_adapter_state_dict(adapters)
         else:
             self._pending_adapter_state = adapters
+
+    def _apply_optimizer_config(self, checkpoint: dict[str, Any]) -> None:
+        """Resume: the configured lr/betas/weight decay replace those in the saved optimiser state."""
+        import sys
+
+        opt = self.optimizer_config
+        wanted = {"lr": float(opt.lr), "betas": tuple(float(b) for b in opt.betas), "weight_decay": float(opt.weight_decay)}
+        changed: dict[str, tuple[Any, Any]] = {}
+        for optimizer_state in checkpoint.get("optimizer_states", []) or []:
+            for group in optimizer_state.get("param_groups", []):
+                for key, value in wanted.items():
+                    if key not in group:
+                        continue
+                    old = tuple(group[key]) if isinstance(group[key], (list, tuple)) else group[key]
+                    if old != value:
+                        changed[key] = (old, value)
+                    group[key] = value
+                if "initial_lr" in group:
+                    group["initial_lr"] = wanted["lr"]
+        if changed:
+            said = ", ".join(f"model.optimizer.{k}={new} (the checkpoint had {old})" for k, (old, new) in changed.items())
+            print(f"clipsam: resuming with {said}", file=sys.stderr)
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -393,8 +474,11 @@ class ClipSamModule(LightningModule):
             "anomaly_map": anomaly_map,
             "scores": scores,
             "mask": mask,
-            "image_scores": self._image_score(scores),
-            "clip_image_scores": out.image_scores.float(),  # Map_a reduced by model.clip.image_score
+            # clip_global: the CLS zero-shot score is the image score of the full method too.
+            "image_scores": (
+                out.image_scores.float() if self.clip_config.image_score == "clip_global" else self._image_score(scores)
+            ),
+            "clip_image_scores": out.image_scores.float(),  # model.clip.image_score of Map_a / the CLS token
         }
 
     def inference(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -454,7 +538,12 @@ class ClipSamModule(LightningModule):
         self._categories = categories
         dtype = torch.float16 if self.eval_config.metric_score_dtype == "float16" else torch.float32
         # Maps accumulate in host memory even on GPU (compute_on_cpu); states sync under DDP.
-        kwargs = {"aupro": self.eval_config.aupro, "score_dtype": dtype, "compute_on_cpu": True}
+        kwargs = {
+            "aupro": self.eval_config.aupro,
+            "aupro_protocol": self.eval_config.aupro_protocol,
+            "score_dtype": dtype,
+            "compute_on_cpu": True,
+        }
         self.test_metrics = PerCategoryMetrics(
             categories,
             pr_curve_points=self.eval_config.pr_curve_points,
@@ -553,7 +642,7 @@ class ClipSamModule(LightningModule):
                 baseline=baseline,
                 overlays=self._overlays,
                 timings=self._timings,
-                config=dict(self.hparams),
+                config={**dict(self.hparams), "image_score": self.clip_config.image_score},
                 stage=prefix,
                 thresholds=thresholds,
             )

@@ -21,9 +21,13 @@ __all__ = [
     "ANOMALOUS_STATES",
     "NORMAL_STATES",
     "TEMPLATES",
+    "OBJECT_NAME_MODES",
     "build_prompts",
     "object_name_for",
 ]
+
+OBJECT_NAME_MODES: tuple[str, ...] = ("category", "raw", "generic")
+"""Valid values of ``model.clip.object_name`` (see :func:`object_name_for`)."""
 
 NORMAL_STATES: tuple[str, ...] = (
     "{}",
@@ -90,29 +94,33 @@ GENERIC_OBJECT_NAME = "object"
 _TRAILING_DIGITS = re.compile(r"\d+$")
 
 
-def object_name_for(category: str, mode: Literal["category", "generic"] = "category") -> str:
+def object_name_for(category: str, mode: Literal["category", "raw", "generic"] = "category") -> str:
     """Turn a dataset category name into the object name written in the prompts.
 
-    Underscores become spaces and a trailing index is dropped (VisA numbers its variants),
-    as APRIL-GAN does: ``metal_nut`` -> ``"metal nut"``, ``pcb1`` -> ``"pcb"``,
-    ``macaroni2`` -> ``"macaroni"``, ``pipe_fryum`` -> ``"pipe fryum"``.
+    - ``"raw"``: the category name exactly as on disk (``metal_nut``, ``pcb1``), as
+      APRIL-GAN's prompt_ensemble.py writes it (its dataset's ``cls_name`` is the folder name).
+    - ``"category"`` (clipsam's choice, not APRIL-GAN's): underscores and hyphens become
+      spaces and a trailing index is dropped (VisA numbers its variants): ``metal_nut`` ->
+      ``"metal nut"``, ``pcb1`` -> ``"pcb"``, ``macaroni2`` -> ``"macaroni"``.
+    - ``"generic"``: ``"object"`` for every category.
 
     Args:
         category: Category name as on disk (e.g. ``"metal_nut"``).
-        mode: ``"category"`` derives the name from ``category``; ``"generic"`` returns
-            ``"object"`` for every category (config key ``model.clip.object_name``).
+        mode: One of :data:`OBJECT_NAME_MODES` (config key ``model.clip.object_name``).
 
     Returns:
-        The object name, lower case, words separated by single spaces.
+        The object name (``"category"``: lower case, words separated by single spaces).
 
     Raises:
-        ConfigError: ``mode`` is not one of the two choices.
+        ConfigError: ``mode`` is not one of the choices.
     """
     if mode == "generic":
         return GENERIC_OBJECT_NAME
+    if mode == "raw":
+        return category
     if mode != "category":
         raise ConfigError(
-            f"model.clip.object_name={mode!r} is not a choice: use 'category' or 'generic'."
+            f"model.clip.object_name={mode!r} is not a choice: use one of {list(OBJECT_NAME_MODES)}."
         )
     name = category.strip().replace("_", " ").replace("-", " ").lower()
     name = _TRAILING_DIGITS.sub("", name).strip()

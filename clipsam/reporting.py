@@ -3,7 +3,8 @@
 Everything goes to the run directory (``trainer.log_dir``, a fresh ``version_N`` per run):
 
 ```
-test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config
+test_results.json     per-category and mean metrics, the CLIP-only baseline, timings, config, and
+                      "checkpoint": {"path", "sha256", "untrained_adapters"} of the adapters used
 test_results.csv      one row per category (+ "mean"), the table printed on the console
 thresholds.json       image- and pixel-level decision thresholds (model.evaluation.threshold_method),
                       per category and pooled; `predict` reads it via model.evaluation.thresholds
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipsam.callbacks import heat_map
+from clipsam.callbacks import heat_map, output_name
 from clipsam.io import atomic_write, next_version_dir
 
 __all__ = ["format_table", "overlay_caption", "report_test_results", "write_metrics_files", "render_panel"]
@@ -225,7 +226,12 @@ def report_test_results(
     # so calling it here (rank 0 only) would hang or crash.
     run_dir = Path(run_dir if run_dir is not None else (trainer.log_dir or trainer.default_root_dir))
     num_images = int(results.get("num_images", 0)) or 1
+    # Which adapters produced these numbers: path + sha256 of the checkpoint (set by the CLI), or
+    # "untrained_adapters": true for --allow_untrained runs.
+    module = getattr(trainer, "lightning_module", None)
+    checkpoint = getattr(module, "checkpoint_record", None)
     payload = {
+        "checkpoint": checkpoint,
         "results": results,
         "clip_only": baseline,
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
@@ -248,7 +254,9 @@ def report_test_results(
         overlay["caption"] = overlay_caption(overlay, thresholds)
         panel = render_panel(overlay, overlay["caption"])
         overlay_dir.mkdir(parents=True, exist_ok=True)
-        path = overlay_dir / f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}.png"
+        # Shortened (with a hash) when an image name is near the 255-byte limit.
+        stem = f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}"
+        path = overlay_dir / f"{output_name(stem)}.png"
         with atomic_write(path) as tmp:
             Image.fromarray(panel).save(tmp, format="PNG")
         panels.append((overlay, panel))
@@ -256,6 +264,11 @@ def report_test_results(
 
     console = Console()
     console.print(format_table(results, baseline, title=f"clipsam {stage}"))
+    if checkpoint and checkpoint.get("untrained_adapters"):
+        console.print("[bold red]UNTRAINED adapters (--allow_untrained): these numbers say nothing about the method[/]")
+    elif checkpoint and checkpoint.get("path"):
+        digest = checkpoint.get("sha256") or ""
+        console.print(f"checkpoint: {checkpoint['path']}" + (f"  (sha256 {digest[:12]}...)" if digest else ""))
     console.print(f"metrics: {paths['json']}  {paths['csv']}")
     if "thresholds" in paths:
         console.print(f"thresholds: {paths['thresholds']}  (use with --model.evaluation.thresholds=...)")

@@ -1,6 +1,7 @@
 """Datasets: parsing and validation, transforms, the DataModule, synthetic data and downloads.
 
-- :mod:`~clipsam.data.samples`: :class:`Sample`, image/mask readers, :func:`validate_samples`;
+- :mod:`~clipsam.data.samples`: :class:`Sample`, the image/mask readers :func:`read_image` and
+  :func:`read_mask` (public: every clipsam path reads images through them), :func:`validate_samples`;
 - :mod:`~clipsam.data.mvtec`, :mod:`~clipsam.data.visa`, :mod:`~clipsam.data.folder`: parsers;
 - :mod:`~clipsam.data.transforms`: resize to the frame + CLIP normalisation, :func:`denormalize`;
 - :mod:`~clipsam.data.dataset`: :class:`AnomalyDataset` (the Data contract of docs/design.md);
@@ -14,7 +15,7 @@ from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.download import detect_layout, download_dataset
 from clipsam.data.folder import list_images, parse_folder
 from clipsam.data.mvtec import MVTEC_CATEGORIES, parse_mvtec
-from clipsam.data.samples import Sample, validate_samples
+from clipsam.data.samples import Sample, read_image, read_mask, validate_samples
 from clipsam.data.synthetic import DEFECT_TYPES, SYNTH_CATEGORIES, generate_synthetic, render_sample
 from clipsam.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig, build_transform, denormalize
 from clipsam.data.visa import VISA_CATEGORIES, parse_visa
@@ -40,6 +41,8 @@ __all__ = [
     "parse_folder",
     "parse_mvtec",
     "parse_visa",
+    "read_image",
+    "read_mask",
     "render_sample",
     "validate_samples",
 ]

@@ -45,14 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_synth_args(args: argparse.Namespace) -> None:
+    """Every ``clipsam data synth`` argument, checked before any folder is created.
+
+    Raises:
+        ConfigError: naming the option and the valid range; the root is an existing file, on a
+            read-only or full disk, or has '~' without a home directory.
+    """
+    from clipsam.errors import ConfigError
+    from clipsam.runs import check_home_paths, check_output_folder
+
+    if args.image_size < 32:
+        raise ConfigError(f"--image-size {args.image_size}: synthetic images need at least 32 pixels per side")
+    for option in ("num_train_good", "num_test_good", "num_test_anomalous"):
+        if getattr(args, option) < 0:
+            raise ConfigError(f"--{option.replace('_', '-')} {getattr(args, option)}: image counts must be >= 0")
+    if args.num_train_good + args.num_test_good + args.num_test_anomalous == 0:
+        raise ConfigError("all image counts are 0: nothing to generate; set --num-test-anomalous etc. above 0")
+    check_home_paths({"--root": args.root})
+    check_output_folder(args.root, "--root")
+
+
 def data_main(argv: list[str]) -> int:
     """Run ``clipsam data`` with ``argv`` (without the leading ``"data"``); return the exit code.
 
     User errors (:class:`~clipsam.errors.ClipSamError`) print one line to stderr and return 2.
     """
+    from clipsam.runs import disk_error_message
+
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synth":
+            _check_synth_args(args)
             result = generate_synthetic(
                 args.root,
                 layouts=args.layouts,
@@ -79,5 +103,11 @@ def data_main(argv: list[str]) -> int:
             print(f"{DATASETS[args.dataset].name} ready in {root} (format: {args.dataset})")
     except (ClipSamError, ValueError) as exc:
         print(f"clipsam: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = disk_error_message(exc)
+        if message is None:
+            raise
+        print(f"clipsam: error: {message}", file=sys.stderr)
         return 2
     return 0

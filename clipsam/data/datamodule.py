@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, RandomSampler, default_collate
 
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images, parse_folder
+from clipsam.data.mosaic import Mosaic
 from clipsam.data.mvtec import parse_mvtec
 from clipsam.data.samples import Sample, ValidationMode, is_image_file, set_max_image_pixels, split_valid, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
@@ -66,6 +67,10 @@ class DatasetSpec:
             ``anomalous/`` or anomalib's ``abnormal/``.
         mask_dir: ``folder`` only: sub-folder of masks; ``"auto"`` finds ``masks/`` or
             anomalib's ``mask/``; null: no masks.
+        mosaic_rate: ``data.train`` only: probability that a training item is replaced by a
+            2 x 2 mosaic of four images of its category with their masks (APRIL-GAN's
+            ``aug_rate``: 0.2 when training on MVTec-AD, none on VisA; see
+            :mod:`clipsam.data.mosaic`). 0 disables.
     """
 
     format: Literal["mvtec", "visa", "folder"]
@@ -76,6 +81,7 @@ class DatasetSpec:
     normal_dir: str = "good"
     anomalous_dir: str = "auto"
     mask_dir: str | None = "auto"
+    mosaic_rate: float = 0.0
 
 
 def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sample], bool, str]:
@@ -141,6 +147,9 @@ class EpochSeededRandomSampler(RandomSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        set_dataset_epoch = getattr(self.data_source, "set_epoch", None)
+        if set_dataset_epoch is not None:  # the mosaic draws follow the epoch too
+            set_dataset_epoch(self.epoch)
 
     def __iter__(self):  # type: ignore[override]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -253,10 +262,22 @@ class AnomalyDataModule(LightningDataModule):
         if spec is None:
             need = "a training dataset" if command == "fit" else "a dataset to evaluate"
             raise ConfigError(f"{key} is not set: `clipsam {command}` needs {need}")
+        if spec.mosaic_rate and command != "fit":
+            raise ConfigError(
+                f"{key}.mosaic_rate={spec.mosaic_rate}: the mosaic augmentation is for training only; "
+                f"set it on data.train and remove it from {key}"
+            )
         samples, require_masks, what = parse_spec(spec, key=key)
-        validate_samples(samples, check=self.validation, what=what, require_masks=require_masks)
+        validate_samples(
+            samples,
+            check=self.validation,
+            what=what,
+            require_masks=require_masks,
+            categories=spec.categories if spec.format != "folder" else None,
+        )
         transform = build_transform(size or self.image_size, augment=augment, seed=self.seed)
-        return AnomalyDataset(samples, transform)
+        mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
+        return AnomalyDataset(samples, transform, mosaic=mosaic)
 
     #: Sub-folders of a dataset root that hold ground truth, not images to segment.
     MASK_FOLDERS = frozenset({"ground_truth", "masks", "mask"})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, read_image, read_mask
 from clipsam.errors import DatasetError
 
@@ -41,6 +42,9 @@ class AnomalyDataset(Dataset):
             mask=uint8 (H0,W0)) -> {"image": (3,H,W) float32, "mask": (H,W)}``
             (:func:`clipsam.data.transforms.build_transform`).
         has_labels: False for images to predict on: labels are -1 and masks are not read.
+        mosaic: APRIL-GAN's 2 x 2 mosaic augmentation (:class:`clipsam.data.mosaic.Mosaic`)
+            for training; None (default) for none. A mosaic item keeps its ``index`` and
+            ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
     """
 
     def __init__(
@@ -49,10 +53,17 @@ class AnomalyDataset(Dataset):
         transform: Callable[..., dict[str, Any]],
         *,
         has_labels: bool = True,
+        mosaic: Mosaic | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
+        self.mosaic = mosaic
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded by the training sampler: the epoch of the mosaic draws."""
+        if self.mosaic is not None:
+            self.mosaic.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -71,6 +82,11 @@ class AnomalyDataset(Dataset):
                     f"{sample.image_path} is {width}x{height}: fix or remove the pair"
                 )
             mask = gt.astype(np.uint8)
+        label = sample.label if self.has_labels else -1
+        pieces = self.mosaic.draw(index) if self.mosaic is not None and self.has_labels else None
+        if pieces is not None:
+            image, mask, has_mask, label = self.mosaic.build(pieces)
+            height, width = image.shape[:2]
         out = self.transform(image=image, mask=mask)
         frame = out["image"]
         frame_mask = torch.as_tensor(out["mask"]).to(torch.float32)  # (H, W) in {0, 1}
@@ -78,7 +94,7 @@ class AnomalyDataset(Dataset):
             "image": frame.to(torch.float32),
             "mask": frame_mask,
             "has_mask": torch.tensor(has_mask, dtype=torch.bool),
-            "label": torch.tensor(sample.label if self.has_labels else -1, dtype=torch.int64),
+            "label": torch.tensor(label, dtype=torch.int64),
             "category": sample.category,
             "path": str(sample.image_path),
             "index": torch.tensor(index, dtype=torch.int64),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from clipsam.data.samples import Sample, is_image_file
@@ -30,11 +31,18 @@ from clipsam.errors import DatasetError
 
 __all__ = ["list_images", "parse_folder"]
 
+_OUTPUT_MARKER = ".clipsam-output"  # clipsam.callbacks.OUTPUT_MARKER (not imported: no cycle)
+
 log = logging.getLogger(__name__)
 
 
 def list_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> tuple[list[Path], list[Path]]:
     """Split the files of ``folder`` into images and everything else.
+
+    Symlinked sub-folders are followed (each real folder once, so a link loop ends). Folders
+    holding clipsam's predict-output marker (``.clipsam-output``, see
+    :class:`clipsam.callbacks.PredictionWriter`) are not read: an output folder inside the input
+    folder is never taken as input; they are named in one warning.
 
     Args:
         folder: the directory to list.
@@ -52,11 +60,27 @@ def list_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> tu
         raise DatasetError(f"image folder {base} does not exist or is not a directory: check the path")
     images: list[Path] = []
     skipped: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(base):
+    outputs: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or two links to one folder: read it once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        if _OUTPUT_MARKER in filenames:
+            outputs.append(Path(dirpath))
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
         for name in filenames:
             path = Path(dirpath) / name
             (images if is_image_file(path) else skipped).append(path)
+    if outputs:
+        warnings.warn(
+            f"not reading clipsam output folder(s) inside {base} as input: {', '.join(map(str, outputs))}",
+            stacklevel=2,
+        )
     return sorted(images), sorted(skipped)
 
 

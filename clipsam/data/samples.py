@@ -18,14 +18,18 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipsam.errors import DatasetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LOSSY_MASK_EXTENSIONS",
+    "SIXTEEN_BIT_SCALING",
     "Sample",
     "ValidationMode",
+    "check_mask_format",
+    "image_size",
     "is_image_file",
     "read_image",
     "read_mask",
@@ -67,6 +71,11 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+#: Mask file suffixes refused by :func:`read_mask`: lossy compression turns a 0/255 mask into
+#: noise around every edge (and sometimes everywhere), which would silently change pixel metrics.
+LOSSY_MASK_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+
+
 #: Config key that raises PIL's decompression-bomb limit (named in the error).
 MAX_PIXELS_KEY = "data.max_image_pixels"
 
@@ -81,26 +90,77 @@ def _too_large(path: str | os.PathLike[str], exc: Exception) -> DatasetError:
     )
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode an image file as RGB.
+#: How 16-bit images become 8-bit: ``"divide"`` maps v -> round(v / 257) (0 -> 0, 65535 -> 255,
+#: the whole 16-bit range), ``"shift"`` maps v -> v >> 8 (drop the low byte). Both depend on the bit
+#: depth only, never on an image's content (one hot pixel must not darken the whole image).
+SIXTEEN_BIT_SCALING = "divide"
 
-    Grayscale, palette, 16-bit and RGBA files all become 3-channel RGB (alpha is dropped).
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # 90/270 degree rotations swap width and height
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation from the file header only (PNG: an eXIf chunk before the pixel data)."""
+    try:
+        if im.format == "PNG":
+            raw = im.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_EXIF_ORIENTATION, 1))
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block: the decode check reports real damage
+        return 1
+
+
+def _to_uint8(arr: np.ndarray, mode: str, path: str | os.PathLike[str], *, sixteen_bit: str) -> np.ndarray:
+    """One channel-last array of a non-8-bit mode -> uint8, scaled by bit depth (not content)."""
+    if mode == "F":  # 32-bit float: the [0, 1] convention (float TIFFs)
+        if not np.isfinite(arr).all():
+            raise DatasetError(
+                f"image {path} holds NaN or infinite pixel values: fix or remove the file"
+            )
+        return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    # "I;16*" and "I" (Pillow's 32-bit int mode, in which it opens some 16-bit files): 16-bit range.
+    values = np.clip(arr.astype(np.int64), 0, 65535)
+    if sixteen_bit == "shift":
+        return (values >> 8).astype(np.uint8)
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+
+
+def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_SCALING) -> np.ndarray:
+    """Decode an image file as 8-bit RGB in display orientation (the one public image reader).
+
+    - EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so the array is what image
+      viewers show and what masks drawn on the upright image are aligned with.
+    - 8-bit grayscale, palette, RGBA (alpha dropped), CMYK... become RGB as Pillow converts them.
+    - 16-bit images (``I;16``, ``I``) are scaled by the bit depth, never by the image's own
+      maximum: ``sixteen_bit="divide"`` (default, :data:`SIXTEEN_BIT_SCALING`) gives
+      round(v / 257), ``"shift"`` gives v >> 8.
+    - 32-bit float images (``F``, e.g. float TIFFs) are taken as intensities in [0, 1]: v * 255,
+      values outside clipped; NaN/inf is an error.
+
+    Every clipsam path that reads an image uses this: datasets, the predict writer, overlays.
 
     Args:
         path: image file.
+        sixteen_bit: ``"divide"`` or ``"shift"``, see above.
 
     Returns:
-        uint8 (H, W, 3) RGB.
+        uint8 (H, W, 3) RGB, H x W in display orientation.
 
     Raises:
         DatasetError: the file is missing, not an image, truncated or otherwise undecodable.
     """
+    if sixteen_bit not in ("divide", "shift"):
+        raise ValueError(f"sixteen_bit must be 'divide' or 'shift', got {sixteen_bit!r}")
     try:
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                scale = 255.0 / max(float(arr.max()), 1.0) if arr.max() > 255 else 1.0
-                return np.repeat((arr * scale).round().astype(np.uint8)[..., None], 3, axis=2)
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                arr = _to_uint8(np.asarray(im), im.mode, path, sixteen_bit=sixteen_bit)
+                return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError as exc:
         raise DatasetError(f"image file {path} does not exist: check the dataset root and layout") from exc
@@ -113,22 +173,48 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
         ) from exc
 
 
-def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
-    """Decode a ground-truth mask; any non-zero value (in any channel) is anomalous.
+def check_mask_format(path: str | os.PathLike[str]) -> None:
+    """Refuse lossy mask formats (JPEG): see :data:`LOSSY_MASK_EXTENSIONS`.
 
-    VisA masks hold values such as 1 or 38, MVTec-AD masks 0/255: both binarise the same way.
+    Raises:
+        DatasetError: naming the file and the fix (save the masks as PNG).
+    """
+    if Path(path).suffix.lower() in LOSSY_MASK_EXTENSIONS:
+        raise DatasetError(
+            f"mask {path} is a JPEG: lossy compression adds noise around (and inside) the anomaly, "
+            "which would silently change the pixel metrics; save ground-truth masks as PNG (lossless)"
+        )
+
+
+def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a ground-truth mask (the one public mask reader): colour channels, alpha as transparency.
+
+    A pixel is anomalous when any colour channel is non-zero (VisA masks hold values such as 1
+    or 38, MVTec-AD masks 0/255: both binarise the same way) and it is not fully transparent.
+    The alpha channel never makes a pixel anomalous: an RGBA mask with an opaque black background
+    is all normal except its coloured pixels. Palette masks are read through their palette. EXIF
+    orientation is applied, as by :func:`read_image`. Lossy formats (JPEG) are refused.
 
     Args:
         path: mask file.
 
     Returns:
-        bool (H, W), True on anomalous pixels.
+        bool (H, W), True on anomalous pixels, H x W in display orientation.
 
     Raises:
-        DatasetError: the file is missing or undecodable.
+        DatasetError: the file is missing, undecodable, or a JPEG.
     """
+    check_mask_format(path)
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                mode = im.mode
+            elif mode == "PA":
+                im = im.convert("RGBA")
+                mode = im.mode
             arr = np.asarray(im)
     except FileNotFoundError as exc:
         raise DatasetError(f"mask file {path} does not exist: check the dataset's ground-truth folder") from exc
@@ -137,16 +223,30 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             f"cannot decode mask {path} ({exc}): the file is corrupt or truncated; "
             "re-download or re-extract the dataset, or remove the image and its mask"
         ) from exc
-    if arr.ndim == 3:
-        arr = arr.any(axis=2)
-    return arr != 0
+    if arr.ndim == 2:
+        return arr != 0
+    if mode in ("LA", "RGBA", "La", "RGBa"):
+        colour, alpha = arr[..., :-1], arr[..., -1]
+        return colour.any(axis=2) & (alpha != 0)
+    return arr.any(axis=2)
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of an image file in display orientation (EXIF applied), from its header."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if _orientation(im) in _TRANSPOSED_ORIENTATIONS:
+            return height, width
+        return width, height
 
 
 def _probe(path: Path, *, kind: str, full: bool) -> tuple[int, int]:
-    """Open ``path`` (decode it fully when ``full``) and return its (width, height)."""
+    """Open ``path`` (decode it fully when ``full``) and return its (width, height), display orientation."""
     try:
         with Image.open(path) as im:
             size = im.size
+            if _orientation(im) in _TRANSPOSED_ORIENTATIONS:
+                size = (size[1], size[0])  # display orientation, as read_image/read_mask return
             if full:
                 im.load()  # decodes every pixel: raises on truncated JPEG/PNG data
             return size
@@ -177,6 +277,7 @@ def _check_one(sample: Sample, *, require_masks: bool, full: bool) -> str | None
                 f"mask file {mask} for anomalous image {image} does not exist: "
                 "add the mask or remove the image"
             )
+        check_mask_format(mask)
         mask_size = _probe(mask, kind="mask", full=full)
     except DatasetError as exc:
         return str(exc)
@@ -232,6 +333,7 @@ def validate_samples(
     what: str,
     require_masks: bool = True,
     num_threads: int = 4,
+    categories: Sequence[str] | None = None,
 ) -> None:
     """Check a parsed dataset on disk before any training or evaluation starts.
 
@@ -249,6 +351,9 @@ def validate_samples(
         require_masks: anomalous images must have a mask (MVTec-AD, VisA); False for folder
             datasets, where masks are optional.
         num_threads: threads decoding files in parallel.
+        categories: the categories the user asked for (None: whatever was found). Each must
+            have at least one sample: a requested category with no images would otherwise vanish
+            from the per-category table and the mean without a word.
 
     Raises:
         DatasetError: on the first problem in sample order; the message names the file and the
@@ -260,6 +365,15 @@ def validate_samples(
         raise DatasetError(
             f"0 images found in {what}: check the root path, the category names and the split"
         )
+    if categories:
+        found = {s.category for s in samples}
+        empty = [c for c in dict.fromkeys(categories) if c not in found]
+        if empty:
+            raise DatasetError(
+                f"category {empty[0]!r} has no images in {what}"
+                + (f" (nor do {', '.join(map(repr, empty[1:]))})" if len(empty) > 1 else "")
+                + ": add its images, or drop it from the categories"
+            )
     if check == "off":
         return
     full = check == "full"

@@ -1,9 +1,13 @@
-"""Image/mask transforms (albumentations) into the evaluation frame, and their inverse.
+"""Image/mask transforms into the evaluation frame, and their inverse.
 
-Every image is resized to ``image_size`` x ``image_size`` (the frame, see docs/design.md) with
-bicubic interpolation (as CLIP's preprocessing), its mask with nearest-neighbour so it stays
-binary, then normalised with CLIP's mean/std and turned into a tensor. Augmentations are off by
-default (the protocol trains without them) and apply identically to image and mask.
+Every image is squash-resized to ``image_size`` x ``image_size`` (the frame, see docs/design.md)
+as APRIL-GAN's and AnomalyCLIP's preprocessing does it: PIL's bicubic resize, which is
+antialiased (torchvision's ``Resize(..., antialias=True)`` on a PIL image calls it), on the
+uint8 image. OpenCV's ``INTER_CUBIC`` does not antialias and differs by about 10 grey levels on
+average on a textured 1024 -> 518 image. The mask is resized as the references resize theirs:
+the 0/255 mask bilinearly with PIL, then ``> 0.5`` of 255 (nearest-neighbour would lose or
+shift thin defects). Then albumentations applies the training augmentations (off by default;
+identical on image and mask), CLIP's mean/std normalisation and the tensor conversion.
 
 Dimension symbols: B batch, H x W frame (``image_size`` x ``image_size``).
 """
@@ -12,12 +16,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import albumentations as A
-import cv2
+import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "AugmentConfig", "build_transform", "denormalize"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "AugmentConfig",
+    "FrameTransform",
+    "build_transform",
+    "denormalize",
+    "resize_image",
+    "resize_mask",
+]
 
 #: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (RGB, for pixel values in [0, 1]).
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -70,17 +86,92 @@ class AugmentConfig:
         return out
 
 
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a square side or an (H, W) pair (the canvas of tiled inference)."""
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Squash-resize an RGB image to ``size`` x ``size`` (or (H, W)) with PIL's antialiased bicubic filter.
+
+    The same pixels as torchvision's ``Resize((size, size), InterpolationMode.BICUBIC)`` on a
+    PIL image (APRIL-GAN's and open_clip's preprocessing).
+
+    Args:
+        image: uint8 (H0, W0, 3) RGB.
+        size: Side of the frame.
+
+    Returns:
+        uint8 (size, size, 3) RGB.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    height, width = _hw(size)
+    if image.shape[:2] == (height, width):
+        return image
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(resized)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a binary mask as the references do: 0/255 bilinearly with PIL, then ``> 0.5``.
+
+    APRIL-GAN and AnomalyCLIP resize the 0/255 mask with torchvision's ``Resize`` (bilinear,
+    PIL) and threshold ``ToTensor()`` of it at 0.5, i.e. a resized value of at least 128.
+
+    Args:
+        mask: (H0, W0) bool or uint8 {0, 1}.
+        size: Side of the frame.
+
+    Returns:
+        uint8 (size, size) in {0, 1}.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    height, width = _hw(size)
+    if binary.shape == (height, width):
+        return binary
+    resized = Image.fromarray(binary * 255, mode="L").resize((width, height), Image.Resampling.BILINEAR)
+    return (np.asarray(resized) > 127).astype(np.uint8)
+
+
+class FrameTransform:
+    """Decoded image (and mask) -> frame tensors: PIL resize, then albumentations.
+
+    Call it as ``transform(image=image, mask=mask)`` with image uint8 (H0, W0, 3) RGB and mask
+    uint8 (H0, W0) in {0, 1}; it returns ``image`` float32 (3, H, W) CLIP-normalised and
+    ``mask`` uint8 (H, W) in {0, 1}, H = W = ``image_size``.
+
+    Args:
+        image_size: Side of the square frame in pixels.
+        augment: Training augmentations, applied after the resize; None means none.
+        seed: Seed of albumentations' random source (only matters with augmentations).
+    """
+
+    def __init__(self, image_size: int | tuple[int, int], *, augment: AugmentConfig | None = None, seed: int | None = None) -> None:
+        if min(_hw(image_size)) <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.image_size = image_size if isinstance(image_size, int) else _hw(image_size)
+        steps: list[A.BasicTransform] = list(augment.transforms()) if augment is not None else []
+        steps += [A.Normalize(mean=CLIP_MEAN, std=CLIP_STD, max_pixel_value=255.0), ToTensorV2()]
+        self.compose = A.Compose(steps, seed=seed)
+
+    def __call__(self, *, image: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        frame = resize_image(image, self.image_size)
+        frame_mask = resize_mask(mask, self.image_size)
+        return self.compose(image=frame, mask=frame_mask)
+
+
 def build_transform(
     image_size: int | tuple[int, int],
     *,
     augment: AugmentConfig | None = None,
     seed: int | None = None,
-) -> A.Compose:
-    """The transform from a decoded image (and mask) to frame tensors.
-
-    Call it as ``transform(image=image, mask=mask)`` with image uint8 (H0, W0, 3) RGB and mask
-    uint8 (H0, W0) in {0, 1}; it returns ``image`` float32 (3, H, W) CLIP-normalised and
-    ``mask`` uint8 (H, W) in {0, 1}, H = W = ``image_size``.
+) -> FrameTransform:
+    """The transform from a decoded image (and mask) to frame tensors (:class:`FrameTransform`).
 
     Args:
         image_size: side of the square frame in pixels, or (height, width) (the canvas of
@@ -88,16 +179,7 @@ def build_transform(
         augment: training augmentations, applied after the resize; None means none.
         seed: seed of albumentations' random source (only matters with augmentations).
     """
-    height, width = (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    steps: list[A.BasicTransform] = [
-        A.Resize(height, width, interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST)
-    ]
-    if augment is not None:
-        steps += augment.transforms()
-    steps += [A.Normalize(mean=CLIP_MEAN, std=CLIP_STD, max_pixel_value=255.0), ToTensorV2()]
-    return A.Compose(steps, seed=seed)
+    return FrameTransform(image_size, augment=augment, seed=seed)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from clipsam.metrics.functional import MetricUndefinedWarning, aupro, image_metrics, pixel_metrics, pr_curve
+from clipsam.metrics.functional import (
+    AUPRO_PROTOCOLS,
+    MetricUndefinedWarning,
+    aupro,
+    image_metrics,
+    pixel_metrics,
+    pr_curve,
+)
 
 __all__ = ["PerCategoryMetrics"]
 
@@ -88,6 +95,7 @@ class PerCategoryMetrics(Metric):
         pixel: bool = True,
         image: bool = True,
         aupro: bool = False,
+        aupro_protocol: str = "mvtec",
         score_dtype: torch.dtype = torch.float32,
         pr_curve_points: int = 0,
         threshold_method: str | None = None,
@@ -101,6 +109,9 @@ class PerCategoryMetrics(Metric):
             raise ValueError(f"categories must be distinct, got {list(categories)}")
         if score_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"score_dtype must be torch.float32 or torch.float16, got {score_dtype}")
+        if aupro_protocol not in AUPRO_PROTOCOLS:
+            raise ValueError(f"aupro_protocol must be one of {list(AUPRO_PROTOCOLS)}, got {aupro_protocol!r}")
+        self.aupro_protocol = aupro_protocol
         self.categories = list(categories)
         self.pixel = pixel
         self.image = image
@@ -236,7 +247,7 @@ class PerCategoryMetrics(Metric):
                                 if curve is not None:
                                     out["pixel_pr_curve"] = curve
                         if self.aupro:
-                            out["pixel_aupro"] = aupro(maps, masks)
+                            out["pixel_aupro"] = aupro(maps, masks, protocol=self.aupro_protocol)
                         if self.threshold_method:
                             map_labels = np.array([label_of[int(i)] for i in map_ids[rows]])
                             groups[name] = {"maps": maps, "masks": masks, "map_labels": map_labels}

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["MetricUndefinedWarning", "aupro", "image_metrics", "pixel_metrics", "pr_curve"]
+__all__ = ["AUPRO_PROTOCOLS", "MetricUndefinedWarning", "aupro", "image_metrics", "pixel_metrics", "pr_curve"]
 
 
 class MetricUndefinedWarning(UserWarning):
@@ -265,39 +265,59 @@ def image_metrics(scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.n
 # AUPRO
 
 
+AUPRO_PROTOCOLS: tuple[str, ...] = ("mvtec", "anomalyclip")
+"""Valid ``protocol`` values of :func:`aupro` (config key ``model.evaluation.aupro_protocol``)."""
+
+_ANOMALYCLIP_STEPS = 200
+
+
 def aupro(
     anomaly_maps: torch.Tensor | np.ndarray,
     masks: torch.Tensor | np.ndarray,
     *,
     fpr_limit: float = 0.3,
     num_thresholds: int = 1000,
+    protocol: str = "mvtec",
 ) -> float:
     """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``, normalised.
 
-    As in the MVTec AD evaluation and anomalib: ground-truth regions are the connected
-    components of each image's mask (``scipy.ndimage.label``, 4-connectivity); at a threshold
-    ``t`` (``score >= t`` predicted anomalous) PRO is the mean over all regions of the region's
-    covered fraction and FPR is the fraction of normal pixels (of all images) predicted
-    anomalous. The PRO-over-FPR curve, completed by (0, 0), is integrated with the trapezoid rule
-    up to ``fpr_limit`` (linear interpolation at the limit) and divided by ``fpr_limit``.
+    Ground-truth regions are the 8-connected components of each image's mask (as the MVTec AD
+    evaluation's ``scipy.ndimage.label`` with a 3 x 3 structure, anomalib's connected
+    components, and ``skimage.measure.label`` in APRIL-GAN's and AnomalyCLIP's code). At a
+    threshold ``t``, PRO is the mean over all regions (of all images) of the region's covered
+    fraction and FPR the fraction of normal pixels (of all images) predicted anomalous.
 
-    The curve is **threshold-sampled**: ``num_thresholds`` thresholds evenly spaced between the
-    minimum and the maximum score, so the value is an approximation whose error falls as
-    ``num_thresholds`` grows (it is exact when every distinct score is a threshold).
+    ``protocol="mvtec"`` (the MVTec AD evaluation, anomalib): ``score >= t`` is anomalous;
+    ``num_thresholds`` thresholds evenly spaced from the minimum to the maximum score; the
+    PRO-over-FPR curve, completed by (0, 0), is integrated with the trapezoid rule up to
+    ``fpr_limit`` (linear interpolation at the limit) and divided by ``fpr_limit``. The curve is
+    threshold-sampled, so the value approximates the exact one (exact when every distinct
+    score is a threshold).
+
+    ``protocol="anomalyclip"`` (``cal_pro_score`` of AnomalyCLIP's metrics.py and APRIL-GAN's
+    test.py, so numbers compare with their tables): thresholds ``np.arange(min, max, (max -
+    min) / 200)`` in the maps' dtype (``num_thresholds`` is ignored); ``score > t`` (strict) is
+    anomalous; only the curve points with FPR strictly below ``fpr_limit`` are kept, their FPRs
+    min-max renormalised to [0, 1], and the area under the PRO curve over them taken with the
+    trapezoid rule (no (0, 0) point, no interpolation at the limit).
 
     Args:
         anomaly_maps: N x H x W float scores (a single H x W map is also accepted).
         masks: N x H x W bool or integer (0/1) ground truth, same shape.
         fpr_limit: upper FPR integration limit in (0, 1].
-        num_thresholds: number of sampled thresholds (>= 2).
+        num_thresholds: number of sampled thresholds (>= 2), ``protocol="mvtec"`` only.
+        protocol: ``"mvtec"`` or ``"anomalyclip"``.
 
     Returns:
         AUPRO in [0, 1]; ``NaN`` with a :class:`MetricUndefinedWarning` when the masks have no
-        anomalous region or no normal pixel.
+        anomalous region or no normal pixel (or, ``"anomalyclip"``, fewer than two distinct
+        FPRs below the limit, where the reference divides by zero).
 
     Raises:
         ValueError: on a shape mismatch, non-binary masks, NaN scores or bad arguments.
     """
+    if protocol not in AUPRO_PROTOCOLS:
+        raise ValueError(f"AUPRO protocol must be one of {list(AUPRO_PROTOCOLS)}, got {protocol!r}")
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if num_thresholds < 2:
@@ -312,18 +332,30 @@ def aupro(
         raise ValueError(f"anomaly_maps must be N x H x W and non-empty, got shape {maps.shape}")
     gts = _labels_1d(gts, "masks").reshape(gts.shape)
     maps = _scores_1d(maps, "anomaly_maps").reshape(maps.shape)
-    lo, hi = float(maps.min()), float(maps.max())
+    lo, hi = maps.min(), maps.max()
     if np.isnan(lo) or np.isnan(hi):
         raise ValueError("anomaly_maps contain NaN")
 
-    thresholds = np.linspace(lo, hi, num_thresholds)
-    nb = num_thresholds + 1  # bin b = number of thresholds <= score; score >= t_k iff b > k
+    if protocol == "mvtec":
+        thresholds = np.linspace(float(lo), float(hi), num_thresholds)
+        side = "right"  # bin b = number of thresholds <= score; score >= t_k iff b > k
+    else:
+        if hi == lo:
+            warnings.warn(
+                "AUPRO (anomalyclip protocol) is undefined for a constant map; returning NaN",
+                MetricUndefinedWarning,
+                stacklevel=2,
+            )
+            return float("nan")
+        thresholds = np.arange(lo, hi, (hi - lo) / _ANOMALYCLIP_STEPS)  # in the maps' dtype
+        side = "left"  # bin b = number of thresholds < score; score > t_k iff b > k
+    nb = thresholds.size + 1
     bg_hist = np.zeros(nb, dtype=np.int64)
     region_hists: list[np.ndarray] = []
     region_sizes: list[np.ndarray] = []
-    structure = ndimage.generate_binary_structure(2, 1)
+    structure = np.ones((3, 3), dtype=bool)  # 8-connectivity
     for score_map, gt in zip(maps, gts):
-        bins = np.searchsorted(thresholds, score_map.astype(np.float64, copy=False).ravel(), side="right")
+        bins = np.searchsorted(thresholds, score_map.ravel(), side=side)
         gt_flat = gt.ravel()
         bg_hist += np.bincount(bins[~gt_flat], minlength=nb)
         if not gt_flat.any():
@@ -340,15 +372,30 @@ def aupro(
         warnings.warn(f"AUPRO is undefined: the masks have {case}; returning NaN", MetricUndefinedWarning, stacklevel=2)
         return float("nan")
 
-    def _count_ge(hist: np.ndarray) -> np.ndarray:
-        # counts of samples with score >= t_k for k = 0..K-1: sum over bins b > k
+    def _count_positive(hist: np.ndarray) -> np.ndarray:
+        # samples predicted anomalous at threshold t_k, k = 0..K-1: the sum over bins b > k
         tail = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1]
         return tail[..., 1:]
 
-    fpr = _count_ge(bg_hist) / n_bg  # (K,), non-increasing in k
+    fpr = _count_positive(bg_hist) / n_bg  # (K,), non-increasing in k
     hists = np.concatenate(region_hists)
     sizes = np.concatenate(region_sizes).astype(np.float64)
-    pro = (_count_ge(hists) / sizes[:, None]).mean(axis=0)  # (K,)
+    pro = (_count_positive(hists) / sizes[:, None]).mean(axis=0)  # (K,)
+
+    if protocol == "anomalyclip":
+        keep = fpr < fpr_limit
+        x, yv = fpr[keep], pro[keep]
+        if x.size < 2 or x.max() == x.min():
+            warnings.warn(
+                f"AUPRO (anomalyclip protocol) is undefined: fewer than two distinct FPRs below {fpr_limit}; "
+                "returning NaN",
+                MetricUndefinedWarning,
+                stacklevel=2,
+            )
+            return float("nan")
+        x = (x - x.min()) / (x.max() - x.min())
+        # x is monotonic (non-increasing in the threshold): the trapezoid area up to its sign
+        return float(abs(np.sum((x[1:] - x[:-1]) * (yv[1:] + yv[:-1]) / 2.0)))
 
     # ascending FPR, completed by (0, 0); ties in FPR ordered by PRO (vertical segments)
     fpr = np.concatenate(([0.0], fpr[::-1]))

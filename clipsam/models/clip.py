@@ -1,6 +1,7 @@
 """CLIP stage: a frozen open_clip model, linear adapters on tapped layers, the anomaly map.
 
-METHOD.md, "CLIP localises" and "The protocol the baselines share" (APRIL-GAN's recipe):
+METHOD.md, "CLIP localises" and "The protocol the baselines share" (APRIL-GAN's recipe, read
+from its released train.py / test.py):
 
 1. the frozen visual tower runs on the frame image; the residual-stream tokens after the
    configured transformer blocks are taken (open_clip's ``forward_intermediates``, no hooks)
@@ -8,16 +9,27 @@ METHOD.md, "CLIP localises" and "The protocol the baselines share" (APRIL-GAN's 
 2. one trainable ``nn.Linear`` per tapped layer maps the patch tokens (token width, e.g. 1024
    for ViT-L) to the joint embedding width D (768 for ViT-L);
 3. the L2-normalised adapted tokens are compared with the prompt-ensemble text features of the
-   image's category, ``softmax(logit_scale * token . text)`` over (normal, anomalous), and the
-   per-layer probabilities are upsampled bilinearly to the frame;
-4. the anomalous channel is combined over layers (mean by default), optionally smoothed with a
-   Gaussian, and reduced to an image score.
+   image's category: logits ``logit_scale * token . text`` over (normal, anomalous). With
+   ``upsample="logits"`` (APRIL-GAN) the 2-channel logits are upsampled bilinearly
+   (align_corners=True) to the frame and the softmax is taken there; with ``"probs"``
+   (AnomalyCLIP) the softmax is taken on the patch grid and the probabilities are upsampled.
+   The same per-layer probabilities feed the training loss and the test map;
+4. the anomalous channel is combined over layers (mean by default, APRIL-GAN sums), optionally
+   smoothed with a Gaussian (AnomalyCLIP: sigma 4; APRIL-GAN: none), and reduced to an image
+   score: a reduction of the map, or (``image_score="clip_global"``, both references) the
+   zero-shot CLS score ``softmax(logit_scale * cos(image feature, text))[anomalous]``.
 
-Only the adapters train; the open_clip model is frozen, stays in eval mode, and runs in
-``ClipConfig.frozen_dtype`` by casting its weights (no autocast: CPU bf16 autocast of
-``nn.MultiheadAttention`` is pathologically slow at batch >= 2). Adapters, similarities,
-softmax and maps are always float32 with autocast disabled, so Lightning's ``precision``
-does not change this stage; use ``precision="32-true"`` and choose ``model.clip.frozen_dtype``.
+Only the adapters train; the open_clip model is frozen and stays in eval mode.
+
+Precision (``ClipConfig.frozen_dtype``): only the weights of the visual tower's attention and
+MLP layers are cast to ``frozen_dtype``; the patch embedding, every LayerNorm, the final
+projection and the residual stream stay float32 (a LayerNorm computes in float32 and hands its
+output to the next sublayer in that sublayer's dtype; the sublayer's output is added to the
+float32 residual stream). The text tower runs in float32 (it runs once per object name). No
+autocast: CPU bf16 autocast of ``nn.MultiheadAttention`` is pathologically slow at batch >= 2.
+Adapters, similarities, softmax and maps are float32 with autocast disabled, so Lightning's
+``precision`` does not change this stage; use ``precision="32-true"``. How far bf16 weights
+move the map: docs/benchmarks.md (``scripts/benchmark_precision.py``).
 
 Dimension symbols: B batch, L tapped layers, D joint embedding width, C token width,
 H x W frame image, h x w patch grid (H / patch, W / patch), N = h * w patch tokens.
@@ -38,9 +50,18 @@ from torch import Tensor, nn
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.fusion import image_scores
 from clipsam.models.presets import is_tiny_preset, register_tiny_configs
-from clipsam.prompts import build_prompts, object_name_for
+from clipsam.prompts import OBJECT_NAME_MODES, build_prompts, object_name_for
 
-__all__ = ["ClipAnomalyModel", "ClipConfig", "ClipOutput", "build_clip_model", "gaussian_blur"]
+__all__ = [
+    "ClipAnomalyModel",
+    "ClipConfig",
+    "ClipOutput",
+    "build_clip_model",
+    "gaussian_blur",
+    "global_image_scores",
+    "set_frozen_precision",
+    "upsample_layer_probs",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -53,6 +74,9 @@ _DTYPES: dict[str, torch.dtype] = {
 class ClipConfig:
     """Everything that defines the CLIP stage (config section ``model.clip``).
 
+    docs/usage.md ("Fidelity: the paper configs and the APRIL-GAN profile") lists, per key, the
+    value of the paper configs, of ``configs/methods/april_gan_*.yaml`` and where each comes from.
+
     Attributes:
         model_name: open_clip architecture name (``open_clip.list_models()``) or a clipsam
             preset (``"clipsam-tiny"``, random weights only).
@@ -63,40 +87,60 @@ class ClipConfig:
             (``[6, 12, 18, 24]`` for ViT-L-14-336; ``[1, 2, 3, 4]`` for ``clipsam-tiny``).
         cache_dir: Where open_clip caches downloaded weights (``None``: its default, i.e. the
             Hugging Face cache or ``~/.cache/clip``).
-        object_name: ``"category"`` writes the category's name into the prompts (``metal_nut``
-            -> "metal nut"); ``"generic"`` writes "object" for all categories.
+        object_name: The object name written into the prompts. ``"raw"`` is the category name
+            exactly as on disk (``metal_nut``, ``pcb1``), as APRIL-GAN's prompt_ensemble.py
+            writes it; ``"category"`` (clipsam's choice) cleans it into words (``metal_nut`` ->
+            "metal nut", ``pcb1`` -> "pcb"); ``"generic"`` writes "object" for all categories.
+        upsample: What is upsampled from the patch grid to the frame. ``"logits"`` (default,
+            APRIL-GAN's train.py and test.py): the 2-channel logits ``logit_scale * token .
+            text``, bilinearly with align_corners=True, then the softmax over the 2 channels;
+            ``"probs"`` (AnomalyCLIP): the softmax on the patch grid, then the probabilities.
+            Used by the training loss and the test map alike.
         layer_combine: ``"mean"`` of the per-layer anomalous probabilities keeps the map in
             [0, 1]; ``"sum"`` (APRIL-GAN's test code) ranks pixels identically but ranges over
-            [0, L], which breaks the [0, 1] contract of ``anomaly_map``; only for comparison.
+            [0, L], which breaks the [0, 1] contract of ``anomaly_map`` (the SAM stage needs
+            it); only for the CLIP stage alone (the APRIL-GAN profile).
         smoothing_sigma: Standard deviation in frame pixels of the Gaussian applied to the
-            combined map (APRIL-GAN/AnomalyCLIP test code use 4; 0 disables). Kernel radius
-            ``round(4 * sigma)``, symmetric padding (as ``scipy.ndimage.gaussian_filter``).
-        image_score: Reduction of a pixel-score map to the image score (the CLIP map, and in
-            test/predict the fused scores too): ``"max"``, ``"mean"``,
-            or ``"topk_mean"`` (mean of the top ``topk_fraction`` of pixels).
+            combined map; 0 disables. APRIL-GAN applies none; 4 is AnomalyCLIP's test.py
+            (``gaussian_filter(sigma=4)``) and clipsam's default, a choice where the paper is
+            silent. Kernel radius ``round(4 * sigma)``, symmetric padding (as
+            ``scipy.ndimage.gaussian_filter``).
+        image_score: The image score. ``"clip_global"`` (APRIL-GAN and AnomalyCLIP, zero-shot):
+            ``softmax(logit_scale * cos(CLS image feature, text features))[anomalous]``, the
+            class token after ``ln_post`` and the projection (no adapter); in test/predict it
+            is also the image score of the full method (SAM refines pixels, not the image
+            decision). ``"max"``, ``"mean"``, ``"topk_mean"`` (mean of the top
+            ``topk_fraction`` of pixels) reduce the pixel map (the CLIP map, and in
+            test/predict the fused scores).
         topk_fraction: Fraction of pixels averaged by ``image_score="topk_mean"``.
-        frozen_dtype: dtype the frozen open_clip weights are cast to. ``"bfloat16"`` (default)
-            was 1.5-5x faster than float32 on the CPUs measured (AVX512-BF16/AMX;
-            ``scripts/benchmark_clip.py``) and is the fast path on GPUs; ``"float32"`` for exact
-            reference numbers; ``"float16"`` for GPUs without bf16.
+        frozen_dtype: dtype of the weights of the visual tower's attention and MLP layers (99%
+            of its parameters). LayerNorms, the residual stream, the patch embedding, the final
+            projection and the text tower always stay float32 (module docstring).
+            ``"float32"`` (default) is exact; ``"bfloat16"`` is 1.5-5x faster on CPUs with
+            AVX512-BF16/AMX and on GPUs, and moves the map by the amount measured in
+            docs/benchmarks.md; ``"float16"`` for GPUs without bf16.
         quick_gelu: Override the activation of the built architecture. ``None`` follows the
-            pretrained tag (OpenAI tags use QuickGELU, which the plain ``ViT-L-14-336`` config
-            does not say); set ``True`` when ``pretrained`` is a local copy of OpenAI weights.
+            pretrained tag (OpenAI tags use QuickGELU, the activation their weights were
+            trained with, which the plain ``ViT-L-14-336`` config does not say); ``True`` when
+            ``pretrained`` is a local copy of OpenAI weights. ``False`` is the APRIL-GAN-exact
+            switch: its open_clip fork builds ViT-L-14-336 at 518 with plain GELU although the
+            weights were trained with QuickGELU, and its released numbers come from that build.
         seed: Seed of the random frozen weights (when ``pretrained`` is empty) and of the
             adapter initialisation.
-        logit_scale: Temperature of the patch-text similarity (APRIL-GAN: 100).
+        logit_scale: Temperature of the patch-text and image-text similarities (APRIL-GAN: 100).
     """
 
     model_name: str = "ViT-L-14-336"
     pretrained: str | None = "openai"
     layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     cache_dir: str | None = None
-    object_name: Literal["category", "generic"] = "category"
+    object_name: Literal["category", "raw", "generic"] = "category"
+    upsample: Literal["logits", "probs"] = "logits"
     layer_combine: Literal["mean", "sum"] = "mean"
     smoothing_sigma: float = 4.0
-    image_score: Literal["max", "mean", "topk_mean"] = "max"
+    image_score: Literal["max", "mean", "topk_mean", "clip_global"] = "max"
     topk_fraction: float = 0.01
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quick_gelu: bool | None = None
     seed: int = 0
     logit_scale: float = 100.0
@@ -110,9 +154,10 @@ class ClipConfig:
             )
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ConfigError(f"model.clip.layers={self.layers} must be strictly increasing.")
-        _check_choice("object_name", self.object_name, ("category", "generic"))
+        _check_choice("object_name", self.object_name, OBJECT_NAME_MODES)
+        _check_choice("upsample", self.upsample, ("logits", "probs"))
         _check_choice("layer_combine", self.layer_combine, ("mean", "sum"))
-        _check_choice("image_score", self.image_score, ("max", "mean", "topk_mean"))
+        _check_choice("image_score", self.image_score, CLIP_IMAGE_SCORES)
         _check_choice("frozen_dtype", self.frozen_dtype, tuple(_DTYPES))
         if self.smoothing_sigma < 0:
             raise ConfigError(
@@ -120,6 +165,11 @@ class ClipConfig:
             )
         if not 0 < self.topk_fraction <= 1:
             raise ConfigError(f"model.clip.topk_fraction={self.topk_fraction} must be in (0, 1].")
+
+
+CLIP_IMAGE_SCORES: tuple[str, ...] = ("max", "mean", "topk_mean", "clip_global")
+"""Valid ``model.clip.image_score`` values: the map reductions of
+:func:`clipsam.fusion.image_scores` plus ``"clip_global"`` (the CLS zero-shot score)."""
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -132,11 +182,13 @@ class ClipOutput:
     """Result of :meth:`ClipAnomalyModel.forward`.
 
     Attributes:
-        layer_probs: (B, L, 2, H, W) float32, per tapped layer the softmax over
-            (normal, anomalous), upsampled to the frame; sums to 1 over dim 2. Used by the loss.
+        layer_probs: (B, L, 2, H, W) float32, per tapped layer the probabilities over
+            (normal, anomalous) on the frame (:func:`upsample_layer_probs`, ``ClipConfig.
+            upsample``); sums to 1 over dim 2. Used by the loss.
         anomaly_map: (B, H, W) float32, ``Map_a``: anomalous channel combined over layers, then
             smoothed; in [0, 1] with ``layer_combine="mean"``.
-        image_scores: (B,) float32, the map reduced by ``ClipConfig.image_score``.
+        image_scores: (B,) float32, ``ClipConfig.image_score``: the CLS zero-shot score
+            (``"clip_global"``) or the map's reduction.
     """
 
     layer_probs: Tensor
@@ -176,12 +228,127 @@ def _pad_symmetric(x: Tensor, radius: int, dim: int) -> Tensor:
     return x.index_select(dim, index)
 
 
+def upsample_layer_probs(
+    logits: Tensor, grid_size: tuple[int, int], frame_size: tuple[int, int], mode: str = "logits"
+) -> Tensor:
+    """Per-layer patch logits -> (normal, anomalous) probabilities on the frame.
+
+    ``mode="logits"`` (APRIL-GAN): bilinear upsampling (align_corners=True) of the 2-channel
+    logits, then the softmax over the channels at every frame pixel. ``mode="probs"``
+    (AnomalyCLIP): the softmax on the patch grid, then bilinear upsampling of the
+    probabilities. Both sum to 1 over the channels; they differ between patch centres.
+
+    Args:
+        logits: (B, N, 2) float32, ``logit_scale * token . text`` per patch, N = h * w in
+            row-major grid order.
+        grid_size: (h, w) patch grid.
+        frame_size: (H, W) frame.
+        mode: ``"logits"`` or ``"probs"``.
+
+    Returns:
+        (B, 2, H, W) float32 probabilities.
+    """
+    if mode not in ("logits", "probs"):
+        raise ValueError(f"mode must be 'logits' or 'probs', got {mode!r}")
+    batch = logits.shape[0]
+    grid = logits.transpose(1, 2).reshape(batch, 2, grid_size[0], grid_size[1])  # (B, 2, h, w)
+    if mode == "logits":
+        up = F.interpolate(grid, size=frame_size, mode="bilinear", align_corners=True)
+        return up.softmax(dim=1)
+    return F.interpolate(grid.softmax(dim=1), size=frame_size, mode="bilinear", align_corners=True)
+
+
+def global_image_scores(image_features: Tensor, text: Tensor, logit_scale: float = 100.0) -> Tensor:
+    """Zero-shot image score from the CLS image feature, as APRIL-GAN's and AnomalyCLIP's test.py.
+
+    ``softmax(logit_scale * cos(image feature, text feature of each class))[anomalous]``.
+
+    Args:
+        image_features: (B, D) float, the visual tower's pooled output (class token after
+            ``ln_post``, times ``proj``); normalised here.
+        text: (B, D, 2) float32, unit columns (normal, anomalous) per image.
+        logit_scale: Temperature (100 in both references).
+
+    Returns:
+        (B,) float32 in [0, 1].
+    """
+    feats = F.normalize(image_features.float(), dim=-1)
+    logits = logit_scale * torch.einsum("bd,bdc->bc", feats, text.float())
+    return logits.softmax(dim=-1)[:, 1]
+
+
+class MixedPrecisionLayerNorm(nn.LayerNorm):
+    """A LayerNorm computed in float32 whose output goes to the next sublayer in ``out_dtype``.
+
+    Replaces ``ln_1`` / ``ln_2`` of a residual block whose attention and MLP weights are in a
+    low-precision dtype: the residual stream (the input here) stays float32, the normalisation
+    and its affine parameters are float32, and only the sublayer's input is rounded. The
+    sublayer's low-precision output is then added to the float32 stream (type promotion).
+
+    Args:
+        source: The LayerNorm to replace (its parameters are copied as float32).
+        out_dtype: dtype of the next sublayer's weights.
+    """
+
+    def __init__(self, source: nn.LayerNorm, out_dtype: torch.dtype) -> None:
+        super().__init__(
+            source.normalized_shape,
+            eps=source.eps,
+            elementwise_affine=source.elementwise_affine,
+            bias=source.bias is not None,
+            device=source.weight.device if source.weight is not None else None,
+            dtype=torch.float32,
+        )
+        with torch.no_grad():
+            if source.weight is not None:
+                self.weight.copy_(source.weight.float())
+            if source.bias is not None:
+                self.bias.copy_(source.bias.float())
+        self.out_dtype = out_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        y = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return y.to(self.out_dtype)
+
+
+def set_frozen_precision(clip_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a frozen open_clip model for inference: block weights in ``dtype``, the rest float32.
+
+    Everything becomes float32, then the ``attn`` and ``mlp`` sublayers of every visual
+    residual block are cast to ``dtype`` and their ``ln_1`` / ``ln_2`` replaced by
+    :class:`MixedPrecisionLayerNorm`. The patch embedding, ``ln_pre``, ``ln_post``, ``proj``,
+    the residual stream and the whole text tower stay float32. With ``dtype=float32`` this is
+    just ``clip_model.float()``.
+
+    Args:
+        clip_model: An open_clip ``CLIP`` with a ``VisionTransformer`` visual tower (in place).
+        dtype: dtype of the blocks' attention and MLP weights.
+
+    Returns:
+        ``clip_model``.
+    """
+    clip_model.float()
+    if dtype == torch.float32:
+        return clip_model
+    for block in clip_model.visual.transformer.resblocks:
+        for name in ("attn", "mlp"):
+            getattr(block, name).to(dtype)
+        for name in ("ln_1", "ln_2"):
+            norm = getattr(block, name)
+            if isinstance(norm, nn.LayerNorm) and not isinstance(norm, MixedPrecisionLayerNorm):
+                setattr(block, name, MixedPrecisionLayerNorm(norm, dtype))
+    return clip_model
+
+
 class ClipAnomalyModel(nn.Module):
     """Frozen open_clip model + per-layer linear adapters -> per-pixel anomaly probabilities.
 
     Knows nothing of Lightning. The frozen model is built outside (:func:`build_clip_model`)
-    and passed in; this class freezes it, casts it to ``config.frozen_dtype``, and keeps it in
-    eval mode whatever ``.train()`` is called with. Text features of the prompt ensemble are
+    and passed in; this class freezes it, casts its visual blocks to ``config.frozen_dtype``
+    (:func:`set_frozen_precision`: LayerNorms and residual stream stay float32), and keeps it
+    in eval mode whatever ``.train()`` is called with. Text features of the prompt ensemble are
     computed once per object name (on first use) and cached on the model, not per batch.
 
     Args:
@@ -223,7 +390,7 @@ class ClipAnomalyModel(nn.Module):
 
         self.clip = clip_model
         self.clip.requires_grad_(False)
-        self.clip.to(self.frozen_dtype)
+        set_frozen_precision(self.clip, self.frozen_dtype)
         self.clip.eval()
         self.tokenizer = tokenizer
 
@@ -340,15 +507,31 @@ class ClipAnomalyModel(nn.Module):
         Returns:
             L tensors (B, N, C) float32, N = h * w patch tokens in row-major grid order.
         """
+        return self.encode_image(images, with_global=False)[0]
+
+    def encode_image(self, images: Tensor, *, with_global: bool) -> tuple[list[Tensor], Tensor | None]:
+        """Tapped patch tokens and, when asked, the pooled image feature of the frozen tower.
+
+        Args:
+            images: (B, 3, H, W) float32, CLIP-normalised frame images.
+            with_global: Also run the remaining blocks and return the pooled, projected class
+                token (``ln_post`` then ``proj``) used by ``image_score="clip_global"``.
+
+        Returns:
+            (L tensors (B, N, C) float32, (B, D) float32 or None).
+        """
+        stem_dtype = self.clip.visual.conv1.weight.dtype
         with torch.no_grad(), _no_autocast(images.device):
             out = self.clip.visual.forward_intermediates(
-                images.to(self.frozen_dtype),
+                images.to(stem_dtype),
                 indices=self._take_indices,
-                stop_early=True,
-                intermediates_only=True,
+                stop_early=not with_global,
+                intermediates_only=not with_global,
                 output_fmt="NLC",
             )
-        return [t.float() for t in out["image_intermediates"]]
+        tokens = [t.float() for t in out["image_intermediates"]]
+        pooled = out["image_features"].float() if with_global else None
+        return tokens, pooled
 
     def forward(self, images: Tensor, categories: Sequence[str]) -> ClipOutput:
         """Per-layer anomaly probabilities, the combined map and image scores.
@@ -371,26 +554,27 @@ class ClipAnomalyModel(nn.Module):
                 f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw} of "
                 f"model.clip.model_name={self.config.model_name}: set data.image_size accordingly."
             )
-        grid_h, grid_w = height // ph, width // pw
+        grid = (height // ph, width // pw)
+        with_global = self.config.image_score == "clip_global"
 
-        tokens = self.patch_tokens(images)
+        tokens, pooled = self.encode_image(images, with_global=with_global)
         text = self.text_features(categories, device=images.device)  # (B, D, 2)
         layer_probs = []
         with _no_autocast(images.device):
             for adapter, layer_tokens in zip(self.adapters, tokens):
                 feats = F.normalize(adapter(layer_tokens), dim=-1)  # (B, N, D)
                 logits = self.config.logit_scale * torch.bmm(feats, text)  # (B, N, 2)
-                probs = logits.softmax(dim=-1).transpose(1, 2)  # (B, 2, N)
-                probs = probs.reshape(batch, 2, grid_h, grid_w)  # (B, 2, h, w)
-                probs = F.interpolate(probs, size=(height, width), mode="bilinear", align_corners=True)
-                layer_probs.append(probs)
+                layer_probs.append(upsample_layer_probs(logits, grid, (height, width), self.config.upsample))
             stacked = torch.stack(layer_probs, dim=1)  # (B, L, 2, H, W)
             anomalous = stacked[:, :, 1]  # (B, L, H, W)
             combined = anomalous.mean(1) if self.config.layer_combine == "mean" else anomalous.sum(1)
             anomaly_map = gaussian_blur(combined, self.config.smoothing_sigma)
             if self.config.layer_combine == "mean":
                 anomaly_map = anomaly_map.clamp(0.0, 1.0)
-            image_scores = self._image_scores(anomaly_map)
+            if pooled is not None:
+                image_scores = global_image_scores(pooled, text, self.config.logit_scale)
+            else:
+                image_scores = self._image_scores(anomaly_map)
         return ClipOutput(layer_probs=stacked, anomaly_map=anomaly_map, image_scores=image_scores)
 
     def _image_scores(self, anomaly_map: Tensor) -> Tensor:

@@ -239,15 +239,30 @@ _FILE_SHA256: dict[tuple[str, int, int], str] = {}
 
 
 def _file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised per process by (path, size, mtime)."""
+    """sha256 of a file, hashed once: memoised by (path, size, mtime) in this process and in a
+    ``.<name>.sha256`` file next to it (when that folder is writable), so later runs skip the hash."""
     stat = path.stat()
     memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _FILE_SHA256:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _FILE_SHA256[memo_key] = digest.hexdigest()
+    if memo_key in _FILE_SHA256:
+        return _FILE_SHA256[memo_key]
+    sidecar = path.with_name(f".{path.name}.sha256")
+    stamp = f"{stat.st_size} {stat.st_mtime_ns} "
+    try:
+        text = sidecar.read_text()
+        if text.startswith(stamp) and len(text.split()) == 3:
+            _FILE_SHA256[memo_key] = text.split()[2]
+            return _FILE_SHA256[memo_key]
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    _FILE_SHA256[memo_key] = digest.hexdigest()
+    try:
+        sidecar.write_text(stamp + _FILE_SHA256[memo_key] + "\n")
+    except OSError:
+        pass  # read-only weights folder: hash again next process
     return _FILE_SHA256[memo_key]
 
 
@@ -255,20 +270,26 @@ def weights_identity(config: SamConfig, *, pretrained: bool = True) -> str:
     """A string naming the exact weights, used in :class:`EmbeddingCache` keys.
 
     - "tiny" (or ``pretrained=False``): ``"<variant>:random:seed=<seed>"``;
-    - the official file from the cache directory: ``"<variant>:sha256=<published sha256>"``
-      (checked when downloaded, not re-hashed at every start);
-    - a user file (``model.sam.checkpoint``): ``"<variant>:sha256=<sha256 of the file>"``,
-      computed once per process.
+    - a checkpoint file (the official one in the cache directory or ``model.sam.checkpoint``):
+      ``"<variant>:sha256=<sha256 of the file's bytes>"``. The file is always hashed (once; see
+      :func:`_file_sha256`), never trusted by its name: other weights saved under the official
+      name must not reuse the official weights' cached embeddings. A file under the official
+      name whose hash differs from the published one gets a warning.
 
     The encoder dtype is not part of it (:class:`SamRefiner` adds it to the cache key).
     """
     if config.variant == "tiny" or not pretrained:
         return f"{config.variant}:random:seed={config.seed}"
     path = resolve_checkpoint(config)
+    digest = _file_sha256(path)
     official = SAM_CHECKPOINTS[config.variant]
-    if not config.checkpoint and path.name == official.filename:
-        return f"{config.variant}:sha256={official.sha256}"
-    return f"{config.variant}:sha256={_file_sha256(path)}"
+    if path.name == official.filename and digest != official.sha256:
+        warnings.warn(
+            f"SAM checkpoint {path} has the official {config.variant} file name but not its published sha256 "
+            f"({official.sha256[:12]}...): it is not the official file (modified or damaged); using it as is",
+            stacklevel=2,
+        )
+    return f"{config.variant}:sha256={digest}"
 
 
 def _load_strict(sam: Sam, path: Path, variant: str) -> None:
@@ -331,19 +352,36 @@ class EmbeddingCache:
     A key is the sha256 of the model identity (weights identity, encoder dtype, input side) and
     of the frame image's shape and bytes (:meth:`key`). Files are ``<directory>/<key[:2]>/<key>.pt``
     holding ``{"key": str, "embedding": (1, C, h, w) float32}``, written atomically
-    (:func:`clipsam.io.atomic_torch_save`) and read with ``torch.load(weights_only=True)``. A
-    file that cannot be read or does not hold what its name says is ignored with a warning and
-    recomputed (then overwritten).
+    (:func:`clipsam.io.atomic_torch_save`) and read with ``torch.load(weights_only=True)``.
+
+    A file that cannot be read, does not hold what its name says, has the wrong shape (when
+    ``embedding_shape`` is known) or non-finite values is ignored with a warning and recomputed
+    (then overwritten). The cache is a speed-up only: when its folder cannot be written
+    (read-only, full disk) it warns once and the run carries on without storing embeddings.
+
+    Args:
+        directory: the cache root (``~`` expanded).
+        embedding_shape: (1, C, h, w) of a valid entry; None learns it from the first entry
+            stored.
 
     Attributes:
         directory: the cache root.
         hits, misses: lookups served / not served since construction.
+        writable: False once a write failed (nothing more is stored).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, max_bytes: int | None = None) -> None:
-        self.directory = Path(directory).expanduser()
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        embedding_shape: tuple[int, ...] | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.directory = Path(os.path.expanduser(os.fspath(directory)))
+        self.embedding_shape = tuple(embedding_shape) if embedding_shape is not None else None
         self.hits = 0
         self.misses = 0
+        self.writable = True
         # LRU bound: a hit touches its file; above max_bytes the least recently used files go.
         self.max_bytes = int(max_bytes) if max_bytes else None
         self._size: int | None = None  # bytes on disk, scanned once, then tracked
@@ -370,9 +408,13 @@ class EmbeddingCache:
         return self.directory / key[:2] / f"{key}.pt"
 
     def load(self, key: str) -> torch.Tensor | None:
-        """The cached (1, C, h, w) float32 embedding of ``key``, or None (missing or corrupt)."""
+        """The cached (1, C, h, w) float32 embedding of ``key``, or None (missing, corrupt or invalid)."""
         path = self.path(key)
-        if not path.is_file():
+        try:
+            if not path.is_file():
+                self.misses += 1
+                return None
+        except OSError:
             self.misses += 1
             return None
         try:
@@ -382,8 +424,12 @@ class EmbeddingCache:
             embedding = entry["embedding"]
             if not isinstance(embedding, torch.Tensor) or embedding.ndim != 4 or embedding.shape[0] != 1:
                 raise ValueError("no (1, C, h, w) embedding tensor in it")
+            if self.embedding_shape is not None and tuple(embedding.shape) != self.embedding_shape:
+                raise ValueError(f"embedding of shape {tuple(embedding.shape)}, expected {self.embedding_shape}")
+            if not torch.isfinite(embedding).all():
+                raise ValueError("the embedding holds NaN or infinite values")
         except Exception as err:
-            warnings.warn(f"ignoring unreadable SAM embedding cache file {path} ({err}); recomputing it", stacklevel=2)
+            warnings.warn(f"ignoring unreadable or invalid SAM embedding cache file {path} ({err}); recomputing it", stacklevel=2)
             self.misses += 1
             return None
         self.hits += 1
@@ -393,10 +439,27 @@ class EmbeddingCache:
         return embedding.to(torch.float32)
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
-        """Store a (1, C, h, w) embedding under ``key`` (atomic write); evict LRU files above ``max_bytes``."""
+        """Store a (1, C, h, w) embedding under ``key`` (atomic write); never raises for a bad disk.
+
+        Above ``max_bytes`` the least recently used entries are deleted."""
+        if self.embedding_shape is None:
+            self.embedding_shape = tuple(embedding.shape)
+        if not self.writable:
+            return
         entry = {"key": key, "embedding": embedding.detach().to("cpu", torch.float32).contiguous().clone()}
         path = self.path(key)
-        atomic_torch_save(entry, path)
+        try:
+            atomic_torch_save(entry, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports some write failures as RuntimeError
+            self.writable = False
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+            warnings.warn(
+                f"SAM embedding cache {self.directory} cannot be written ({reason}); carrying on "
+                "without storing embeddings (model.sam.embedding_cache_dir: point it to a writable folder, "
+                "or set it empty to turn the cache off)",
+                stacklevel=2,
+            )
+            return
         if self.max_bytes:
             if self._size is None:
                 self._size = sum(p.stat().st_size for p in self.directory.glob("*/*.pt"))

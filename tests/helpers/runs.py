@@ -29,6 +29,7 @@ from clipsam.data.synthetic import generate_synthetic
 
 __all__ = [
     "InterruptAt",
+    "InterruptPredictAt",
     "RecordBatchOrder",
     "RecordTestIndices",
     "adapter_state",
@@ -230,3 +231,16 @@ class RecordTestIndices(Callback):
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         with open(Path(self.dir) / f"rank{trainer.global_rank}.txt", "a", encoding="utf-8") as f:
             f.writelines(f"{i}\n" for i in batch["index"].tolist())
+
+
+class InterruptPredictAt(Callback):
+    """Press Ctrl+C on this process at the start of predict batch ``batch`` (a real SIGINT)."""
+
+    def __init__(self, batch: int = 1) -> None:
+        self.batch = batch
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGINT)

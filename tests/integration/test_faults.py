@@ -135,12 +135,21 @@ def test_checkpoint_with_other_tapped_layers(in_tmp_cwd: Path, adapters_ckpt: Pa
     assert "adapter" in err.lower()
 
 
-def test_missing_sam_checkpoint(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_sam_checkpoint(in_tmp_cwd: Path, adapters_ckpt: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = in_tmp_cwd / "nowhere" / "sam_vit_b_01ec64.pth"
     err = _run_expecting_error(
-        ["test", *fast_args(in_tmp_cwd), "--model.sam.variant=vit_b", f"--model.sam.checkpoint={missing}"], capsys
+        [
+            "test",
+            *fast_args(in_tmp_cwd),
+            "--model.sam.variant=vit_b",
+            f"--model.sam.checkpoint={missing}",
+            "--ckpt_path",
+            str(adapters_ckpt),
+        ],
+        capsys,
     )
     assert str(missing) in err and "model.sam.checkpoint" in err
+    assert not (in_tmp_cwd / "runs").exists(), "checked before any run folder exists"
 
 
 def test_offline_without_cached_clip_weights(in_tmp_cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,15 +212,16 @@ def test_predict_on_tiny_and_huge_images(in_tmp_cwd: Path, adapters_ckpt: Path, 
 
 
 def test_reports_never_overwrite_without_a_versioned_logger(in_tmp_cwd: Path, adapters_ckpt: Path) -> None:
-    """With trainer.logger=false every test run shares default_root_dir: the second report goes
-    to a fresh sub-directory and the first stays as it was."""
+    """With trainer.logger=false each test run still gets its own version_N under
+    default_root_dir (reserved by the CLI): the second report never touches the first."""
     args = ["test", *fast_args(in_tmp_cwd), "--trainer.logger=false", "--ckpt_path", str(adapters_ckpt)]
     run_cli(args)
-    first = in_tmp_cwd / "runs" / "demo" / "test_results.json"
+    first = in_tmp_cwd / "runs" / "demo" / "version_0" / "test_results.json"
     before = first.read_bytes()
     run_cli(args)
     assert first.read_bytes() == before
-    assert (in_tmp_cwd / "runs" / "demo" / "test_reports" / "version_0" / "test_results.json").is_file()
+    assert (in_tmp_cwd / "runs" / "demo" / "version_1" / "test_results.json").is_file()
+    assert (in_tmp_cwd / "runs" / "demo" / "version_1" / "config.yaml").is_file()
 
 
 def test_true_half_precision_is_refused_with_the_fast_path_named(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,3 +157,22 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if "ckpt" in p.name) == ["last.ckpt"], "temp file left behind"
+
+
+def test_clip_global_is_the_image_score_of_the_method_and_aupro_protocol_is_checked() -> None:
+    module = ClipSamModule(
+        clip=ClipConfig(model_name="clipsam-tiny", pretrained=None, layers=[1, 2, 3, 4], image_score="clip_global"),
+        sam=SamConfig(variant="tiny"),
+        evaluation=EvalConfig(use_sam=False),
+        image_size=IMAGE_SIZE,
+    )
+    module.configure_model()
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        result = module._segment({"image": images, "category": ["disk", "fabric"]})
+        expected = module.clip_model(images, ["disk", "fabric"]).image_scores
+    torch.testing.assert_close(result["image_scores"], expected)
+    torch.testing.assert_close(result["clip_image_scores"], expected)
+    assert not torch.allclose(result["image_scores"], result["scores"].flatten(1).amax(1))
+    with pytest.raises(ConfigError, match="model.evaluation.aupro_protocol"):
+        EvalConfig(aupro_protocol="cflow")

@@ -58,6 +58,13 @@ def test_object_name_for_category(category, expected):
     assert object_name_for(category) == expected
 
 
+def test_object_name_raw_is_the_folder_name_as_april_gan_writes_it():
+    # APRIL-GAN's prompt_ensemble.py formats its dataset's cls_name (the folder name) unchanged.
+    for category in ("metal_nut", "pcb1", "macaroni2", "pipe_fryum"):
+        assert object_name_for(category, "raw") == category
+    assert build_prompts(object_name_for("metal_nut", "raw"))["anomalous"][0] == "a bad photo of a damaged metal_nut."
+
+
 def test_object_name_generic_and_bad_mode():
     assert object_name_for("metal_nut", "generic") == "object"
     with pytest.raises(ConfigError, match="model.clip.object_name"):

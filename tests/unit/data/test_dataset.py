@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.mvtec import parse_mvtec
 from clipsam.data.samples import Sample
-from clipsam.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig, build_transform, denormalize
+from clipsam.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    AugmentConfig,
+    build_transform,
+    denormalize,
+    resize_image,
+    resize_mask,
+)
 from clipsam.errors import DatasetError
 from tests.helpers.data import write_image
 
@@ -65,7 +75,7 @@ def test_decode_error_names_the_file(tmp_path: Path) -> None:
         AnomalyDataset([Sample(bad, None, 0, "x", "good")], build_transform(16))[0]
 
 
-def test_mask_resize_is_nearest_and_aligned() -> None:
+def test_mask_resize_is_bilinear_then_thresholded_and_aligned() -> None:
     image = np.zeros((40, 40, 3), np.uint8)
     mask = np.zeros((40, 40), np.uint8)
     mask[10:20, 20:30] = 1
@@ -73,6 +83,37 @@ def test_mask_resize_is_nearest_and_aligned() -> None:
     expected = np.zeros((20, 20), np.uint8)
     expected[5:10, 10:15] = 1
     assert np.array_equal(np.asarray(out["mask"]), expected)
+
+
+def _textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(height // 8, width // 8, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST)).astype(np.int16)
+    return np.clip(image + rng.integers(-40, 41, size=image.shape), 0, 255).astype(np.uint8)
+
+
+def test_image_resize_is_pil_antialiased_bicubic() -> None:
+    # APRIL-GAN: torchvision Resize((518, 518), BICUBIC) on the PIL image == PIL's resize.
+    image = _textured(1024, 768)
+    expected = np.asarray(Image.fromarray(image).resize((518, 518), Image.Resampling.BICUBIC))
+    got = resize_image(image, 518)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    tensor = build_transform(518)(image=image, mask=np.zeros((1024, 768), np.uint8))["image"]
+    assert np.abs(denormalize(tensor).permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1  # rounding
+    # cv2's cubic without antialiasing is not the same image.
+    assert np.abs(cv2.resize(image, (518, 518), interpolation=cv2.INTER_CUBIC).astype(int) - expected).mean() > 2
+
+
+def test_mask_resize_matches_pil_bilinear_of_the_0_255_mask() -> None:
+    rng = np.random.default_rng(3)
+    mask = np.zeros((700, 900), np.uint8)
+    mask[100:103, 50:800] = 1  # a 3-px scratch: nearest would drop or shift it at 700 -> 518
+    mask[rng.integers(0, 700, 400), rng.integers(0, 900, 400)] = 1
+    pil = Image.fromarray(mask * 255, mode="L").resize((518, 518), Image.Resampling.BILINEAR)
+    expected = (np.asarray(pil).astype(np.float32) / 255.0 > 0.5).astype(np.uint8)  # ToTensor > 0.5
+    assert np.array_equal(resize_mask(mask, 518), expected)
+    assert np.array_equal(np.asarray(build_transform(518)(image=np.zeros((700, 900, 3), np.uint8), mask=mask)["mask"]), expected)
+    assert expected[70:80, 100:400].all(axis=1).any()  # the scratch survives as a line
 
 
 def test_denormalize_inverts_normalisation() -> None:

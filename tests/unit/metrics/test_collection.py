@@ -135,6 +135,13 @@ def test_missing_category_absent_and_aupro_option():
     )
     assert "image_auroc" not in result["per_category"]["cable"] and "image_auroc" not in result["mean"]
     assert "pixel_aupro" in result["mean"]
+    other = PerCategoryMetrics(CATEGORIES, aupro=True, image=False, aupro_protocol="anomalyclip")
+    feed(other, data)
+    value = other.compute()["per_category"]["cable"]["pixel_aupro"]
+    assert value == pytest.approx(aupro(data["anomaly_maps"][sel], data["masks"][sel], protocol="anomalyclip"))
+    assert value != pytest.approx(result["per_category"]["cable"]["pixel_aupro"])
+    with pytest.raises(ValueError, match="aupro_protocol"):
+        PerCategoryMetrics(CATEGORIES, aupro=True, aupro_protocol="cflow")
 
 
 def test_unknown_labels_ignored_for_image_metrics():

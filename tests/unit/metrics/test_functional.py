@@ -146,12 +146,12 @@ def test_does_not_modify_inputs():
 
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
-    """Brute force: one curve point per distinct score, regions per image (4-connectivity)."""
+    """Brute force: one curve point per distinct score, regions per image (8-connectivity)."""
     from scipy import ndimage
 
     regions = []
     for m, g in zip(maps, masks):
-        lab, n = ndimage.label(g)
+        lab, n = ndimage.label(g, structure=np.ones((3, 3)))
         regions += [m[lab == i + 1] for i in range(n)]
     bg = maps[~masks]
     fprs, pros = [0.0], [0.0]
@@ -177,6 +177,76 @@ def test_aupro_matches_brute_force_when_thresholds_cover_all_scores():
     ours = aupro(torch.from_numpy(maps), torch.from_numpy(masks), num_thresholds=17)
     assert ours == pytest.approx(reference_aupro(maps, masks, 0.3), abs=1e-9)
     assert 0.0 < ours < 1.0
+
+
+def _hand_case() -> tuple[np.ndarray, np.ndarray]:
+    """One 4 x 4 image: region A = two diagonal pixels (one region with 8-connectivity, two with
+    4), region B = one pixel; 13 normal pixels, two of them scored 1 and 2.
+
+    Thresholds fall into three classes: ``>= 1`` (PRO 1, FPR 2/13), ``>= 2`` (A half covered, B
+    covered: PRO 0.75, FPR 1/13), ``>= 3`` (A half, B not: PRO 0.25, FPR 0).
+    """
+    masks = np.zeros((1, 4, 4), dtype=bool)
+    maps = np.zeros((1, 4, 4), dtype=np.float32)
+    masks[0, 0, 0] = masks[0, 1, 1] = masks[0, 3, 3] = True
+    maps[0, 0, 0], maps[0, 1, 1], maps[0, 3, 3] = 3, 1, 2
+    maps[0, 0, 3], maps[0, 2, 0] = 2, 1
+    return maps, masks
+
+
+def test_aupro_mvtec_protocol_by_hand_with_8_connected_regions():
+    maps, masks = _hand_case()
+    # Curve from (0, 0): (0, 0.25), (1/13, 0.75), (2/13, 1), flat at 1 up to FPR 0.3.
+    area = (1 / 13) * (0.25 + 0.75) / 2 + (1 / 13) * (0.75 + 1) / 2 + (0.3 - 2 / 13) * 1.0
+    assert aupro(maps, masks, protocol="mvtec") == pytest.approx(area / 0.3, abs=1e-12)
+    # With 4-connectivity A would be two regions: PRO 1/3 and 2/3 instead of 0.25 and 0.75.
+    area4 = (1 / 13) * (1 / 3 + 2 / 3) / 2 + (1 / 13) * (2 / 3 + 1) / 2 + (0.3 - 2 / 13)
+    assert aupro(maps, masks) != pytest.approx(area4 / 0.3, abs=1e-6)
+
+
+def test_aupro_anomalyclip_protocol_by_hand():
+    maps, masks = _hand_case()
+    # np.arange(0, 3, 0.015): 200 thresholds, 67 in [0, 1), 67 in [1, 2), 66 in [2, 3); with
+    # ``score > t`` they give the three classes above. All FPRs are below 0.3; renormalised by
+    # the largest (2/13) they become 1, 0.5 and 0: area 0.5 * (1 + 0.75) / 2 + 0.5 * (0.75 + 0.25) / 2.
+    assert aupro(maps, masks, protocol="anomalyclip") == pytest.approx(0.6875, abs=1e-12)
+    # Strict ">": a threshold equal to a score leaves that pixel out. Scores 0 and 1 only: the
+    # first threshold (0) already excludes the zeros, so every threshold gives the same point and
+    # the FPR cannot be renormalised.
+    with pytest.warns(MetricUndefinedWarning, match="anomalyclip"):
+        assert np.isnan(aupro(np.minimum(maps, 1), masks, protocol="anomalyclip"))
+    # FPR >= 0.3 points are dropped: map every normal pixel to 1 except one -> FPR 12/13 at the
+    # ">= 1" class, so only the ">= 2" and ">= 3" classes remain: area 1 * (0.75 + 0.25) / 2.
+    high = maps.copy()
+    high[~masks] = 1
+    high[0, 0, 3] = 2
+    high[0, 0, 1] = 0
+    assert aupro(high, masks, protocol="anomalyclip") == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="protocol"):
+        aupro(maps, masks, protocol="cflow")
+
+
+def test_aupro_anomalyclip_protocol_matches_a_direct_loop():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((2, 20, 20), dtype=bool)
+    masks[0, 3:9, 4:7] = True
+    masks[0, 12, 12] = masks[0, 13, 13] = True
+    masks[1, 10:18, 2:15] = True
+    maps = (rng.random(masks.shape) + 0.6 * masks).astype(np.float32)
+    lo, hi = maps.min(), maps.max()
+    fprs, pros = [], []
+    regions = [(i, lab == k + 1) for i, g in enumerate(masks) for lab, n in [ndimage.label(g, np.ones((3, 3)))] for k in range(n)]
+    for t in np.arange(lo, hi, (hi - lo) / 200):
+        pred = maps > t
+        pros.append(np.mean([pred[i][r].mean() for i, r in regions]))
+        fprs.append((pred & ~masks).sum() / (~masks).sum())
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < 0.3
+    x = (fprs[keep] - fprs[keep].min()) / (fprs[keep].max() - fprs[keep].min())
+    expected = abs(np.trapezoid(pros[keep], x))
+    assert aupro(torch.from_numpy(maps), torch.from_numpy(masks), protocol="anomalyclip") == pytest.approx(expected, abs=1e-12)
 
 
 def test_aupro_perfect_and_tied():

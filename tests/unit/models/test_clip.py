@@ -14,7 +14,16 @@ import torch
 from scipy import ndimage
 
 from clipsam.errors import ConfigError, WeightsError
-from clipsam.models.clip import ClipAnomalyModel, ClipConfig, ClipOutput, build_clip_model, gaussian_blur
+from clipsam.models.clip import (
+    ClipAnomalyModel,
+    ClipConfig,
+    ClipOutput,
+    MixedPrecisionLayerNorm,
+    build_clip_model,
+    gaussian_blur,
+    global_image_scores,
+    upsample_layer_probs,
+)
 
 IMAGE_SIZE = 64  # 4 x 4 patch grid with the tiny preset's 16-px patches
 
@@ -88,12 +97,91 @@ def test_output_shapes_ranges_and_dtypes(model):
     torch.testing.assert_close(out.image_scores, out.anomaly_map.flatten(1).amax(1))
 
 
-def test_bfloat16_frozen_path_gives_float32_outputs():
+def test_bfloat16_blocks_keep_layernorm_and_residual_stream_in_float32():
     bf16 = _build(frozen_dtype="bfloat16")
-    assert next(iter(bf16.clip.parameters())).dtype == torch.bfloat16
-    out = bf16(_images(2), ["disk", "disk"])
-    assert out.layer_probs.dtype == torch.float32 and out.anomaly_map.dtype == torch.float32
-    assert out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
+    visual = bf16.clip.visual
+    for block in visual.transformer.resblocks:
+        assert block.attn.in_proj_weight.dtype == torch.bfloat16
+        assert block.mlp.c_fc.weight.dtype == torch.bfloat16
+        assert isinstance(block.ln_1, MixedPrecisionLayerNorm) and block.ln_1.weight.dtype == torch.float32
+    for p in (visual.conv1.weight, visual.positional_embedding, visual.ln_pre.weight, visual.ln_post.weight, visual.proj):
+        assert p.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in bf16.clip.transformer.parameters())  # text tower
+    # The residual stream itself is float32 between blocks.
+    out = visual.forward_intermediates(_images(1), indices=[0, 1, 2, 3], intermediates_only=True, output_fmt="NLC")
+    assert all(t.dtype == torch.float32 for t in out["image_intermediates"])
+
+    # One block by hand: LayerNorm in float32, sublayer input rounded to bf16, bf16 sublayer,
+    # its output added to the float32 stream.
+    block = visual.transformer.resblocks[1]
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(1))
+
+    def ln(norm, t):
+        return torch.nn.functional.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    with torch.no_grad():
+        h = ln(block.ln_1, x).to(torch.bfloat16)
+        expected = x + block.attn(h, h, h, need_weights=False)[0]
+        expected = expected + block.mlp(ln(block.ln_2, expected).to(torch.bfloat16))
+        got = block(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+    fp32 = _build(frozen_dtype="float32")
+    images = _images(2)
+    a, b = fp32(images, ["disk", "disk"]), bf16(images, ["disk", "disk"])
+    assert b.layer_probs.dtype == torch.float32 and b.anomaly_map.dtype == torch.float32
+    assert b.anomaly_map.min() >= 0 and b.anomaly_map.max() <= 1
+    assert (a.anomaly_map - b.anomaly_map).abs().max() < 0.05
+
+
+def test_upsampling_logits_then_softmax_by_hand():
+    # 2 x 2 grid -> 3 x 3 frame, align_corners=True: corners are the patches, the centre is the
+    # mean of the four; logits first: softmax of the mean logits; probs first: mean of softmaxes.
+    logits = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [2.0, 0.0], [0.0, -6.0]]])  # (1, N=4, 2)
+    up = upsample_layer_probs(logits, (2, 2), (3, 3), "logits")
+    assert up.shape == (1, 2, 3, 3)
+    centre = torch.tensor([0.5, -0.5])  # mean logits (normal, anomalous)
+    torch.testing.assert_close(up[0, :, 1, 1], centre.softmax(0))
+    torch.testing.assert_close(up[0, 1, 0, 0], torch.sigmoid(torch.tensor(4.0)))
+    torch.testing.assert_close(up[0, 1, 0, 1], torch.sigmoid(torch.tensor(2.0)))  # mean of (4, 0) minus mean of (0, 0)
+    probs = upsample_layer_probs(logits, (2, 2), (3, 3), "probs")
+    torch.testing.assert_close(probs[0, :, 1, 1], logits[0].softmax(-1).mean(0))
+    assert not torch.allclose(probs[0, :, 1, 1], up[0, :, 1, 1])
+    torch.testing.assert_close(up.sum(1), torch.ones(1, 3, 3))
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_forward_uses_the_configured_upsampling(model, mode):
+    variant = _variant(model, upsample=mode, smoothing_sigma=0.0)
+    images, cats = _images(2), ["disk", "pcb1"]
+    out = variant(images, cats)
+    tokens = variant.patch_tokens(images)
+    text = variant.text_features(cats)
+    for layer, (adapter, t) in enumerate(zip(variant.adapters, tokens)):
+        logits = 100.0 * torch.bmm(torch.nn.functional.normalize(adapter(t), dim=-1), text)  # (B, 16, 2)
+        grid = logits.transpose(1, 2).reshape(2, 2, 4, 4)
+        if mode == "logits":
+            expected = torch.nn.functional.interpolate(grid, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True).softmax(1)
+        else:
+            expected = torch.nn.functional.interpolate(grid.softmax(1), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+        torch.testing.assert_close(out.layer_probs[:, layer], expected)
+    torch.testing.assert_close(out.anomaly_map, out.layer_probs[:, :, 1].mean(1))
+
+
+def test_clip_global_image_score_is_the_cls_zero_shot_score(model):
+    variant = _variant(model, image_score="clip_global")
+    images, cats = _images(2), ["disk", "capsule"]
+    out = variant(images, cats)
+    with torch.no_grad():
+        cls = variant.clip.encode_image(images)  # open_clip's own path: ln_post(CLS) @ proj
+    cls = cls / cls.norm(dim=-1, keepdim=True)
+    text = variant.text_features(cats)
+    expected = torch.stack([(100.0 * cls[i] @ text[i]).softmax(-1)[1] for i in range(2)])
+    torch.testing.assert_close(out.image_scores, expected)
+    torch.testing.assert_close(global_image_scores(cls * 3.0, text), expected)  # scale-free
+    # The maps are those of the map-reduction path.
+    torch.testing.assert_close(out.anomaly_map, model(images, cats).anomaly_map)
 
 
 def test_map_options(model):
@@ -290,6 +378,12 @@ def test_config_errors(tmp_path):
         _config(frozen_dtype="int8")
     with pytest.raises(ConfigError, match="model.clip.layer_combine"):
         _config(layer_combine="max")
+    with pytest.raises(ConfigError, match="model.clip.upsample"):
+        _config(upsample="nearest")
+    with pytest.raises(ConfigError, match="model.clip.image_score.*clip_global"):
+        _config(image_score="cls")
+    with pytest.raises(ConfigError, match="model.clip.object_name"):
+        _config(object_name="cleaned")
     with pytest.raises(ConfigError, match="patch size"):
         _build()(torch.zeros(1, 3, 60, 60), ["disk"])
 

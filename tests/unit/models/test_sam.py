@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import urllib.error
 
 import pytest
@@ -154,7 +156,7 @@ def test_corrupt_cache_file_is_ignored_and_recomputed(tiny, tmp_path):
     reference = refiner.embed_images(_image()[None])
     path = cache.path(cache.key(_image(), model_id=refiner.model_id))
     path.write_bytes(b"not a torch file")
-    with pytest.warns(UserWarning, match="unreadable SAM embedding cache file"):
+    with pytest.warns(UserWarning, match="unreadable or invalid SAM embedding cache file"):
         again = refiner.embed_images(_image()[None])
     assert refiner.encoder_calls == 2 and torch.equal(again, reference)
     assert torch.equal(cache.load(cache.key(_image(), model_id=refiner.model_id)), reference)  # rewritten
@@ -215,7 +217,11 @@ def test_download_goes_to_the_cache_with_the_full_sha256(tmp_path, monkeypatch):
         "hash_prefix": SAM_CHECKPOINTS["vit_b"].sha256,
         "progress": True,
     }
-    assert weights_identity(SamConfig(variant="vit_b")) == f"vit_b:sha256={SAM_CHECKPOINTS['vit_b'].sha256}"
+    # The identity is the hash of the file's real bytes (here: empty), never the published hash
+    # taken on trust from the name; a mismatch with the published hash is reported.
+    with pytest.warns(UserWarning, match="not the official file"):
+        identity = weights_identity(SamConfig(variant="vit_b"))
+    assert identity == f"vit_b:sha256={hashlib.sha256(b'').hexdigest()}"
 
 
 def test_strict_loading_rejects_missing_and_unexpected_keys(tiny, tmp_path):
