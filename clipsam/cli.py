@@ -236,7 +236,9 @@ class ClipSamCLI(LightningCLI):
         from clipsam import runs
 
         # 1. Every check that can fail, before any folder, config copy or W&B run exists.
-        runs.check_output_folders(self.trainer, self.model, subcommand)
+        runs.check_output_folders(
+            self.trainer, self.model, subcommand, predict_input=getattr(self.datamodule, "predict_dir", None)
+        )
         self.datamodule.setup(subcommand)
         ckpt = runs.resolve_ckpt_path(
             self.config_init[subcommand].get("ckpt_path"),

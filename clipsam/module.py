@@ -324,6 +324,15 @@ class ClipSamModule(LightningModule):
             "optimizer": _to_plain(self.optimizer_config),
         }
 
+    @property
+    def needs_checkpoint(self) -> bool:
+        """Whether test/validate/predict need fitted weights (``--ckpt_path``).
+
+        True while the method has trainable parts (the CLIP adapters); a training-free method
+        returns False, and the CLI then runs it without a checkpoint.
+        """
+        return True
+
     def check_checkpoint(self, checkpoint: Mapping[str, Any], *, path: Any = None) -> None:
         """Refuse a checkpoint whose adapters do not belong to this config's frozen CLIP.
 

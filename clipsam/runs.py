@@ -263,10 +263,23 @@ def _output_folders(trainer: Any, model: Any, subcommand: str) -> list[tuple[str
     return folders
 
 
-def check_output_folders(trainer: Any, model: Any, subcommand: str) -> None:
-    """Every folder this subcommand writes to is usable (see :func:`check_output_folder`)."""
+def check_output_folders(trainer: Any, model: Any, subcommand: str, *, predict_input: str | None = None) -> None:
+    """Every folder this subcommand writes to is usable (see :func:`check_output_folder`).
+
+    For predict, the output root may lie inside the input folder (it is skipped as input), but
+    must not be the input folder or contain it: the next predict would find no images.
+    """
     for key, folder in _output_folders(trainer, model, subcommand):
         check_output_folder(folder, key)
+    eval_config = getattr(model, "eval_config", None)
+    if subcommand == "predict" and predict_input and eval_config is not None:
+        out = Path(os.path.expanduser(eval_config.predict_dir)).resolve()
+        inp = Path(os.path.expanduser(predict_input)).resolve()
+        if inp == out or out in inp.parents:
+            raise ConfigError(
+                f"model.evaluation.predict_dir={eval_config.predict_dir} is (or contains) the input folder "
+                f"data.predict_dir={predict_input}: choose an output folder outside it, or a sub-folder of it"
+            )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -331,7 +344,8 @@ def resolve_ckpt_path(
     """Check ``--ckpt_path`` completely before the run starts.
 
     - test/validate/predict without a checkpoint are refused (random adapters give numbers that
-      look normal and mean nothing) unless ``--allow_untrained=true``;
+      look normal and mean nothing) unless ``--allow_untrained=true``, or the model says it has
+      nothing to train (``model.needs_checkpoint`` False: training-free methods);
     - ``best``/``last`` must resolve to a file;
     - the file must exist, be a non-empty file, load weights-only, and fit the configured model
       (:meth:`clipsam.module.ClipSamModule.check_checkpoint`).
@@ -340,7 +354,8 @@ def resolve_ckpt_path(
         ConfigError, WeightsError: one line naming the path and the fix.
     """
     if value is None or str(value).strip() == "":
-        if subcommand in EVAL_SUBCOMMANDS:
+        needs = getattr(model, "needs_checkpoint", True)
+        if subcommand in EVAL_SUBCOMMANDS and bool(needs() if callable(needs) else needs):
             if not allow_untrained:
                 raise ConfigError(
                     f"`clipsam {subcommand}` needs --ckpt_path: without it the CLIP adapters are randomly "

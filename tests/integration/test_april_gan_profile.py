@@ -77,6 +77,7 @@ def test_profile_runs_clipsam_test_on_generated_data(direction: str, in_tmp_cwd:
             "--data.num_workers=0",
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
+            "--allow_untrained=true",  # a pipeline check: no fitted adapters on purpose
         ]
     )
     report = json.loads((Path(run.trainer.log_dir) / "test_results.json").read_text())

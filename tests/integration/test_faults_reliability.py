@@ -255,6 +255,10 @@ def test_parse_time_and_output_folder_errors(
     a_file.write_text("mine")
     line = _error(["predict", *fast_args(in_tmp_cwd), f"--model.evaluation.predict_dir={a_file}", "--ckpt_path", str(trained)], capsys)
     assert "model.evaluation.predict_dir" in line and "existing file" in line
+    images = in_tmp_cwd / "images"
+    images.mkdir()
+    line = _error(["predict", *fast_args(in_tmp_cwd), f"--data.predict_dir={images}", f"--model.evaluation.predict_dir={images}", "--ckpt_path", str(trained)], capsys)
+    assert "is (or contains) the input folder" in line
     line = _error(["fit", *fast_args(in_tmp_cwd), "--trainer.logger=false", f"--trainer.default_root_dir={a_file}/runs"], capsys)
     assert "trainer.default_root_dir" in line and "existing file" in line
     assert a_file.read_text() == "mine"
