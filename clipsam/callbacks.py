@@ -6,8 +6,11 @@
 <predict_dir>/version_N/
   masks/<name>.png      final mask at the image's original size, 0 or 255
   overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
-  predictions.csv       path, image score, mask and overlay files, one row per image
-  skipped.txt           files in the input folder that were not images (if any)
+  predictions.csv       one row per image, written as the run goes: absolute paths, category,
+                        object name, image score, threshold, label, mask and overlay files
+  skipped.txt           input files not segmented, one per line: path <TAB> why (not an image
+                        file, undecodable, too large)
+  config.yaml           the resolved config of the command
   run.json              the checkpoint used (path, sha256) and the input folder
   INCOMPLETE            only while the run is going or when it did not end normally
 ```
@@ -26,6 +29,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +62,9 @@ def output_name(name: str, *, max_bytes: int = MAX_STEM_BYTES) -> str:
     digest = hashlib.sha256(raw).hexdigest()[:16]
     head = raw[: max_bytes - len(digest) - 1].decode("utf-8", errors="ignore")
     return f"{head}~{digest}"
+
+
+log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -112,12 +120,6 @@ def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, a
     return blended
 
 
-def _resize(array: np.ndarray, size_hw: tuple[int, int], *, nearest: bool) -> np.ndarray:
-    height, width = size_hw
-    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.resize(array, (width, height), interpolation=interpolation)
-
-
 class PredictionWriter(BasePredictionWriter):
     """Write one mask PNG and one overlay PNG per predicted image.
 
@@ -125,40 +127,69 @@ class PredictionWriter(BasePredictionWriter):
         output_dir: root folder; each predict run creates ``output_dir/version_N``.
     """
 
+    #: Columns of predictions.csv. Paths are absolute. ``label`` is 1 when ``image_score >=
+    #: threshold``; ``threshold_scope`` says where the thresholds came from (the category,
+    #: "global" or "default" = uncalibrated); ``object_name`` is what the text prompts said.
+    FIELDS = (
+        "path",
+        "category",
+        "object_name",
+        "image_score",
+        "threshold",
+        "label",
+        "pixel_threshold",
+        "threshold_scope",
+        "mask_source",
+        "anomalous_pixels",
+        "mask",
+        "overlay",
+    )
+
     def __init__(self, output_dir: str) -> None:
         super().__init__(write_interval="batch")
         self.output_root = Path(output_dir).expanduser()
         self.run_dir: Path | None = None
+        self._reserved_by: int | None = None
         self._used_names: set[str] = set()
-        self._rows: list[dict[str, Any]] = []
+        self._count = 0
+        self._finished = True
+
+    def reserve_run_dir(self, trainer: Trainer) -> Path:
+        """Create this predict run's ``version_N`` once (the config is saved into it too)."""
+        if self.run_dir is None or self._reserved_by != id(trainer):
+            self._reserved_by = id(trainer)
+            run_dir = ""
+            if trainer.is_global_zero:
+                run_dir = str(next_version_dir(self.output_root))
+                marker = self.output_root / OUTPUT_MARKER
+                if not marker.exists():
+                    marker.write_text("clipsam predict outputs: never read as input by clipsam\n")
+                (Path(run_dir) / "INCOMPLETE").write_text("clipsam predict has not finished writing this folder\n")
+            self.run_dir = Path(trainer.strategy.broadcast(run_dir))
+        return self.run_dir
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        run_dir = ""
+        run_dir = self.reserve_run_dir(trainer)
         if trainer.is_global_zero:
-            run_dir = str(next_version_dir(self.output_root))
-            marker = self.output_root / OUTPUT_MARKER
-            if not marker.exists():
-                marker.write_text("clipsam predict outputs: never read as input by clipsam\n")
-            (Path(run_dir) / "INCOMPLETE").write_text("clipsam predict has not finished writing this folder\n")
             # Which adapters made these masks: checkpoint path + sha256 (set by the CLI).
             record = {
                 "checkpoint": getattr(pl_module, "checkpoint_record", None),
                 "predict_dir": str(getattr(getattr(trainer, "datamodule", None), "predict_dir", "") or ""),
             }
-            with atomic_write(Path(run_dir) / "run.json") as tmp:
+            with atomic_write(run_dir / "run.json") as tmp:
                 tmp.write_text(json.dumps(record, indent=2))
-        self.run_dir = Path(trainer.strategy.broadcast(run_dir))
-        (self.run_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        (run_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (run_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self._used_names = set()
-        self._rows = []
+        self._count = 0
         self._finished = False
         skipped = getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or []
         if skipped and trainer.is_global_zero:
-            with atomic_write(self.run_dir / "skipped.txt") as tmp:
-                tmp.write_text("".join(f"{p}\n" for p in skipped))
+            reasons = getattr(trainer.datamodule, "skip_reasons", {}) or {}
+            with atomic_write(run_dir / "skipped.txt") as tmp:
+                tmp.write_text("".join(f"{p}\t{reasons.get(p, 'not an image file')}\n" for p in skipped))
 
     def _unique_name(self, path: str, trainer: Trainer) -> str:
         """File name for an input image: its path below the predict folder, '/' -> '__'.
@@ -181,6 +212,23 @@ class PredictionWriter(BasePredictionWriter):
         self._used_names.add(candidate)
         return candidate
 
+    def _csv_part(self, trainer: Trainer) -> Path:
+        assert self.run_dir is not None
+        if trainer.world_size == 1:
+            return self.run_dir / "predictions.csv"
+        return self.run_dir / f".predictions_rank{trainer.global_rank}.csv"
+
+    def _append_rows(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
+        """Append rows to this process's CSV as the run goes (a crash keeps what was done)."""
+        path = self._csv_part(trainer)
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -191,12 +239,26 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        from clipsam.postprocess import to_original_size
+
         assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
+        skipped = prediction.get("skipped") or []
+        if skipped:
+            # Undecodable while predicting: listed in skipped.txt (this process's part under
+            # DDP), the run goes on.
+            name = "skipped.txt" if trainer.world_size == 1 else f"skipped_rank{trainer.global_rank}.txt"
+            with (self.run_dir / name).open("a") as handle:
+                handle.writelines(f"{path}\t{' '.join(str(reason).split())}\n" for path, reason in skipped)
+            for path, reason in skipped:
+                log.warning("skipped %s: %s", path, reason)
+        mask_source = getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam")
+        if getattr(pl_module, "refiner", None) is None:
+            mask_source = "score"
+        rows = []
         for i, path in enumerate(prediction["path"]):
             height, width = (int(v) for v in prediction["original_size"][i].tolist())
             original = read_image(path)  # (H, W, 3) uint8, display orientation, scaled by bit depth
-            scores = _resize(prediction["scores"][i].float().numpy(), (height, width), nearest=False)
-            mask = _resize(prediction["mask"][i].numpy().astype(np.uint8), (height, width), nearest=True) > 0
+            scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
             name = self._unique_name(path, trainer)
             mask_path = self.run_dir / "masks" / f"{name}.png"
             overlay_path = self.run_dir / "overlays" / f"{name}.png"
@@ -204,52 +266,51 @@ class PredictionWriter(BasePredictionWriter):
                 Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
             with atomic_write(overlay_path) as tmp:
                 Image.fromarray(render_overlay(original, scores, mask)).save(tmp, format="PNG")
-            self._rows.append(
+            rows.append(
                 {
-                    "path": path,
+                    "path": os.path.abspath(path),
+                    "category": prediction["category"][i],
+                    "object_name": prediction["object_names"][i],
                     "image_score": float(prediction["image_scores"][i]),
+                    "threshold": prediction["image_thresholds"][i],
+                    "label": int(bool(prediction["labels"][i])),
+                    "pixel_threshold": prediction["pixel_thresholds"][i],
+                    "threshold_scope": prediction["threshold_scopes"][i],
+                    "mask_source": mask_source,
                     "anomalous_pixels": int(mask.sum()),
-                    "mask": str(mask_path),
-                    "overlay": str(overlay_path),
+                    "mask": os.path.abspath(mask_path),
+                    "overlay": os.path.abspath(overlay_path),
                 }
             )
-
-    def _write_csv(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        fields = ["path", "image_score", "anomalous_pixels", "mask", "overlay"]
-        with atomic_write(path) as tmp:
-            with tmp.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
+        self._append_rows(trainer, rows)
+        self._count += len(rows)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Ctrl+C or an error during predict: keep what was done, say the folder is incomplete."""
-        if self.run_dir is None or getattr(self, "_finished", True) or not self.run_dir.is_dir():
+        """Ctrl+C or an error during predict: the CSV already holds what was done; say the folder is incomplete."""
+        if self.run_dir is None or self._finished or not self.run_dir.is_dir():
             return
         reason = "interrupted (Ctrl+C)" if isinstance(exception, KeyboardInterrupt) else f"failed: {type(exception).__name__}: {exception}"
-        done = len(self._rows)
-        name = "predictions.csv" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.csv"
         try:
-            self._write_csv(self.run_dir / name, self._rows)
+            part = self._csv_part(trainer)
+            if not part.exists():
+                self._append_rows(trainer, [])
             if trainer.is_global_zero:
                 (self.run_dir / "INCOMPLETE").write_text(
-                    f"clipsam predict {reason} after {done} image(s) (rank {trainer.global_rank}); "
-                    f"{name} lists them. Run predict again for the whole folder.\n"
+                    f"clipsam predict {reason} after {self._count} image(s) (rank {trainer.global_rank}); "
+                    f"{part.name} lists them. Run predict again for the whole folder.\n"
                 )
         except OSError:
             pass  # a full or read-only disk: the INCOMPLETE file written at the start stays
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write ``predictions.csv`` (under DDP: each process its part, then rank 0 merges)."""
+        """Finish ``predictions.csv`` (under DDP: rank 0 merges the per-process parts, sorted)."""
         assert self.run_dir is not None
-        write = self._write_csv
         final = self.run_dir / "predictions.csv"
-        if trainer.world_size == 1:
-            write(final, self._rows)
-            total = len(self._rows)
-        else:
-            part = self.run_dir / f".predictions_rank{trainer.global_rank}.csv"
-            write(part, self._rows)
+        total = self._count
+        if trainer.world_size > 1:
+            part = self._csv_part(trainer)
+            if not part.exists():
+                self._append_rows(trainer, [])
             trainer.strategy.barrier("clipsam_predictions_written")
             total = 0
             if trainer.is_global_zero:
@@ -258,10 +319,22 @@ class PredictionWriter(BasePredictionWriter):
                     rank_part = self.run_dir / f".predictions_rank{rank}.csv"
                     with rank_part.open(newline="") as handle:
                         rows.extend(csv.DictReader(handle))
-                    rank_part.unlink()
                 rows.sort(key=lambda row: row["path"])
-                write(final, rows)
+                with atomic_write(final) as tmp:
+                    with tmp.open("w", newline="") as handle:
+                        writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+                        writer.writeheader()
+                        writer.writerows(rows)
+                for rank in range(trainer.world_size):
+                    (self.run_dir / f".predictions_rank{rank}.csv").unlink()
+                    part = self.run_dir / f"skipped_rank{rank}.txt"
+                    if part.exists():  # files that failed during the run, per process
+                        with (self.run_dir / "skipped.txt").open("a") as handle:
+                            handle.write(part.read_text())
+                        part.unlink()
                 total = len(rows)
+        elif not final.exists():
+            self._append_rows(trainer, [])
         self._finished = True
         if trainer.is_global_zero:
             (self.run_dir / "INCOMPLETE").unlink(missing_ok=True)

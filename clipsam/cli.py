@@ -8,6 +8,7 @@ files may use ``${oc.env:MVTEC_ROOT,data/mvtec}`` for dataset roots.
 ``clipsam data synth|download ...`` handles data on disk (see :mod:`clipsam.data.cli`).
 ``clipsam compare RUN...`` compares the test results of runs (:mod:`clipsam.compare`);
 ``clipsam benchmark --config GRID.yaml`` runs a grid of fit/test cells (:mod:`clipsam.benchmark`).
+``clipsam export --format bundle|onnx ...`` exports a trained model (see :mod:`clipsam.export`).
 
 Errors the user can fix (:class:`clipsam.errors.ClipSamError`) are printed as one line without a
 traceback, and the process exits with status 2.
@@ -15,14 +16,19 @@ traceback, and the process exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from lightning.pytorch import LightningModule, Trainer
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from clipsam.errors import ClipSamError
@@ -44,6 +50,9 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
+            return
+        if str(getattr(stage, "value", stage)) == "predict":
+            self._save_into_predict_dir(trainer)
             return
         log_dir = str(self.run_dir) if self.run_dir is not None else trainer.log_dir
         if log_dir is not None and trainer.is_global_zero:
@@ -69,6 +78,18 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+    def _save_into_predict_dir(self, trainer: Trainer) -> None:
+        """predict: the config goes into the predictions' own ``version_N`` (one counter per
+        command; no logger run directory, no W&B run)."""
+        from clipsam.callbacks import PredictionWriter
+
+        writer = next((cb for cb in trainer.callbacks if isinstance(cb, PredictionWriter)), None)
+        if writer is not None:
+            run_dir = writer.reserve_run_dir(trainer)
+            if trainer.is_global_zero:
+                self.parser.save(self.config, str(run_dir / "config.yaml"), skip_none=False, overwrite=False, multifile=self.multifile)
+        self.already_saved = True
+
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Log the whole resolved config (trainer, model, data) to W&B, so runs compare there.
 
@@ -90,8 +111,50 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
             logger.experiment.config.update(record, allow_val_change=True)
 
 
+_SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref|doc):`~?([^`]+)`")
+
+
+def clean_help(text: str) -> str:
+    """Docstring markup -> plain text for ``--help``: ``:class:`~a.B``` -> ``B``, ````x```` -> ``x``."""
+    text = _SPHINX_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1), text)
+    return text.replace("``", "")
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's formatter without raw Sphinx markup in the help of each key."""
+
+    def _get_help_string(self, action: Any) -> str:
+        return clean_help(super()._get_help_string(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(clean_help(text))
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(clean_help(text) if isinstance(text, str) else text)
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(clean_help(heading) if isinstance(heading, str) else heading)
+
+
+class ClipSamArgumentParser(LightningArgumentParser):
+    """Lightning's parser that suggests the closest valid key for a mistyped one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
+        unknown = re.findall(r"--[\w.\-]+", message) if "nrecognized argument" in message else []
+        if unknown:
+            valid = [opt for action in self._actions for opt in action.option_strings if opt.startswith("--")]
+            hints = []
+            for arg in unknown:
+                close = difflib.get_close_matches(arg, valid, n=1, cutoff=0.75)
+                if close:
+                    hints.append(f"{arg}: did you mean {close[0]}?")
+            if hints:
+                message = f"{message}\n" + "\n".join(hints)
+        super().error(message, ex)
+
+
 class ClipSamCLI(LightningCLI):
-    """LightningCLI with clipsam's argument links, checks and run-directory handling.
+    """LightningCLI with clipsam's argument links, defaults, checks and run-directory handling.
 
     Before anything is written, :meth:`_run_subcommand` checks everything a user can get wrong
     (paths, ``~`` without a home directory, ``data.image_size`` against the patch size, output
@@ -99,11 +162,27 @@ class ClipSamCLI(LightningCLI):
     is the run directory reserved (:func:`clipsam.runs.reserve_run_dir`) and handed to every
     logger, checkpoint callback and the config saver, so two runs started together never share
     one. The run directory holds an ``INCOMPLETE`` marker until the run ends normally.
+    ``predict`` has one folder only, its ``model.evaluation.predict_dir/version_N`` (the
+    PredictionWriter's, with its own ``INCOMPLETE`` marker): no logger run folder, no W&B run.
     """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault(
+            "epilog",
+            "more commands: `clipsam data {synth,download} --help` (datasets on disk), "
+            "`clipsam export --help` (bundle / ONNX), `clipsam --version`.",
+        )
+        if self.parser_class is LightningArgumentParser:
+            self.parser_class = ClipSamArgumentParser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # One frame size for data, CLIP and SAM prompts: set it once, as data.image_size.
         parser.link_arguments("data.image_size", "model.image_size")
+        # Tiled inference: the data cuts nothing, it only sizes the canvas; the model tiles.
+        parser.link_arguments("data.tiling", "model.tiling")
+
         parser.add_argument(
             "--allow_untrained",
             type=bool,
@@ -113,6 +192,24 @@ class ClipSamCLI(LightningCLI):
                 "adapters (refused by default: the numbers would mean nothing)"
             ),
         )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            # Files are the output of predict: keeping every map in memory too grows ~0.8 MB
+            # per image. `--return_predictions=true` brings it back.
+            parser.set_defaults(return_predictions=False)
+        if subcommand in ("test", "validate"):
+            # clipsam prints its own per-category table; Lightning's would repeat the means.
+            parser.set_defaults(verbose=False)
+        return parser
+
+    def after_fit(self) -> None:
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        if path and self.trainer.is_global_zero:
+            print(f"clipsam: checkpoint {path}\n  next: clipsam test --config ... --ckpt_path {path}")
+
 
     def _parse_ckpt_path(self) -> None:
         """Keep the user's config when ``--ckpt_path`` is given.
@@ -132,6 +229,10 @@ class ClipSamCLI(LightningCLI):
         config = self.config.get(subcommand, self.config)
         runs.check_home_paths(config)
         runs.check_image_size(config)
+        # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
+        # and no (empty) W&B run beside it.
+        if subcommand == "predict":
+            config["trainer"]["logger"] = False
 
     def _run_subcommand(self, subcommand: str) -> None:
         from clipsam import runs
@@ -153,6 +254,16 @@ class ClipSamCLI(LightningCLI):
         self.config_init[subcommand]["ckpt_path"] = ckpt.path
         self.model.checkpoint_record = ckpt.record()
         runs.check_sam_weights(self.model, subcommand)
+        if subcommand == "predict":
+            # One folder per predict: the PredictionWriter's version_N (config, run.json,
+            # INCOMPLETE marker, outputs; the writer marks an interrupted run itself).
+            try:
+                super()._run_subcommand(subcommand)
+            except SystemExit as exit_:
+                if str(getattr(self.trainer.state.status, "value", "")) == "interrupted":
+                    raise KeyboardInterrupt from exit_
+                raise
+            return
         # 2. The run directory, reserved atomically and handed to loggers and callbacks.
         run_dir = runs.reserve_run_dir(self.trainer, subcommand=subcommand, checkpoint=ckpt.record())
         for callback in self.trainer.callbacks:
@@ -191,6 +302,15 @@ _EXPECTED_WARNINGS = (
 def _silence_expected_warnings() -> None:
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # Lightning's "💡 Tip: try installing litlogger/litmodels" advertisements, once per command.
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless" not in str(record.msg)
 
 
 def _build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
@@ -229,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_SILENT", "true")
+    if args[:1] in (["--version"], ["-V"]):
+        from clipsam import __version__
+
+        print(f"clipsam {__version__}")
+        return 0
     runs.refuse_unsafe_torch_load_override()
     try:
         if args and args[0] == "data":
@@ -243,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
             from clipsam.benchmark import main as benchmark_main
 
             return benchmark_main(args[1:])
+        if args and args[0] == "export":
+            from clipsam.export import export_main
+
+            return export_main(args[1:])
         # No explicit args from the console script: LightningCLI reads sys.argv itself.
         _build_cli(None if argv is None else args)
     except ClipSamError as err:

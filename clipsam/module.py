@@ -45,6 +45,7 @@ from clipsam.models.sam import SamConfig
 from clipsam.prompting import PromptConfig
 from clipsam.cascade import CascadeConfig
 from clipsam.fusion import FUSION_METHODS
+from clipsam.tiling import TilingConfig
 
 __all__ = ["ClipSamModule", "OptimizerConfig", "EvalConfig"]
 
@@ -97,8 +98,27 @@ class EvalConfig:
         pr_curve_points: points of the per-category pixel PR curve kept for the report and
             W&B (exact points, thinned; 0 disables).
         predict_dir: root folder of predict outputs; each run writes a fresh ``version_N``.
-        predict_mask_threshold: threshold on the fused score for the written mask when SAM is
-            off (with SAM on, the written mask is SAM's final cascade mask).
+        predict_mask_threshold: pixel threshold on the fused score used when no thresholds file
+            gives one (``thresholds``): the written mask with ``mask_source="score"`` or with
+            SAM off.
+        predict_image_threshold: image-score threshold of the ``label`` column of
+            predictions.csv when no thresholds file gives one.
+        threshold_method: how ``clipsam test`` calibrates the decision thresholds it writes to
+            ``thresholds.json`` and ``test_results.json``: ``"f1"`` (F1-optimal on the labelled
+            test set) or ``"fpr"`` (from the normal images only, at ``target_fpr``); see
+            :mod:`clipsam.thresholds`.
+        target_fpr: allowed false-positive rate of ``threshold_method="fpr"`` (image level:
+            fraction of normal images flagged; pixel level: fraction of their pixels).
+        thresholds: a ``thresholds.json`` written by ``clipsam test`` (or an exported bundle
+            folder) that ``predict`` and :class:`clipsam.Segmenter` decide with: per-category
+            thresholds, else the pooled ("global") ones. None: the two ``predict_*_threshold``
+            defaults (uncalibrated).
+        mask_source: where the written mask comes from: ``"sam"`` (SAM's final cascade mask,
+            M_3) or ``"score"`` (fused pixel score >= the pixel threshold). With SAM off the
+            mask is always the score above the pixel threshold.
+        predict_embedding_cache: let ``predict`` use the SAM embedding cache
+            (``model.sam.embedding_cache_dir``); off by default, as predict usually sees each
+            image once.
     """
 
     use_sam: bool = True
@@ -111,6 +131,12 @@ class EvalConfig:
     pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
+    predict_image_threshold: float = 0.5
+    threshold_method: Literal["f1", "fpr"] = "f1"
+    target_fpr: float = 0.01
+    thresholds: str | None = None
+    mask_source: Literal["sam", "score"] = "sam"
+    predict_embedding_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.aupro_protocol not in ("mvtec", "anomalyclip"):
@@ -180,6 +206,8 @@ class ClipSamModule(LightningModule):
         evaluation: fusion, reports and predict outputs.
         focal_gamma: focal-loss gamma of ``april_gan`` (2 in the paper).
         image_size: the frame size; linked from ``data.image_size`` by the CLI.
+        tiling: tiled inference for large images (:mod:`clipsam.tiling`); linked from
+            ``data.tiling`` by the CLI. Off by default.
     """
 
     def __init__(
@@ -197,6 +225,7 @@ class ClipSamModule(LightningModule):
         evaluation: EvalConfig = EvalConfig(),
         focal_gamma: float = 2.0,
         image_size: int = 518,
+        tiling: TilingConfig | None = None,
     ) -> None:
         super().__init__()
         self.clip_config: ClipConfig = _as_dataclass(ClipConfig, clip)
@@ -228,8 +257,28 @@ class ClipSamModule(LightningModule):
                 "model.prompt and model.cascade: move the keys there"
             )
         self.refiner_config = dict(refiner_config) if refiner_config else None
+        from clipsam.thresholds import THRESHOLD_METHODS
+
+        if self.eval_config.threshold_method not in THRESHOLD_METHODS:
+            raise ConfigError(
+                f"model.evaluation.threshold_method={self.eval_config.threshold_method!r}: choose one of "
+                f"{', '.join(THRESHOLD_METHODS)}"
+            )
+        if not 0.0 <= float(self.eval_config.target_fpr) < 1.0:
+            raise ConfigError(f"model.evaluation.target_fpr={self.eval_config.target_fpr} must be in [0, 1)")
+        if self.eval_config.mask_source not in ("sam", "score"):
+            raise ConfigError(
+                f"model.evaluation.mask_source={self.eval_config.mask_source!r}: choose 'sam' (SAM's final "
+                "mask) or 'score' (fused score above the pixel threshold)"
+            )
+        self._thresholds: dict[str, Any] | None = None
         self.focal_gamma = float(focal_gamma)
         self.image_size = int(image_size)
+        self.tiling: TilingConfig = _as_dataclass(TilingConfig, tiling)
+        self.tiling.check(self.image_size)
+        # A missing thresholds file, or one calibrated on other scores, fails at parse time,
+        # before any model is built or run folder created.
+        self.load_thresholds()
         self.save_hyperparameters(
             {
                 "method": self.method,
@@ -244,6 +293,7 @@ class ClipSamModule(LightningModule):
                 "evaluation": _to_plain(self.eval_config),
                 "focal_gamma": self.focal_gamma,
                 "image_size": self.image_size,
+                "tiling": _to_plain(self.tiling),
             }
         )
         # Frozen parts are missing from checkpoints on purpose; we check the trained state ourselves.
@@ -303,11 +353,16 @@ class ClipSamModule(LightningModule):
         if self.refiner_name == "ppg_cps" and stage in ("test", "validate", "predict"):
             self._request_sam_inputs()
 
-    def _request_sam_inputs(self) -> None:
-        """Make the datamodule add SAM's input (the original image at SAM's size) to test items."""
+    def sam_input_side(self) -> int | None:
+        """S when the refiner reads SAM's input of the original image (``sam_image``), else None."""
         from clipsam.models.sam import sam_input_side
 
-        side = sam_input_side(self.sam_config.variant)
+        return sam_input_side(self.sam_config.variant) if self.refiner_name == "ppg_cps" else None
+
+    def _request_sam_inputs(self) -> None:
+        """Make the datamodule add SAM's input (the original image at SAM's size) to test items."""
+        side = self.sam_input_side()
+        assert side is not None
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "set_sam_image_size"):
             return
@@ -343,10 +398,20 @@ class ClipSamModule(LightningModule):
             )
         return producer
 
+    def build_inference_models(self) -> None:
+        """Build the frozen models for inference without a Trainer (:class:`clipsam.Segmenter`,
+        ``clipsam export``): the producer always, the refiner unless ``model.refiner`` is none."""
+        self.configure_model()
+        if self.refiner is None and self.refiner_name != "none":
+            self.refiner = self._build_refiner()
+
     def _build_refiner(self) -> torch.nn.Module | None:
+        # predict sees each image once: an embedding cache there only fills the disk, unless asked for.
+        use_cache = self._stage() != "predict" or bool(self.eval_config.predict_embedding_cache)
         return registry.build_refiner(
             self.refiner_name,
             refiner_config=self.refiner_config,
+            use_embedding_cache=use_cache,
             sam=self.sam_config,
             prompt=self.prompt_config,
             cascade=self.cascade_config,
@@ -569,6 +634,59 @@ class ClipSamModule(LightningModule):
             "clip_image_scores": producer_scores,  # the producer's own (april_gan: model.clip.image_score of Map_a / the CLS token)
         }
 
+    def inference(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """:meth:`_segment`, tiled when ``model.tiling`` is on (test, predict and Segmenter).
+
+        With tiling, ``batch["image"]`` is the (B, 3, Hc, Wc) canvas: it is cut into frame-sized
+        tiles (run in chunks of B tiles), and the tile outputs are stitched back
+        (:mod:`clipsam.tiling`: maps averaged where tiles overlap, masks joined). A tile is an
+        image of its own for the refiner: SAM encodes the tile (its frame pixels, long side to
+        SAM's input size), not the original image. An image's score is the maximum of its
+        tiles' scores (anomalous if any tile is). Same keys and meanings as :meth:`_segment`,
+        at canvas size.
+        """
+        from clipsam.tiling import split_tiles, stitch_tiles
+
+        images = batch["image"]
+        if self.tiling.canvas() is None or tuple(images.shape[-2:]) == (self.image_size, self.image_size):
+            return self._segment(batch)
+        tiles, positions = split_tiles(images, self.image_size, int(self.tiling.overlap))
+        per_image = len(positions)
+        categories = [c for c in batch["category"] for _ in positions]
+        chunk = max(1, images.shape[0])
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("anomaly_map", "scores", "mask", "image_scores", "clip_image_scores")}
+        for start in range(0, tiles.shape[0], chunk):
+            tile_batch = {"image": tiles[start : start + chunk], "category": categories[start : start + chunk]}
+            if self.refiner is not None:
+                tile_batch.update(self._tile_sam_inputs(tile_batch["image"]))
+            out = self._segment(tile_batch)
+            for key in parts:
+                parts[key].append(out[key])
+        size = tuple(images.shape[-2:])
+        joined = {key: torch.cat(values) for key, values in parts.items()}
+        return {
+            "anomaly_map": stitch_tiles(joined["anomaly_map"], positions, size),
+            "scores": stitch_tiles(joined["scores"], positions, size),
+            "mask": stitch_tiles(joined["mask"], positions, size, reduce="any"),
+            "image_scores": joined["image_scores"].view(-1, per_image).amax(1),
+            "clip_image_scores": joined["clip_image_scores"].view(-1, per_image).amax(1),
+        }
+
+    def _tile_sam_inputs(self, tiles: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SAM's input keys (``sam_image``, ``sam_size``, ``original_size``) for frame-sized tiles."""
+        from clipsam.data.transforms import build_sam_input, denormalize
+
+        side = self.sam_input_side()
+        if side is None:  # this refiner reads the frame image itself
+            return {}
+        pixels = denormalize(tiles).permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, 3) uint8
+        built = [build_sam_input(tile, side) for tile in pixels]
+        return {
+            "sam_image": torch.stack([b[0] for b in built]).to(tiles.device),
+            "sam_size": torch.stack([b[1] for b in built]).to(tiles.device),
+            "original_size": torch.tensor([list(tiles.shape[-2:])] * tiles.shape[0], device=tiles.device),
+        }
+
     def _add_time(self, key: str, seconds: float) -> None:
         self._timings[key] = self._timings.get(key, 0.0) + float(seconds)
 
@@ -592,7 +710,11 @@ class ClipSamModule(LightningModule):
             "compute_on_cpu": True,
         }
         self.test_metrics = PerCategoryMetrics(
-            categories, pr_curve_points=self.eval_config.pr_curve_points, **kwargs
+            categories,
+            pr_curve_points=self.eval_config.pr_curve_points,
+            threshold_method=self.eval_config.threshold_method,
+            target_fpr=self.eval_config.target_fpr,
+            **kwargs,
         ).to(self.device)
         self.clip_metrics = None
         if self.eval_config.report_clip_baseline and self.refiner is not None and self.eval_config.fusion != "clip":
@@ -601,7 +723,7 @@ class ClipSamModule(LightningModule):
         self._timings = {}
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
-        result = self._segment(batch)
+        result = self.inference(batch)
         cat_index = {c: i for i, c in enumerate(self._categories)}
         category_ids = torch.tensor([cat_index[c] for c in batch["category"]])
         # Metric states live in host memory (compute_on_cpu): copy what they need in one go,
@@ -632,18 +754,29 @@ class ClipSamModule(LightningModule):
         self._collect_overlays(batch, result)
 
     def _collect_overlays(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:
+        """Keep up to ``num_overlays`` examples over the whole run, anomalous ones first.
+
+        An anomalous image arriving when the budget is full replaces a kept normal one, so a run
+        whose first batches are all normal still shows anomalies.
+        """
         from clipsam.data.transforms import denormalize
 
-        budget = self.eval_config.num_overlays - len(self._overlays)
+        budget = self.eval_config.num_overlays
         if budget <= 0 or not self.trainer.is_global_zero:
             return
-        # Prefer anomalous images: they show what the method does.
-        order = sorted(range(len(batch["path"])), key=lambda i: -int(batch["label"][i]))
-        for i in order[:budget]:
+        for i in range(len(batch["path"])):
+            anomalous = int(batch["label"][i]) == 1
+            if len(self._overlays) >= budget:
+                normal = [k for k, o in enumerate(self._overlays) if not o["anomalous"]]
+                if not anomalous or not normal:
+                    continue
+                self._overlays.pop(normal[-1])
             self._overlays.append(
                 {
                     "path": batch["path"][i],
                     "category": batch["category"][i],
+                    "anomalous": anomalous,
+                    "image_score": float(result["image_scores"][i]),
                     "image": denormalize(batch["image"][i]).cpu(),
                     "gt": (batch["mask"][i] > 0.5).cpu(),
                     "clip_map": result["anomaly_map"][i].cpu(),
@@ -657,6 +790,9 @@ class ClipSamModule(LightningModule):
 
         assert self.test_metrics is not None
         results = self.test_metrics.compute()  # synced over ranks: every rank holds the same values
+        thresholds = results.pop("thresholds", None)
+        if thresholds is not None:
+            thresholds["scores"] = self.score_settings()
         baseline = self.clip_metrics.compute() if self.clip_metrics is not None else None
         for key, value in results["mean"].items():
             self.log(f"{prefix}/{key}", float(value), rank_zero_only=True)
@@ -688,6 +824,7 @@ class ClipSamModule(LightningModule):
                 config={**dict(self.hparams), "image_score": self.clip_config.image_score},
                 stage=prefix,
                 run_info=self.run_info(),
+                thresholds=thresholds,
             )
         self.test_metrics.reset()
         if self.clip_metrics is not None:
@@ -739,15 +876,91 @@ class ClipSamModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_end("validate")
 
-    # ------------------------------------------------------------------ predict
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        result = self._segment(batch)
+    # ------------------------------------------------------------------ decisions / predict
+    def score_settings(self) -> dict[str, Any]:
+        """The settings the pixel and image scores depend on (recorded with thresholds)."""
         return {
+            "method": self.method,
+            "refiner": self.refiner_name,
+            "fusion": self.eval_config.fusion,
+            "image_score": self.clip_config.image_score,
+            "image_size": self.image_size,
+            "tiling": _to_plain(self.tiling),
+        }
+
+    def load_thresholds(self) -> dict[str, Any] | None:
+        """Read ``model.evaluation.thresholds`` once (None when unset); refuse other scores."""
+        from clipsam.thresholds import check_compatible, load_thresholds
+
+        source = self.eval_config.thresholds
+        if not source:
+            return None
+        if self._thresholds is None:
+            thresholds = load_thresholds(source)
+            check_compatible(thresholds, self.score_settings(), source=str(source))
+            self._thresholds = thresholds
+        return self._thresholds
+
+    def decide(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Thresholds, labels and the written mask for a segmented batch (predict, Segmenter).
+
+        Args:
+            batch: the batch (``category`` is used to pick per-category thresholds).
+            result: :meth:`_segment`'s output.
+
+        Returns:
+            ``result`` plus ``mask`` (B, H, W) bool from ``model.evaluation.mask_source``,
+            ``labels`` (B,) bool (image score >= image threshold), ``image_thresholds`` and
+            ``pixel_thresholds`` (lists of float), ``threshold_scopes`` (where each came from:
+            the category, "global" or "default") and ``object_names`` (what the prompts said).
+        """
+        from clipsam.prompts import object_name_for
+        from clipsam.thresholds import lookup
+
+        thresholds = self.load_thresholds()
+        config = self.eval_config
+        categories = list(batch["category"])
+        image_t, pixel_t, scopes = [], [], []
+        for category in categories:
+            t_img, scope = lookup(thresholds, "image", category, config.predict_image_threshold)
+            t_pix, _ = lookup(thresholds, "pixel", category, config.predict_mask_threshold)
+            image_t.append(t_img)
+            pixel_t.append(t_pix)
+            scopes.append(scope)
+        scores = result["scores"]
+        if config.mask_source == "score" or self.refiner is None:
+            limits = torch.tensor(pixel_t, dtype=scores.dtype, device=scores.device).view(-1, 1, 1)
+            mask = scores >= limits
+        else:
+            mask = result["mask"]
+        image_limits = torch.tensor(image_t, dtype=torch.float32, device=scores.device)
+        return {
+            **result,
+            "mask": mask,
+            "labels": result["image_scores"].float() >= image_limits,
+            "image_thresholds": image_t,
+            "pixel_thresholds": pixel_t,
+            "threshold_scopes": scopes,
+            "object_names": [object_name_for(c, self.clip_config.object_name) for c in categories],
+        }
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not batch["path"]:  # every file of this batch failed to decode (see PredictionWriter)
+            return {"path": [], "skipped": list(batch.get("skipped", []))}
+        result = self.decide(batch, self.inference(batch))
+        return {
+            "skipped": list(batch.get("skipped", [])),
             "path": list(batch["path"]),
+            "category": list(batch["category"]),
             "original_size": batch["original_size"].cpu(),
             "scores": result["scores"].to(torch.float16).cpu(),  # (B, H, W), half to keep memory low
             "mask": result["mask"].cpu(),
             "image_scores": result["image_scores"].cpu(),
+            "labels": result["labels"].cpu(),
+            "image_thresholds": result["image_thresholds"],
+            "pixel_thresholds": result["pixel_thresholds"],
+            "threshold_scopes": result["threshold_scopes"],
+            "object_names": result["object_names"],
         }
 
     def configure_callbacks(self) -> list[Any]:

@@ -8,6 +8,8 @@ test_results.json     per-category and mean metrics, the CLIP-only baseline, tim
                       and a "run" block (method, refiner, frame, metric protocol, data) that
                       `clipsam compare` reads
 test_results.csv      one row per category (+ "mean"), the table printed on the console
+thresholds.json       image- and pixel-level decision thresholds (model.evaluation.threshold_method),
+                      per category and pooled; `predict` reads it via model.evaluation.thresholds
 overlays/*.png   image | ground truth | CLIP map | final scores | final mask, per logged image
 ```
 
@@ -32,7 +34,7 @@ from PIL import Image
 from clipsam.callbacks import heat_map, output_name
 from clipsam.io import atomic_write, next_version_dir
 
-__all__ = ["format_table", "report_test_results", "write_metrics_files", "render_panel"]
+__all__ = ["format_table", "overlay_caption", "report_test_results", "write_metrics_files", "render_panel"]
 
 # Column order of the report; keys missing from the results are skipped.
 METRIC_COLUMNS = (
@@ -142,14 +144,50 @@ def write_metrics_files(
     return {"json": json_path, "csv": csv_path}
 
 
-def render_panel(overlay: dict[str, Any]) -> np.ndarray:
-    """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8."""
+def overlay_caption(overlay: dict[str, Any], thresholds: dict[str, Any] | None = None) -> str:
+    """``file | category | score S | threshold T | label`` for a panel (threshold: the
+    category's image threshold from ``thresholds``, when known)."""
+    from clipsam.thresholds import lookup
+
+    parts = [Path(overlay["path"]).name, overlay["category"]]
+    if "image_score" in overlay:
+        parts.append(f"score {overlay['image_score']:.3f}")
+        if thresholds:
+            threshold, _ = lookup(thresholds, "image", overlay["category"], float("nan"))
+            if threshold == threshold:  # not NaN
+                parts.append(f"threshold {threshold:.3f}")
+                parts.append("anomalous" if overlay["image_score"] >= threshold else "normal")
+    if "anomalous" in overlay:
+        parts.append(f"truth: {'anomalous' if overlay['anomalous'] else 'normal'}")
+    return " | ".join(parts)
+
+
+def _caption_strip(text: str, width: int) -> np.ndarray:
+    """A black (h, width, 3) strip with ``text`` in white, scaled to fit."""
+    import cv2
+
+    height = max(14, width // 40)
+    strip = np.zeros((height, width, 3), dtype=np.uint8)
+    scale = height / 30.0
+    (text_w, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    if text_w > width - 4:
+        scale *= (width - 4) / text_w
+    cv2.putText(strip, text, (2, int(height * 0.75)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return strip
+
+
+def render_panel(overlay: dict[str, Any], caption: str | None = None) -> np.ndarray:
+    """One row: image | ground truth | CLIP map | final scores | final mask, (H, 5W, 3) uint8,
+    with ``caption`` in a strip above it when given."""
     image = overlay["image"].permute(1, 2, 0).numpy().astype(np.uint8)
     gt = np.repeat(overlay["gt"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
     clip_map = heat_map(overlay["clip_map"].float().numpy())
     scores = heat_map(overlay["scores"].float().numpy())
     mask = np.repeat(overlay["mask"].numpy().astype(np.uint8)[..., None] * 255, 3, axis=2)
-    return np.concatenate([image, gt, clip_map, scores, mask], axis=1)
+    panel = np.concatenate([image, gt, clip_map, scores, mask], axis=1)
+    if caption:
+        panel = np.concatenate([_caption_strip(caption, panel.shape[1]), panel], axis=0)
+    return panel
 
 
 def _wandb_logger(trainer: Any) -> Any:
@@ -172,6 +210,7 @@ def report_test_results(
     stage: str = "test",
     run_dir: str | Path | None = None,
     run_info: dict[str, Any] | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Print the table and write every report of a test (or validate) run (rank 0 only).
 
@@ -179,8 +218,12 @@ def report_test_results(
     ``run_info`` (method, refiner, frame, metric protocol, data; see
     :meth:`clipsam.module.ClipSamModule.run_info`) is stored as the payload's ``"run"`` block.
 
+    With ``thresholds`` (:func:`clipsam.thresholds.compute_thresholds` output) they go into the
+    JSON under ``"thresholds"`` and into ``thresholds.json`` beside it.
+
     Returns:
-        dict of the written paths ("json", "csv", "overlays", and "wandb" when a W&B run exists).
+        dict of the written paths ("json", "csv", "overlays", "thresholds" when given, and
+        "wandb" when a W&B run exists).
     """
     from rich.console import Console
 
@@ -197,6 +240,7 @@ def report_test_results(
         "results": results,
         "clip_only": baseline,
         "timings_seconds_per_image": {k: v / num_images for k, v in timings.items()},
+        "thresholds": thresholds,
         "config": config,
     }
     if run_info is not None:
@@ -206,11 +250,16 @@ def report_test_results(
         # trainer.logger=false): never overwrite an earlier report, use a fresh sub-directory.
         run_dir = next_version_dir(run_dir / f"{stage}_reports")
     paths: dict[str, Any] = write_metrics_files(run_dir, payload, results, baseline, stem=f"{stage}_results")
+    if thresholds is not None:
+        from clipsam.thresholds import THRESHOLDS_FILE, save_thresholds
+
+        paths["thresholds"] = save_thresholds(run_dir / THRESHOLDS_FILE, _jsonable(thresholds))
 
     overlay_dir = run_dir / "overlays"
     panels = []
     for i, overlay in enumerate(overlays):
-        panel = render_panel(overlay)
+        overlay["caption"] = overlay_caption(overlay, thresholds)
+        panel = render_panel(overlay, overlay["caption"])
         overlay_dir.mkdir(parents=True, exist_ok=True)
         # Shortened (with a hash) when an image name is near the 255-byte limit.
         stem = f"{i:03d}_{overlay['category']}_{Path(overlay['path']).stem}"
@@ -228,6 +277,8 @@ def report_test_results(
         digest = checkpoint.get("sha256") or ""
         console.print(f"checkpoint: {checkpoint['path']}" + (f"  (sha256 {digest[:12]}...)" if digest else ""))
     console.print(f"metrics: {paths['json']}  {paths['csv']}")
+    if "thresholds" in paths:
+        console.print(f"thresholds: {paths['thresholds']}  (use with --model.evaluation.thresholds=...)")
     if panels:
         console.print(f"overlays: {overlay_dir}  (image | ground truth | CLIP map | final scores | final mask)")
 
@@ -250,7 +301,9 @@ def _log_to_wandb(logger: Any, results: dict[str, Any], baseline: dict[str, Any]
         for overlay, panel in panels:
             examples.add_data(overlay["category"], overlay["path"], wandb.Image(panel))
         payload["examples"] = examples
-        payload["overlays"] = [wandb.Image(panel, caption=f"{o['category']}: {Path(o['path']).name}") for o, panel in panels]
+        payload["overlays"] = [
+            wandb.Image(panel, caption=o.get("caption") or f"{o['category']}: {Path(o['path']).name}") for o, panel in panels
+        ]
     for category, values in results.get("per_category", {}).items():
         curve = values.get("pixel_pr_curve")
         if curve:

@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -32,9 +32,10 @@ from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images
 from clipsam.data.formats import get_format
 from clipsam.data.mosaic import Mosaic
-from clipsam.data.samples import Sample, ValidationMode, validate_samples
+from clipsam.data.samples import Sample, ValidationMode, is_image_file, set_max_image_pixels, split_valid, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
 from clipsam.errors import ConfigError, DatasetError
+from clipsam.tiling import TilingConfig
 
 __all__ = ["AnomalyDataModule", "DatasetSpec", "EpochSeededRandomSampler", "parse_spec"]
 
@@ -63,6 +64,13 @@ class DatasetSpec:
         subset: a format-specific selection: MVTec LOCO AD ``"logical"`` or ``"structural"``
             (None: both anomaly types), Real-IAD the json split set (``"realiad_jsons"``,
             ``"realiad_jsons_sv"``, ...). Other formats take none.
+        category: ``folder`` only: the category (object) name of the images, used in the text
+            prompts and reports; None uses the root's folder name.
+        normal_dir: ``folder`` only: sub-folder of normal images.
+        anomalous_dir: ``folder`` only: sub-folder of anomalous images; ``"auto"`` finds
+            ``anomalous/`` or anomalib's ``abnormal/``.
+        mask_dir: ``folder`` only: sub-folder of masks; ``"auto"`` finds ``masks/`` or
+            anomalib's ``mask/``; null: no masks.
         mosaic_rate: ``data.train`` only: probability that a training item is replaced by a
             2 x 2 mosaic of four images of its category with their masks (APRIL-GAN's
             ``aug_rate``: 0.2 when training on MVTec-AD, none on VisA; see
@@ -74,6 +82,10 @@ class DatasetSpec:
     categories: list[str] | None = None
     split: Literal["train", "test"] = "test"
     subset: str | None = None
+    category: str | None = None
+    normal_dir: str = "good"
+    anomalous_dir: str = "auto"
+    mask_dir: str | None = "auto"
     mosaic_rate: float = 0.0
 
 
@@ -108,13 +120,33 @@ def parse_spec(spec: DatasetSpec, *, key: str = "data.test") -> tuple[list[Sampl
         hint = f" or the {fmt.env} environment variable" if fmt.env else ""
         fetch = f", or run `clipsam data download {spec.format} --root {root}`" if fmt.download or fmt.env else ""
         raise DatasetError(f"{fmt.name} root {root} does not exist: set {key}.root{hint}{fetch}")
-    samples = fmt.parse_root(root, categories=spec.categories, split=spec.split, subset=spec.subset, key=key)
+    options = _folder_options(spec, key=key)
+    samples = fmt.parse_root(
+        root, categories=spec.categories, split=spec.split, subset=spec.subset, key=key, options=options
+    )
     what = f"{fmt.name} root {root}" + ("" if spec.format == "folder" else f", split {spec.split!r}")
     if spec.subset:
         what += f", subset {spec.subset!r}"
     if spec.categories:
         what += f", categories {', '.join(spec.categories)}"
     return samples, fmt.has_masks and spec.format != "folder", what
+
+
+_FOLDER_DEFAULTS = {"category": None, "normal_dir": "good", "anomalous_dir": "auto", "mask_dir": "auto"}
+
+
+def _folder_options(spec: DatasetSpec, *, key: str) -> dict[str, Any]:
+    """The ``folder``-only keys of ``spec`` for the parser; refused on any other format."""
+    options = {name: getattr(spec, name) for name in _FOLDER_DEFAULTS}
+    if spec.format == "folder":
+        return options
+    changed = [name for name, default in _FOLDER_DEFAULTS.items() if options[name] != default]
+    if changed:
+        raise ConfigError(
+            f"{key}.{changed[0]} is set but applies to format 'folder' only ({key}.format is "
+            f"{spec.format!r}): remove it"
+        )
+    return {}
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -167,6 +199,11 @@ class AnomalyDataModule(LightningDataModule):
             zero-padded to S x S) and ``sam_size``. None (default): the model sets it from its
             SAM (:meth:`set_sam_image_size`, called by ``ClipSamModule.setup``); training
             never carries it.
+        tiling: tiled inference for validate/test/predict (:mod:`clipsam.tiling`): images are
+            resized to ``tiling.image_size`` (the canvas) and cut into frame-sized tiles; None
+            or ``image_size: null`` is off. Training always uses the frame.
+        max_image_pixels: images with more pixels are refused with an error naming the file
+            (PIL's decompression-bomb protection; the default is PIL's own limit); None: no limit.
     """
 
     def __init__(
@@ -184,6 +221,8 @@ class AnomalyDataModule(LightningDataModule):
         seed: int = 0,
         predict_category: str | None = None,
         sam_image_size: int | None = None,
+        tiling: TilingConfig | None = None,
+        max_image_pixels: int | None = 178_956_970,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -206,6 +245,11 @@ class AnomalyDataModule(LightningDataModule):
         if sam_image_size is not None and sam_image_size <= 0:
             raise ConfigError(f"data.sam_image_size must be positive or null, got {sam_image_size}")
         self.sam_image_size = sam_image_size
+        self.tiling = tiling if tiling is not None else TilingConfig()
+        self.tiling.check(image_size)
+        self.max_image_pixels = max_image_pixels
+        set_max_image_pixels(max_image_pixels)
+        self.skip_reasons: dict[Path, str] = {}
         self.skipped_files: list[Path] = []
         self.train_dataset: AnomalyDataset | None = None
         self.test_dataset: AnomalyDataset | None = None
@@ -224,14 +268,25 @@ class AnomalyDataModule(LightningDataModule):
         if stage == "fit":
             self.train_dataset = self._build(self.train_spec, "data.train", "fit", augment=self.augment)
         elif stage in ("validate", "test"):
-            self.test_dataset = self._build(self.test_spec, "data.test", stage, augment=None)
+            self.test_dataset = self._build(self.test_spec, "data.test", stage, augment=None, size=self._eval_size())
         elif stage == "predict":
             self.predict_dataset = self._build_predict()
         else:
             raise ConfigError(f"unknown stage {stage!r}: use fit, validate, test or predict")
 
+    def _eval_size(self) -> int | tuple[int, int]:
+        """Size of test/predict images: the tiling canvas when tiling, else the frame."""
+        canvas = self.tiling.canvas()
+        return canvas if canvas is not None else self.image_size
+
     def _build(
-        self, spec: DatasetSpec | None, key: str, command: str, *, augment: AugmentConfig | None
+        self,
+        spec: DatasetSpec | None,
+        key: str,
+        command: str,
+        *,
+        augment: AugmentConfig | None,
+        size: int | tuple[int, int] | None = None,
     ) -> AnomalyDataset:
         if spec is None:
             need = "a training dataset" if command == "fit" else "a dataset to evaluate"
@@ -249,7 +304,7 @@ class AnomalyDataModule(LightningDataModule):
             require_masks=require_masks,
             categories=spec.categories if spec.format != "folder" else None,
         )
-        transform = build_transform(self.image_size, augment=augment, seed=self.seed)
+        transform = build_transform(size or self.image_size, augment=augment, seed=self.seed)
         has_masks = get_format(spec.format, config_key=key).has_masks
         if not has_masks:
             log.info("%s is image-level only: image metrics are computed, pixel metrics are n/a", what)
@@ -257,11 +312,25 @@ class AnomalyDataModule(LightningDataModule):
         sam_side = self.sam_image_size if command != "fit" else None
         return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic, sam_side=sam_side)
 
+    #: Sub-folders of a dataset root that hold ground truth, not images to segment.
+    MASK_FOLDERS = frozenset({"ground_truth", "masks", "mask"})
+
     def _build_predict(self) -> AnomalyDataset:
         if not self.predict_dir:
-            raise ConfigError("data.predict_dir is not set: `clipsam predict` needs a folder of images")
+            raise ConfigError("data.predict_dir is not set: `clipsam predict` needs a folder of images or an image file")
         folder = Path(os.path.expanduser(self.predict_dir))
-        images, self.skipped_files = list_images(folder)
+        self.skip_reasons = {}
+        if folder.is_file():
+            if not is_image_file(folder):
+                raise DatasetError(f"data.predict_dir={folder} is a file but not an image (.png/.jpg/...): pass an image or a folder")
+            images, self.skipped_files = [folder], []
+        else:
+            images, self.skipped_files = list_images(folder)
+            # A dataset root (MVTec ground_truth/, folder-dataset masks/): masks are not inputs.
+            masks = [p for p in images if self.MASK_FOLDERS & set(p.relative_to(folder).parent.parts)]
+            if masks:
+                images = [p for p in images if p not in set(masks)]
+                log.warning("not segmenting %d mask file(s) under %s (folders named %s)", len(masks), folder, "/".join(sorted(self.MASK_FOLDERS)))
         if self.skipped_files:
             listed = ", ".join(str(p) for p in self.skipped_files[:20])
             more = f" and {len(self.skipped_files) - 20} more" if len(self.skipped_files) > 20 else ""
@@ -271,9 +340,16 @@ class AnomalyDataModule(LightningDataModule):
                 f"0 images found in {folder} (data.predict_dir): put .png/.jpg/... files there"
             )
         samples = [Sample(p, None, -1, self.predict_category or p.parent.name, "unknown") for p in images]
-        validate_samples(samples, check=self.validation, what=f"predict folder {folder}", require_masks=False)
+        # One undecodable (or too large) file must not end the run: skip it and say so.
+        samples, bad = split_valid(samples, check=self.validation)
+        for sample, problem in bad:
+            self.skipped_files.append(Path(sample.image_path))
+            self.skip_reasons[Path(sample.image_path)] = problem
+            log.warning("skipping %s", problem)
+        if not samples:
+            raise DatasetError(f"no decodable image in {folder} (data.predict_dir): {bad[0][1]}")
         return AnomalyDataset(
-            samples, build_transform(self.image_size), has_labels=False, sam_side=self.sam_image_size
+            samples, build_transform(self._eval_size()), has_labels=False, sam_side=self.sam_image_size
         )
 
     def set_sam_image_size(self, side: int | None) -> None:
@@ -334,4 +410,42 @@ class AnomalyDataModule(LightningDataModule):
         return self._loader(self.test_dataset, "test", batch_size=self.test_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, "predict", batch_size=self.test_batch_size, shuffle=False)
+        if self.predict_dataset is None:
+            raise RuntimeError("call datamodule.setup('predict') before asking for its dataloader")
+        # A file that fails to decode while predicting (validation off, or changed since setup)
+        # is skipped and reported, not the end of the run.
+        return DataLoader(
+            _SkipUndecodable(self.predict_dataset),
+            batch_size=self.test_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_skipping,
+            drop_last=False,
+        )
+
+
+class _SkipUndecodable(torch.utils.data.Dataset):
+    """Items of ``dataset``; an item that raises :class:`DatasetError` becomes a skip marker."""
+
+    def __init__(self, dataset: AnomalyDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except DatasetError as err:
+            return {"_skipped": str(self.dataset.samples[index].image_path), "_reason": str(err)}
+
+
+def collate_skipping(items: list[dict]) -> dict:
+    """``default_collate`` of the good items, plus ``skipped``: [(path, reason)] of the others
+    (a batch of only skipped files has ``skipped`` and an empty ``path`` list)."""
+    good = [item for item in items if "_skipped" not in item]
+    skipped = [(item["_skipped"], item["_reason"]) for item in items if "_skipped" in item]
+    batch = default_collate(good) if good else {"path": []}
+    batch["skipped"] = skipped
+    return batch

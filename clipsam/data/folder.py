@@ -9,6 +9,11 @@ Labelled folder layout (defaults; every folder name is an argument)::
                                          (``<stem>.png`` or ``<stem>_mask.png``); any non-zero
                                          pixel is anomalous
 
+anomalib's folder layout is recognised too: ``abnormal/`` for the anomalous images and
+``mask/`` for the masks are used when ``anomalous/`` and ``masks/`` are absent (the defaults
+``"auto"``); every name can also be set explicitly (``data.test.normal_dir`` etc.). Sub-folders
+of the root that none of these names match are listed in a warning: they are not read.
+
 Masks are optional: without a ``masks`` folder only image-level results exist (anomalous images
 get ``mask_path=None`` and the dataset reports ``has_mask=False``). When the masks folder exists,
 every anomalous image must have a mask (a half-annotated set would silently skew pixel metrics).
@@ -16,6 +21,7 @@ every anomalous image must have a mask (a half-annotated set would silently skew
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -26,6 +32,8 @@ from clipsam.errors import DatasetError
 __all__ = ["list_images", "parse_folder"]
 
 _OUTPUT_MARKER = ".clipsam-output"  # clipsam.callbacks.OUTPUT_MARKER (not imported: no cycle)
+
+log = logging.getLogger(__name__)
 
 
 def list_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> tuple[list[Path], list[Path]]:
@@ -88,13 +96,24 @@ def _mask_index(mask_root: Path) -> dict[str, Path]:
     return index
 
 
+#: Names tried, in order, for ``anomalous_dir="auto"`` and ``mask_dir="auto"``.
+AUTO_ANOMALOUS_DIRS: tuple[str, ...] = ("anomalous", "abnormal")
+AUTO_MASK_DIRS: tuple[str, ...] = ("masks", "mask")
+
+
+def _auto(base: Path, name: str | None, candidates: tuple[str, ...]) -> str | None:
+    if name != "auto":
+        return name
+    return next((c for c in candidates if (base / c).is_dir()), candidates[0])
+
+
 def parse_folder(
     root: str | os.PathLike[str],
     *,
     category: str | None = None,
     normal_dir: str = "good",
-    anomalous_dir: str = "anomalous",
-    mask_dir: str | None = "masks",
+    anomalous_dir: str = "auto",
+    mask_dir: str | None = "auto",
 ) -> list[Sample]:
     """List the samples of a labelled folder of the user's images (layout in the module doc).
 
@@ -102,9 +121,10 @@ def parse_folder(
         root: the dataset folder.
         category: the object name used in the text prompts; defaults to ``root``'s folder name.
         normal_dir: sub-folder of normal images, relative to ``root``.
-        anomalous_dir: sub-folder of anomalous images, relative to ``root``.
-        mask_dir: sub-folder of masks, relative to ``root``; None (or a missing folder) means
-            no masks.
+        anomalous_dir: sub-folder of anomalous images, relative to ``root``; ``"auto"`` uses
+            ``anomalous/`` or, when only it exists, anomalib's ``abnormal/``.
+        mask_dir: sub-folder of masks, relative to ``root``; ``"auto"`` uses ``masks/`` or
+            anomalib's ``mask/``; None (or a missing folder) means no masks.
 
     Returns:
         normal samples then anomalous ones, each sorted by path.
@@ -117,6 +137,16 @@ def parse_folder(
     if not base.is_dir():
         raise DatasetError(f"image folder dataset root {base} does not exist: check data.*.root")
     name = category or base.resolve().name
+    anomalous_dir = _auto(base, anomalous_dir, AUTO_ANOMALOUS_DIRS) or "anomalous"
+    mask_dir = _auto(base, mask_dir, AUTO_MASK_DIRS)
+    used = {Path(d).parts[0] for d in (normal_dir, anomalous_dir, mask_dir) if d}
+    ignored = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in used)
+    if ignored:
+        log.warning(
+            "folder dataset %s: sub-folder(s) %s are not read (normal: %s/, anomalous: %s/, masks: %s/); "
+            "set data.*.normal_dir / anomalous_dir / mask_dir to use them",
+            base, ", ".join(ignored), normal_dir, anomalous_dir, mask_dir,
+        )
     normal, anomalous = base / normal_dir, base / anomalous_dir
     if not normal.is_dir() and not anomalous.is_dir():
         raise DatasetError(

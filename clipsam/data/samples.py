@@ -33,6 +33,8 @@ __all__ = [
     "is_image_file",
     "read_image",
     "read_mask",
+    "set_max_image_pixels",
+    "split_valid",
     "validate_samples",
 ]
 
@@ -77,6 +79,21 @@ def is_image_file(path: Path) -> bool:
 #: Mask file suffixes refused by :func:`read_mask`: lossy compression turns a 0/255 mask into
 #: noise around every edge (and sometimes everywhere), which would silently change pixel metrics.
 LOSSY_MASK_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
+
+
+#: Config key that raises PIL's decompression-bomb limit (named in the error).
+MAX_PIXELS_KEY = "data.max_image_pixels"
+
+
+def _too_large(path: str | os.PathLike[str], exc: Exception) -> DatasetError:
+    """The error for an image above PIL's decompression-bomb limit, naming the file and the key."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return DatasetError(
+        f"image {path} is too large to decode safely ({exc}); the limit is "
+        f"{MAX_PIXELS_KEY}={2 * limit if limit else None} pixels: raise {MAX_PIXELS_KEY} "
+        "(null: no limit) if you trust the file; for small defects on large images see data.tiling"
+    )
+
 
 #: How 16-bit images become 8-bit: ``"divide"`` maps v -> round(v / 257) (0 -> 0, 65535 -> 255,
 #: the whole 16-bit range), ``"shift"`` maps v -> v >> 8 (drop the low byte). Both depend on the bit
@@ -152,6 +169,8 @@ def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_S
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError as exc:
         raise DatasetError(f"image file {path} does not exist: check the dataset root and layout") from exc
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DatasetError(
             f"cannot decode image {path} ({exc}): the file is corrupt or truncated; "
@@ -263,6 +282,8 @@ def _probe(path: Path, *, kind: str, full: bool) -> tuple[int, int]:
             if full:
                 im.load()  # decodes every pixel: raises on truncated JPEG/PNG data
             return size
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DatasetError(
             f"cannot decode {kind} {path} ({exc}): the file is corrupt or truncated; "
@@ -298,6 +319,43 @@ def _check_one(sample: Sample, *, require_masks: bool, full: bool) -> str | None
             f"{image_size[0]}x{image_size[1]}: masks must have their image's size; fix or remove the pair"
         )
     return None
+
+
+def set_max_image_pixels(max_pixels: int | None) -> None:
+    """Apply ``data.max_image_pixels``: images above it are refused (PIL's decompression-bomb check).
+
+    PIL refuses images above twice ``Image.MAX_IMAGE_PIXELS`` and warns above it; clipsam sets
+    ``MAX_IMAGE_PIXELS`` to half the configured limit and silences the warning, so the key is the
+    one limit there is. None disables the check.
+    """
+    import warnings
+
+    Image.MAX_IMAGE_PIXELS = None if not max_pixels else max(1, int(max_pixels) // 2)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def split_valid(
+    samples: Sequence[Sample], *, check: ValidationMode = "full", num_threads: int = 4
+) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """Check samples like :func:`validate_samples`, but return the bad ones instead of raising.
+
+    For images to predict on: one undecodable file must not end a run of thousands.
+
+    Returns:
+        ``(good, bad)``: the samples that passed, and ``(sample, problem)`` for the others.
+    """
+    if check == "off":
+        return list(samples), []
+    full = check == "full"
+
+    def run(sample: Sample) -> str | None:
+        return _check_one(sample, require_masks=False, full=full)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        problems = list(pool.map(run, samples))
+    good = [s for s, p in zip(samples, problems) if p is None]
+    bad = [(s, p) for s, p in zip(samples, problems) if p is not None]
+    return good, bad
 
 
 def validate_samples(

@@ -88,8 +88,15 @@ class AugmentConfig:
         return out
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Squash-resize an RGB image to ``size`` x ``size`` with PIL's antialiased bicubic filter.
+def _hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(height, width) of a square side or an (H, W) pair (the canvas of tiled inference)."""
+    if isinstance(size, int):
+        return (size, size)
+    return (int(size[0]), int(size[1]))
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Squash-resize an RGB image to ``size`` x ``size`` (or (H, W)) with PIL's antialiased bicubic filter.
 
     The same pixels as torchvision's ``Resize((size, size), InterpolationMode.BICUBIC)`` on a
     PIL image (APRIL-GAN's and open_clip's preprocessing).
@@ -103,13 +110,14 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    if image.shape[:2] == (size, size):
+    height, width = _hw(size)
+    if image.shape[:2] == (height, width):
         return image
-    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(resized)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a binary mask as the references do: 0/255 bilinearly with PIL, then ``> 0.5``.
 
     APRIL-GAN and AnomalyCLIP resize the 0/255 mask with torchvision's ``Resize`` (bilinear,
@@ -125,9 +133,10 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
     binary = (np.asarray(mask) > 0).astype(np.uint8)
-    if binary.shape == (size, size):
+    height, width = _hw(size)
+    if binary.shape == (height, width):
         return binary
-    resized = Image.fromarray(binary * 255, mode="L").resize((size, size), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(binary * 255, mode="L").resize((width, height), Image.Resampling.BILINEAR)
     return (np.asarray(resized) > 127).astype(np.uint8)
 
 
@@ -144,10 +153,10 @@ class FrameTransform:
         seed: Seed of albumentations' random source (only matters with augmentations).
     """
 
-    def __init__(self, image_size: int, *, augment: AugmentConfig | None = None, seed: int | None = None) -> None:
-        if image_size <= 0:
+    def __init__(self, image_size: int | tuple[int, int], *, augment: AugmentConfig | None = None, seed: int | None = None) -> None:
+        if min(_hw(image_size)) <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        self.image_size = int(image_size)
+        self.image_size = image_size if isinstance(image_size, int) else _hw(image_size)
         steps: list[A.BasicTransform] = list(augment.transforms()) if augment is not None else []
         steps += [A.Normalize(mean=CLIP_MEAN, std=CLIP_STD, max_pixel_value=255.0), ToTensorV2()]
         self.compose = A.Compose(steps, seed=seed)
@@ -159,7 +168,7 @@ class FrameTransform:
 
 
 def build_transform(
-    image_size: int,
+    image_size: int | tuple[int, int],
     *,
     augment: AugmentConfig | None = None,
     seed: int | None = None,
@@ -167,7 +176,8 @@ def build_transform(
     """The transform from a decoded image (and mask) to frame tensors (:class:`FrameTransform`).
 
     Args:
-        image_size: side of the square frame in pixels.
+        image_size: side of the square frame in pixels, or (height, width) (the canvas of
+            tiled inference, :mod:`clipsam.tiling`).
         augment: training augmentations, applied after the resize; None means none.
         seed: seed of albumentations' random source (only matters with augmentations).
     """

@@ -76,6 +76,11 @@ class PerCategoryMetrics(Metric):
         score_dtype: dtype of the stored maps, torch.float32 (exact) or torch.float16.
         pr_curve_points: when > 0, each category also gets ``pixel_pr_curve`` (recall,
             precision, threshold lists thinned to this many points) for plots.
+        threshold_method: when set (``"f1"`` or ``"fpr"``), :meth:`compute` also returns
+            ``"thresholds"``: image- and pixel-level decision thresholds per category and pooled
+            (:func:`clipsam.thresholds.compute_thresholds`). Keeps every category's maps alive
+            until the end of :meth:`compute` (peak memory about twice the stored maps).
+        target_fpr: the false-positive rate of ``threshold_method="fpr"``.
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
     """
 
@@ -93,6 +98,8 @@ class PerCategoryMetrics(Metric):
         aupro_protocol: str = "mvtec",
         score_dtype: torch.dtype = torch.float32,
         pr_curve_points: int = 0,
+        threshold_method: str | None = None,
+        target_fpr: float = 0.01,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,6 +118,8 @@ class PerCategoryMetrics(Metric):
         self.aupro = aupro
         self.score_dtype = score_dtype
         self.pr_curve_points = int(pr_curve_points)
+        self.threshold_method = threshold_method
+        self.target_fpr = float(target_fpr)
         # one row per image
         for name in ("image_scores", "labels", "category_ids", "sample_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -215,6 +224,10 @@ class PerCategoryMetrics(Metric):
             map_cats = _cat_small(self.map_category_ids)
             map_keep = _first_occurrence(_cat_small(self.map_sample_ids))
         per_category: dict[str, dict[str, Any]] = {}
+        groups: dict[str, dict[str, Any]] = {}
+        if self.threshold_method and self._store_maps:
+            label_of = dict(zip(_cat_small(self.sample_ids).tolist(), _cat_small(self.labels).tolist()))
+            map_ids = _cat_small(self.map_sample_ids)
         for c, name in enumerate(self.categories):
             sel = cat_ids == c
             if not sel.any():
@@ -235,6 +248,9 @@ class PerCategoryMetrics(Metric):
                                     out["pixel_pr_curve"] = curve
                         if self.aupro:
                             out["pixel_aupro"] = aupro(maps, masks, protocol=self.aupro_protocol)
+                        if self.threshold_method:
+                            map_labels = np.array([label_of[int(i)] for i in map_ids[rows]])
+                            groups[name] = {"maps": maps, "masks": masks, "map_labels": map_labels}
                         del maps, masks
                 if self.image:
                     known = sel & (labels >= 0)
@@ -246,6 +262,8 @@ class PerCategoryMetrics(Metric):
                     warnings.warn(f"category {name!r}: {w.message}", MetricUndefinedWarning, stacklevel=2)
                 else:  # pragma: no cover - re-emit anything else unchanged
                     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            if self.threshold_method:
+                groups.setdefault(name, {}).update(image_scores=scores[sel], labels=labels[sel])
             out["num_images"] = int(sel.sum())
             out["num_anomalous"] = int((labels[sel] == 1).sum())
             per_category[name] = out
@@ -257,4 +275,11 @@ class PerCategoryMetrics(Metric):
         for k in metric_keys:
             vals = [v[k] for v in per_category.values() if k in v and not math.isnan(v[k])]
             mean[k] = float(np.mean(vals)) if vals else float("nan")
-        return {"per_category": per_category, "mean": mean, "num_images": int(keep.sum())}
+        result: dict[str, Any] = {"per_category": per_category, "mean": mean, "num_images": int(keep.sum())}
+        if self.threshold_method:
+            from clipsam.thresholds import compute_thresholds
+
+            result["thresholds"] = compute_thresholds(
+                groups, method=self.threshold_method, target_fpr=self.target_fpr  # type: ignore[arg-type]
+            )
+        return result

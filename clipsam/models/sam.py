@@ -25,6 +25,7 @@ boxes are boxes of the previous mask at the original size; masks come back to th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -112,6 +113,9 @@ class SamConfig:
         cache_dir: where official checkpoints are kept; None means ``$CLIPSAM_CACHE/sam`` if that
             environment variable is set, else ``~/.cache/clipsam/sam``.
         embedding_cache_dir: directory of the on-disk image-embedding cache; None disables it.
+            ``predict`` uses it only with ``model.evaluation.predict_embedding_cache``.
+        embedding_cache_max_gb: size bound of that cache; least recently used entries are
+            deleted beyond it. None: unbounded.
         dtype: dtype of the image encoder ("bfloat16" halves its memory; the prompt encoder and
             mask decoder always run in float32).
         seed: seed of the random weights of the "tiny" variant.
@@ -128,6 +132,7 @@ class SamConfig:
     checkpoint: str | None = None
     cache_dir: str | None = None
     embedding_cache_dir: str | None = None
+    embedding_cache_max_gb: float | None = 20.0
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     download: bool = True
@@ -388,12 +393,21 @@ class EmbeddingCache:
         writable: False once a write failed (nothing more is stored).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, embedding_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        embedding_shape: tuple[int, ...] | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.directory = Path(os.path.expanduser(os.fspath(directory)))
         self.embedding_shape = tuple(embedding_shape) if embedding_shape is not None else None
         self.hits = 0
         self.misses = 0
         self.writable = True
+        # LRU bound: a hit touches its file; above max_bytes the least recently used files go.
+        self.max_bytes = int(max_bytes) if max_bytes else None
+        self._size: int | None = None  # bytes on disk, scanned once, then tracked
 
     @staticmethod
     def key(image: torch.Tensor, *, model_id: str) -> str:
@@ -443,17 +457,23 @@ class EmbeddingCache:
             self.misses += 1
             return None
         self.hits += 1
+        if self.max_bytes:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # most recently used
         return embedding.to(torch.float32)
 
     def save(self, key: str, embedding: torch.Tensor) -> None:
-        """Store a (1, C, h, w) embedding under ``key`` (atomic write); never raises for a bad disk."""
+        """Store a (1, C, h, w) embedding under ``key`` (atomic write); never raises for a bad disk.
+
+        Above ``max_bytes`` the least recently used entries are deleted."""
         if self.embedding_shape is None:
             self.embedding_shape = tuple(embedding.shape)
         if not self.writable:
             return
         entry = {"key": key, "embedding": embedding.detach().to("cpu", torch.float32).contiguous().clone()}
+        path = self.path(key)
         try:
-            atomic_torch_save(entry, self.path(key))
+            atomic_torch_save(entry, path)
         except (OSError, RuntimeError) as err:  # torch.save reports some write failures as RuntimeError
             self.writable = False
             reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
@@ -463,6 +483,34 @@ class EmbeddingCache:
                 "or set it empty to turn the cache off)",
                 stacklevel=2,
             )
+            return
+        if self.max_bytes:
+            if self._size is None:
+                self._size = sum(p.stat().st_size for p in self.directory.glob("*/*.pt"))
+            else:
+                self._size += path.stat().st_size
+            if self._size > self.max_bytes:
+                self._evict(keep=path)
+
+    def _evict(self, *, keep: Path) -> None:
+        """Delete least recently used entries until the cache holds at most 90 % of ``max_bytes``."""
+        assert self.max_bytes is not None
+        entries = []
+        for p in self.directory.glob("*/*.pt"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                entries.append((st.st_mtime_ns, st.st_size, p))
+        entries.sort()
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in entries:
+            if total <= 0.9 * self.max_bytes:
+                break
+            if p == keep:
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                total -= size
+        self._size = total
 
 
 @dataclasses.dataclass

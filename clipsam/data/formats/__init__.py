@@ -22,7 +22,7 @@ tested offline (``clipsam data synth --formats ...``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -86,8 +86,13 @@ class DatasetFormat:
         split: str = "test",
         subset: str | None = None,
         key: str = "data.test",
+        options: Mapping[str, Any] | None = None,
     ) -> list[Sample]:
-        """Check ``split``/``subset`` against this format, then run its parser on ``root``."""
+        """Check ``split``/``subset`` against this format, then run its parser on ``root``.
+
+        ``options`` are extra keyword arguments of the parser (the ``folder`` format's
+        ``category``/``normal_dir``/``anomalous_dir``/``mask_dir``).
+        """
         if split not in self.splits:
             raise ConfigError(
                 f"{key}.split is {split!r} but {self.name} has only {' and '.join(repr(s) for s in self.splits)}: "
@@ -100,7 +105,9 @@ class DatasetFormat:
                 f"{key}.subset is {subset!r}: {self.name} accepts {', '.join(self.subsets)} ({self.subset_help})"
             )
         base = Path(os.path.expanduser(os.fspath(root)))
-        return self.parse(base, categories=list(categories) if categories else None, split=split, subset=subset)
+        return self.parse(
+            base, categories=list(categories) if categories else None, split=split, subset=subset, **(options or {})
+        )
 
 
 #: Every registered format by key (filled by the family modules imported below).

@@ -29,8 +29,8 @@ def _visa(root: Path, *, categories, split, subset) -> list[Sample]:
     return parse_visa(root, categories=categories, split=split)
 
 
-def _folder(root: Path, *, categories, split, subset) -> list[Sample]:
-    return parse_folder(root)
+def _folder(root: Path, *, categories, split, subset, **options) -> list[Sample]:
+    return parse_folder(root, **options)
 
 
 register(

@@ -1,0 +1,423 @@
+"""``clipsam export``: a self-contained bundle for :class:`clipsam.Segmenter`, and ONNX graphs.
+
+Bundle (``--format bundle``), one folder::
+
+    bundle.json      format marker, default category, sha256 of weights.pt, what each file is
+    config.yaml      the resolved model config (+ data.image_size) the weights were loaded into
+    weights.pt       the trainable weights only (CLIP adapters) with their checkpoint metadata
+                     (``torch.load(weights_only=True)``-safe, no optimizer state)
+    thresholds.json  the decision thresholds (when given or set in the config)
+    versions.json    clipsam, torch, open_clip, segment-anything, Python versions at export
+
+The frozen CLIP and SAM weights are not copied (1-2.5 GB): they load from the same caches or
+files as for ``clipsam test`` (``model.clip.pretrained``/``cache_dir``, ``model.sam.checkpoint``/
+``cache_dir``); random tiny presets need nothing.
+
+ONNX (``--format onnx``), one folder::
+
+    clip_stage.onnx      frame images (B, 3, H, W) CLIP-normalised float32 -> anomaly_map
+                         (B, H, W) and image_scores (B,), the text features of ``--category``
+                         baked in, frozen weights in float32, fixed batch ``--batch_size``
+    sam_decoder.onnx     SAM's prompt encoder + mask decoder (segment-anything's SamOnnxModel,
+                         inputs and dynamic axes as its scripts/export_onnx_model.py)
+    onnx_check.json      max |ONNX - PyTorch| of each graph on random inputs (onnxruntime, CPU)
+
+PPG and the cascade (which prompts to give SAM, three decoder steps) stay Python glue around
+these graphs; the SAM image encoder is not exported (as in segment-anything's own script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipsam.errors import ConfigError, WeightsError
+
+__all__ = ["export_bundle", "export_onnx", "export_main", "read_bundle"]
+
+BUNDLE_FORMAT = "clipsam-bundle"
+BUNDLE_VERSION = 1
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    import clipsam
+
+    out = {"clipsam": clipsam.__version__, "python": platform.python_version()}
+    for dist in ("torch", "open_clip_torch", "segment-anything", "lightning"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[dist] = "not installed"
+    return out
+
+
+def _fresh_output(output: str | os.PathLike[str]) -> Path:
+    """The output folder, created; refuse a non-empty one (nothing a user has is overwritten)."""
+    out = Path(os.path.expanduser(os.fspath(output)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--output {out} exists and is not an empty folder: choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _resolved(config: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from clipsam.api import _set_dotted, load_config
+
+    resolved = load_config(config)
+    for key, value in (overrides or {}).items():
+        _set_dotted(resolved, key, value)
+    return resolved
+
+
+def export_bundle(
+    ckpt_path: str | os.PathLike[str],
+    config: Any,
+    output: str | os.PathLike[str],
+    *,
+    thresholds: str | os.PathLike[str] | None = None,
+    category: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle folder (module doc).
+
+    The checkpoint is checked against the config (backbone, layers) as ``clipsam test`` does;
+    the frozen models are not built here.
+
+    Args:
+        ckpt_path: a ``clipsam fit`` checkpoint.
+        config: its YAML config(s) or a resolved mapping.
+        output: a new (or empty) folder.
+        thresholds: a ``thresholds.json`` (default: ``model.evaluation.thresholds`` of the config).
+        category: default category of the bundle's Segmenter (object name, thresholds).
+        overrides: dotted config keys.
+
+    Returns:
+        the bundle folder.
+
+    Raises:
+        WeightsError / ConfigError: the checkpoint does not fit the config, bad thresholds, a
+            non-empty output folder. Nothing is left behind on error.
+    """
+    from clipsam.api import _load_checkpoint, _quiet, build_module
+    from clipsam.thresholds import THRESHOLDS_FILE, check_compatible, load_thresholds, save_thresholds
+
+    resolved = _resolved(config, overrides)
+    model = resolved.setdefault("model", {})
+    evaluation = model.setdefault("evaluation", {})
+    if thresholds is not None:
+        evaluation["thresholds"] = os.fspath(thresholds)
+    checkpoint = _load_checkpoint(Path(os.fspath(ckpt_path)))
+    with _quiet():
+        module = build_module(resolved)
+    # Validate the checkpoint against the config without building the frozen models.
+    module.on_load_checkpoint(checkpoint)
+    thresholds_data = None
+    if evaluation.get("thresholds"):
+        thresholds_data = load_thresholds(evaluation["thresholds"])
+        check_compatible(thresholds_data, module.score_settings(), source=str(evaluation["thresholds"]))
+    # `clipsam fit` checkpoints already hold the trainable weights only (the module's
+    # on_save_checkpoint drops the frozen parts): keep exactly those, without optimizer state.
+    state = dict(checkpoint["state_dict"])
+
+    out = _fresh_output(output)
+    try:
+        weights = out / "weights.pt"
+        torch.save({"state_dict": state, "clipsam": checkpoint.get("clipsam", {})}, weights)
+        if thresholds_data is not None:
+            save_thresholds(out / THRESHOLDS_FILE, thresholds_data)
+            evaluation["thresholds"] = THRESHOLDS_FILE  # relative to the bundle
+        else:
+            evaluation["thresholds"] = None
+        # Every key with its value (defaults included), so a later clipsam with other defaults
+        # rebuilds the same model.
+        full = dict(module.hparams)
+        full.pop("image_size", None)
+        full["evaluation"] = {**full["evaluation"], "thresholds": evaluation["thresholds"]}
+        full["sam"] = {**full["sam"], "embedding_cache_dir": None}
+        bundle_config = {"model": full, "data": {"image_size": module.image_size}}
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(bundle_config, sort_keys=False))
+        (out / "versions.json").write_text(json.dumps(_versions(), indent=2))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "category": category,
+            "weights_sha256": _sha256(weights),
+            "source_checkpoint": os.path.abspath(os.fspath(ckpt_path)),
+            "files": {
+                "config.yaml": "resolved model config",
+                "weights.pt": "trainable weights (CLIP adapters)",
+                "thresholds.json": "decision thresholds" if thresholds_data is not None else None,
+                "versions.json": "library versions at export",
+            },
+        }
+        (out / "bundle.json").write_text(json.dumps(manifest, indent=2))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+def read_bundle(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, str | None]:
+    """Read a bundle folder.
+
+    Returns:
+        ``(config, weights_path, category)``: the resolved config (thresholds path made
+        absolute), the weights file, the default category.
+
+    Raises:
+        WeightsError: not a bundle, or weights.pt altered since export.
+    """
+    import yaml
+
+    root = Path(os.path.expanduser(os.fspath(bundle)))
+    manifest_path = root / "bundle.json"
+    if not manifest_path.is_file():
+        raise WeightsError(f"{root} is not a clipsam bundle (no bundle.json): write one with `clipsam export --format bundle`")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != BUNDLE_FORMAT or int(manifest.get("version", 0)) > BUNDLE_VERSION:
+        raise WeightsError(f"{root}: unsupported bundle format {manifest.get('format')!r} version {manifest.get('version')!r}")
+    weights = root / "weights.pt"
+    if not weights.is_file() or _sha256(weights) != manifest.get("weights_sha256"):
+        raise WeightsError(f"{weights} is missing or differs from the one exported (sha256 mismatch): re-export the bundle")
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    evaluation = config.setdefault("model", {}).setdefault("evaluation", {})
+    if evaluation.get("thresholds"):
+        evaluation["thresholds"] = str(root / evaluation["thresholds"])
+    return config, weights, manifest.get("category")
+
+
+# ---------------------------------------------------------------------------------- ONNX
+class ClipStageGraph(torch.nn.Module):
+    """The map stage for ONNX: frame images -> (anomaly map, image scores), one category.
+
+    Calls the module's own map model (:class:`clipsam.models.clip.ClipAnomalyModel`, same math
+    as test/predict); one forward before tracing fills its text-feature cache, so the
+    category's text features become constants of the graph.
+    """
+
+    def __init__(self, map_model: torch.nn.Module, category: str, image_size: int) -> None:
+        super().__init__()
+        self.map_model = map_model
+        self.category = category
+        with torch.no_grad():
+            map_model(torch.zeros(1, 3, image_size, image_size), [category])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.map_model(images, [self.category] * images.shape[0])
+        return out.anomaly_map, out.image_scores
+
+
+def _map_model(module: Any) -> torch.nn.Module:
+    """The module's map model: ``clip_model`` (CLIP adapters) or a method plug-in's ``producer``."""
+    model = getattr(module, "clip_model", None)
+    if model is None:
+        model = getattr(module, "producer", None)
+    if model is None:
+        raise ConfigError("this model has no map stage to export")
+    return model
+
+
+def _onnx_modules() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ConfigError(
+            "`clipsam export --format onnx` needs onnx and onnxruntime: pip install 'clipsam[export]'"
+        ) from err
+    return onnx, onnxruntime
+
+
+def _export(model: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> None:
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, args, str(path), dynamo=False, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def export_onnx(
+    ckpt_path: str | os.PathLike[str],
+    config: Any,
+    output: str | os.PathLike[str],
+    *,
+    category: str,
+    batch_size: int = 1,
+    opset: int = 17,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export the CLIP stage and SAM's prompt encoder + mask decoder, and check both with onnxruntime.
+
+    Returns:
+        the check report (also written to ``onnx_check.json``): per graph its file and
+        ``max_abs_diff`` between onnxruntime and PyTorch on random inputs.
+    """
+    import numpy as np
+
+    from clipsam.api import _load_checkpoint, _quiet, build_module
+
+    onnx, ort = _onnx_modules()
+    resolved = _resolved(config, overrides)
+    model = resolved.setdefault("model", {})
+    # ONNX graphs run in float32 (onnxruntime's CPU kernels); the check compares float32 to float32.
+    model.setdefault("clip", {})["frozen_dtype"] = "float32"
+    model.setdefault("sam", {})["dtype"] = "float32"
+    model["sam"]["embedding_cache_dir"] = None
+    checkpoint = _load_checkpoint(Path(os.fspath(ckpt_path)))
+    with _quiet():
+        module = build_module(resolved)
+        module.build_inference_models()
+        module.on_load_checkpoint(checkpoint)
+    module.eval()
+    out = _fresh_output(output)
+    report: dict[str, Any] = {"category": category, "batch_size": batch_size, "opset": opset, "graphs": {}}
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        # -------- CLIP stage
+        size = module.image_size
+        graph = ClipStageGraph(_map_model(module), category, size).eval()
+        images = torch.randn(batch_size, 3, size, size, generator=generator)
+        clip_path = out / "clip_stage.onnx"
+        with _quiet():
+            _export(graph, (images,), clip_path, input_names=["images"], output_names=["anomaly_map", "image_scores"], opset_version=opset)
+        onnx.checker.check_model(str(clip_path))
+        with torch.no_grad():
+            ref_map, ref_scores = graph(images)
+        session = ort.InferenceSession(str(clip_path), providers=["CPUExecutionProvider"])
+        got_map, got_scores = session.run(None, {"images": images.numpy()})
+        report["graphs"]["clip_stage"] = {
+            "file": str(clip_path),
+            "inputs": {"images": [batch_size, 3, size, size]},
+            "max_abs_diff": float(max(np.abs(got_map - ref_map.numpy()).max(), np.abs(got_scores - ref_scores.numpy()).max())),
+        }
+        # -------- SAM prompt encoder + mask decoder
+        sam = getattr(module.refiner, "sam", None)
+        if sam is not None:
+            report["graphs"]["sam_decoder"] = _export_sam_decoder(sam, out / "sam_decoder.onnx", opset, generator, ort, onnx)
+        (out / "onnx_check.json").write_text(json.dumps(report, indent=2))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return report
+
+
+def _export_sam_decoder(sam: Any, path: Path, opset: int, generator: torch.Generator, ort: Any, onnx: Any) -> dict[str, Any]:
+    """SamOnnxModel export with the inputs, names and dynamic axes of segment-anything's script."""
+    import numpy as np
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    from clipsam.api import _quiet
+
+    sam = sam.float().cpu().eval()
+    onnx_model = SamOnnxModel(model=sam, return_single_mask=True).eval()
+    embed_dim = sam.prompt_encoder.embed_dim
+    embed_size = sam.prompt_encoder.image_embedding_size
+    mask_input_size = [4 * x for x in embed_size]
+    img = sam.image_encoder.img_size
+    inputs = {
+        "image_embeddings": torch.randn(1, embed_dim, *embed_size, generator=generator),
+        "point_coords": torch.randint(0, img, (1, 5, 2), generator=generator).to(torch.float32),
+        "point_labels": torch.randint(0, 4, (1, 5), generator=generator).to(torch.float32),
+        "mask_input": torch.randn(1, 1, *mask_input_size, generator=generator),
+        "has_mask_input": torch.tensor([1], dtype=torch.float32),
+        "orig_im_size": torch.tensor([img, img], dtype=torch.float32),
+    }
+    with _quiet():
+        _export(
+            onnx_model,
+            tuple(inputs.values()),
+            path,
+            input_names=list(inputs),
+            output_names=["masks", "iou_predictions", "low_res_masks"],
+            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        ref = onnx_model(*inputs.values())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    # Compare the mask logits (low-res) and the IoU predictions; ``masks`` are their upscaling.
+    diff = max(float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
+    # Another number of points than at export: the dynamic axis works.
+    fewer = {**inputs, "point_coords": inputs["point_coords"][:, :3], "point_labels": inputs["point_labels"][:, :3]}
+    with torch.no_grad():
+        ref = onnx_model(*fewer.values())
+    got = session.run(None, {k: v.numpy() for k, v in fewer.items()})
+    diff = max(diff, float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
+    return {"file": str(path), "max_abs_diff": diff, "compared": ["iou_predictions", "low_res_masks"], "num_points": [5, 3]}
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: use KEY=VALUE, e.g. --set model.evaluation.mask_source=score")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``clipsam export --ckpt_path CKPT --config CFG --format {bundle,onnx} --output DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="clipsam export",
+        description="Export a trained model: a bundle folder for clipsam.Segmenter, or ONNX graphs "
+        "of the CLIP stage and SAM's prompt encoder + mask decoder (checked with onnxruntime).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `clipsam fit`")
+    parser.add_argument("--config", required=True, action="append", help="the YAML config (repeatable, merged left to right)")
+    parser.add_argument("--format", choices=("bundle", "onnx"), default="bundle", help="what to write (default: bundle)")
+    parser.add_argument("--output", required=True, help="a new or empty folder")
+    parser.add_argument("--thresholds", default=None, help="bundle: thresholds.json from `clipsam test` (default: model.evaluation.thresholds)")
+    parser.add_argument("--category", default=None, help="object category: bundle default; ONNX: the text prompts baked in (required)")
+    parser.add_argument("--batch_size", type=int, default=1, help="ONNX: fixed batch size of the CLIP graph (default 1)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.evaluation.mask_source=score")
+    args = parser.parse_args(list(argv))
+    overrides = _parse_overrides(args.set)
+    if args.format == "bundle":
+        out = export_bundle(args.ckpt_path, args.config, args.output, thresholds=args.thresholds, category=args.category, overrides=overrides)
+        print(f"clipsam: wrote bundle {out} (load it with clipsam.Segmenter.from_bundle({str(out)!r}))")
+        return 0
+    if not args.category:
+        raise ConfigError("--format onnx needs --category: the object whose text prompts are baked into the graph")
+    report = export_onnx(args.ckpt_path, args.config, args.output, category=args.category, batch_size=args.batch_size, opset=args.opset, overrides=overrides)
+    for name, graph in report["graphs"].items():
+        print(f"clipsam: wrote {graph['file']}  max |onnxruntime - pytorch| = {graph['max_abs_diff']:.3g}")
+    print(f"clipsam: check report {Path(args.output) / 'onnx_check.json'}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(export_main(sys.argv[1:]))

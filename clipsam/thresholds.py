@@ -1,0 +1,307 @@
+"""Decision thresholds: from anomaly scores to "anomalous / normal" (image) and masks (pixel).
+
+A line needs decisions, not only rankings. This module turns the scores of a labelled set
+(``clipsam test``) into two thresholds, one on the image score and one on the pixel score,
+by one of two rules:
+
+* ``"f1"``: the F1-optimal threshold on a labelled set (normal and anomalous images): the
+  threshold ``t`` maximising F1 of the rule ``score >= t`` (anomalous). Exactly the threshold
+  at the maximum of scikit-learn's ``precision_recall_curve`` F1 (the first one, lowest
+  threshold, on ties), computed from the same confusion counts as
+  :func:`clipsam.metrics.functional.pixel_metrics` (so it agrees with the reported F1-max).
+* ``"fpr"``: from normal images only, at a chosen false-positive rate ``target_fpr``: the
+  smallest threshold ``t`` such that at most ``floor(target_fpr * n)`` of the ``n`` normal
+  scores satisfy ``score >= t`` (for pixels: the pixels of the normal images). It needs no
+  anomalous example, which is what a line usually has.
+
+Both return plain floats; the rule is always ``score >= threshold`` means anomalous.
+
+:func:`compute_thresholds` computes both levels per category and pooled over all categories
+(``"global"``); :func:`save_thresholds` / :func:`load_thresholds` write and read the
+``thresholds.json`` a test run leaves beside ``test_results.json`` (and an exported bundle
+carries), and :func:`lookup` picks the threshold for an image's category at predict time.
+
+This module imports numpy and torch only (no Lightning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from clipsam.errors import ConfigError
+
+__all__ = [
+    "THRESHOLD_METHODS",
+    "THRESHOLDS_FILE",
+    "check_compatible",
+    "compute_thresholds",
+    "f1_optimal_threshold",
+    "fpr_threshold",
+    "load_thresholds",
+    "lookup",
+    "save_thresholds",
+]
+
+THRESHOLD_METHODS: tuple[str, ...] = ("f1", "fpr")
+"""Valid values of ``model.evaluation.threshold_method``."""
+
+THRESHOLDS_FILE = "thresholds.json"
+"""Name of the thresholds file in a test run directory and in an exported bundle."""
+
+#: Settings that change the scores a threshold applies to: a thresholds file computed under
+#: other values would silently give wrong decisions, so :func:`check_compatible` refuses it.
+SCORE_KEYS: tuple[str, ...] = ("method", "refiner", "fusion", "image_score", "image_size", "tiling")
+
+
+def _flat(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.dtype in (torch.float16, torch.bfloat16):
+            values = values.float()
+        values = values.numpy()
+    arr = np.asarray(values).reshape(-1)
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def f1_optimal_threshold(scores: Any, labels: Any) -> dict[str, float] | None:
+    """The threshold with the highest F1 of ``score >= threshold`` on a labelled set.
+
+    Args:
+        scores: float scores of any shape (image scores (N,), or maps (N, H, W)), higher is
+            more anomalous.
+        labels: 0/1 or bool of the same number of elements (1 anomalous).
+
+    Returns:
+        ``{"threshold", "f1", "precision", "recall"}`` (floats), or None when there is no
+        anomalous label (F1 is undefined; use :func:`fpr_threshold`). With no normal label the
+        lowest anomalous score is returned (F1 1).
+
+    Raises:
+        ValueError: shapes differ, empty input, non-binary labels, NaN scores.
+    """
+    from clipsam.metrics.functional import _threshold_counts
+
+    s = _flat(scores, "scores")
+    y = _flat(labels, "labels")
+    if s.size != y.size:
+        raise ValueError(f"scores and labels must have the same number of elements, got {s.size} and {y.size}")
+    if s.size == 0:
+        raise ValueError("f1_optimal_threshold needs at least one score")
+    y = y.astype(bool) if y.dtype != np.bool_ else y
+    if not y.any():
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counts = _threshold_counts(s, y, "threshold")
+    assert counts is not None
+    tp, fp, n_pos = counts["tp"], counts["fp"], counts["n_pos"]
+    f1 = 2.0 * tp / (tp + fp + n_pos)  # at each distinct positive value, ascending
+    best = int(np.argmax(f1))  # first maximum = lowest threshold, as argmax over sklearn's curve
+    return {
+        "threshold": float(counts["values"][best]),
+        "f1": float(f1[best]),
+        "precision": float(tp[best] / (tp[best] + fp[best])),
+        "recall": float(tp[best] / n_pos),
+    }
+
+
+def fpr_threshold(normal_scores: Any, target_fpr: float) -> dict[str, float]:
+    """The lowest threshold with a false-positive rate of at most ``target_fpr`` on normal data.
+
+    With ``n`` normal scores and ``k = floor(target_fpr * n)`` allowed false positives, the
+    threshold is the smallest float32 strictly above the ``(k+1)``-th highest score: at most
+    ``k`` normal scores are ``>= threshold``, and no lower threshold keeps that promise.
+
+    Args:
+        normal_scores: float scores of normal images (or of their pixels), any shape.
+        target_fpr: allowed false-positive rate in [0, 1).
+
+    Returns:
+        ``{"threshold", "fpr", "target_fpr", "num_normal"}``: ``fpr`` is the rate measured on
+        ``normal_scores`` at the threshold.
+
+    Raises:
+        ValueError: empty input, NaN scores, ``target_fpr`` outside [0, 1).
+    """
+    if not (0.0 <= float(target_fpr) < 1.0) or math.isnan(float(target_fpr)):
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    s = _flat(normal_scores, "normal_scores").astype(np.float32, copy=False)
+    n = s.size
+    if n == 0:
+        raise ValueError("fpr_threshold needs at least one normal score")
+    if np.isnan(s).any():
+        raise ValueError("normal scores contain NaN")
+    k = int(math.floor(float(target_fpr) * n + 1e-9))
+    # (k+1)-th highest = element n-1-k of the ascending order; partition avoids a full sort.
+    pivot = n - 1 - k
+    kth = np.partition(s, pivot)[pivot]
+    threshold = np.nextafter(np.float32(kth), np.float32(np.inf))
+    fpr = float(np.count_nonzero(s >= threshold)) / n
+    return {"threshold": float(threshold), "fpr": fpr, "target_fpr": float(target_fpr), "num_normal": int(n)}
+
+
+def _level(scores: Any, labels: Any, method: str, target_fpr: float) -> dict[str, float] | None:
+    """One level's threshold by ``method``; ``labels`` 0/1 (normal / anomalous) per element."""
+    if method == "f1":
+        return f1_optimal_threshold(scores, labels)
+    normal = _flat(scores, "scores")[~_flat(labels, "labels").astype(bool)]
+    if normal.size == 0:
+        return None
+    return fpr_threshold(normal, target_fpr)
+
+
+def compute_thresholds(
+    groups: Mapping[str, Mapping[str, Any]],
+    *,
+    method: Literal["f1", "fpr"] = "f1",
+    target_fpr: float = 0.01,
+    pooled: bool = True,
+) -> dict[str, Any]:
+    """Image- and pixel-level thresholds per category and pooled.
+
+    Args:
+        groups: per category ``{"image_scores": (N,), "labels": (N,) 0/1, "maps": (M, H, W) or
+            None, "masks": (M, H, W) bool or None, "map_labels": (M,) 0/1 or None}``. ``maps``
+            are the pixel scores of the images that have a ground truth (normal images
+            included); for ``"fpr"`` only the pixels of images with ``map_labels == 0`` count.
+        method: ``"f1"`` or ``"fpr"`` (module doc).
+        target_fpr: allowed false-positive rate for ``"fpr"``.
+        pooled: also compute the ``"global"`` entry over all categories together (the
+            fallback for a category with no threshold of its own).
+
+    Returns:
+        ``{"method", "target_fpr", "image": {"global": {...} | None, "per_category": {...}},
+        "pixel": {...}}``; an entry is None when its data cannot define it (no anomalous
+        image for ``"f1"``, no normal image for ``"fpr"``).
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError(f"model.evaluation.threshold_method={method!r}: use one of {', '.join(THRESHOLD_METHODS)}")
+    out: dict[str, Any] = {
+        "method": method,
+        "target_fpr": float(target_fpr) if method == "fpr" else None,
+        "rule": "anomalous when score >= threshold",
+        "image": {"global": None, "per_category": {}},
+        "pixel": {"global": None, "per_category": {}},
+    }
+    all_img, all_lab, all_maps, all_masks = [], [], [], []
+    for name, group in groups.items():
+        img = _flat(group["image_scores"], "image_scores")
+        lab = _flat(group["labels"], "labels")
+        known = lab >= 0
+        img, lab = img[known], lab[known].astype(bool)
+        if img.size:
+            out["image"]["per_category"][name] = _level(img, lab, method, target_fpr)
+            all_img.append(img)
+            all_lab.append(lab)
+        maps, masks = group.get("maps"), group.get("masks")
+        if maps is not None and len(maps):
+            if method == "fpr":
+                map_labels = _flat(group["map_labels"], "map_labels").astype(bool)
+                normal = maps[torch.as_tensor(~map_labels)] if isinstance(maps, torch.Tensor) else maps[~map_labels]
+                entry = fpr_threshold(normal, target_fpr) if len(normal) else None
+                if len(normal):
+                    all_maps.append(_flat(normal, "maps"))
+            else:
+                entry = f1_optimal_threshold(maps, masks)
+                all_maps.append(_flat(maps, "maps"))
+                all_masks.append(_flat(masks, "masks").astype(bool))
+            out["pixel"]["per_category"][name] = entry
+    if pooled:
+        if all_img:
+            out["image"]["global"] = _level(np.concatenate(all_img), np.concatenate(all_lab), method, target_fpr)
+        if all_maps:
+            maps = np.concatenate(all_maps)
+            if method == "fpr":
+                out["pixel"]["global"] = fpr_threshold(maps, target_fpr)
+            else:
+                out["pixel"]["global"] = f1_optimal_threshold(maps, np.concatenate(all_masks))
+    return out
+
+
+def save_thresholds(path: str | os.PathLike[str], thresholds: Mapping[str, Any]) -> Path:
+    """Write ``thresholds`` as JSON atomically (group-readable as the umask allows)."""
+    from clipsam.io import atomic_write
+
+    target = Path(path)
+    with atomic_write(target) as tmp:
+        tmp.write_text(json.dumps(thresholds, indent=2))
+    return target
+
+
+def load_thresholds(path: str | os.PathLike[str], *, key: str = "model.evaluation.thresholds") -> dict[str, Any]:
+    """Read a thresholds file (``thresholds.json`` of a test run or a bundle, or its folder).
+
+    Raises:
+        ConfigError: missing or malformed file, naming ``key``.
+    """
+    target = Path(os.path.expanduser(os.fspath(path)))
+    if target.is_dir():
+        target = target / THRESHOLDS_FILE
+    if not target.is_file():
+        raise ConfigError(
+            f"{key}={path}: no such file: pass the thresholds.json written by `clipsam test` "
+            "(beside test_results.json) or an exported bundle folder"
+        )
+    try:
+        data = json.loads(target.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}={target} is not a readable thresholds JSON file ({err})") from err
+    if not isinstance(data, dict) or "image" not in data or "pixel" not in data:
+        raise ConfigError(f"{key}={target} has no 'image'/'pixel' thresholds: pass a file written by `clipsam test`")
+    return data
+
+
+def check_compatible(thresholds: Mapping[str, Any], settings: Mapping[str, Any], *, source: str) -> None:
+    """Refuse thresholds computed on other scores than the ones being thresholded.
+
+    Args:
+        thresholds: a loaded thresholds file; its ``"scores"`` entry records the settings the
+            scores came from (:data:`SCORE_KEYS`).
+        settings: the current values of the same keys.
+        source: the file, for the message.
+
+    Raises:
+        ConfigError: naming every differing key.
+    """
+    recorded = thresholds.get("scores") or {}
+    diff = [
+        f"{k}: thresholds {recorded[k]!r} vs config {settings[k]!r}"
+        for k in SCORE_KEYS
+        if k in recorded and k in settings and recorded[k] != settings[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"thresholds in {source} were computed on other scores ({'; '.join(diff)}): "
+            "rerun `clipsam test` with this config to calibrate, or use the config the thresholds came from"
+        )
+
+
+def lookup(thresholds: Mapping[str, Any] | None, level: str, category: str, default: float) -> tuple[float, str]:
+    """The threshold of ``level`` ("image" or "pixel") for ``category``.
+
+    Returns:
+        ``(threshold, scope)`` where scope says where it came from: the category name, ``"global"``
+        (pooled over the calibration categories) or ``"default"`` (no thresholds file, or no
+        usable entry: ``default`` is used).
+    """
+    if thresholds:
+        entries = thresholds.get(level) or {}
+        entry = (entries.get("per_category") or {}).get(category)
+        if entry:
+            return float(entry["threshold"]), category
+        entry = entries.get("global")
+        if entry:
+            return float(entry["threshold"]), "global"
+    return float(default), "default"
