@@ -201,6 +201,10 @@ def _resolve(grid: Grid, names: Sequence[str], where: str, fields: Mapping[str, 
     return paths
 
 
+_TEST_ONLY_KEYS = ("model.evaluation.", "model.refiner")
+"""Override keys that only affect test (dropped from a cell's fit, and so from its fit hash)."""
+
+
 def plan_cells(grid: Grid) -> list[Cell]:
     """Every cell of the grid with its fit and test configs (checked to exist)."""
     from clipsam.methods import get_method
@@ -213,6 +217,9 @@ def plan_cells(grid: Grid) -> list[Cell]:
         base = {**grid.overrides, **direction.overrides, **method.overrides, "model.method": method.method}
         fit_configs = _resolve(grid, [*shared, *([] if ablation.test_only else ablation.configs)], where, fields)
         fit_overrides = dict(base) if ablation.test_only else {**base, **ablation.overrides}
+        # Evaluation and refiner settings never change what fit trains: cells that differ only
+        # there share one fit (their test still gets them).
+        fit_overrides = {k: v for k, v in fit_overrides.items() if not k.startswith(_TEST_ONLY_KEYS)}
         test_configs = _resolve(grid, [*shared, *ablation.configs], where, fields)
         test_overrides = {**base, **ablation.overrides}
         if method.refiner:

@@ -80,8 +80,8 @@ class EvalConfig:
         use_sam: deprecated alias of ``model.refiner``, kept so existing configs work: with
             ``model.refiner`` unset, True means ``ppg_cps`` and False means ``none``. Setting
             it False together with ``model.refiner: ppg_cps`` is an error.
-        fusion: how the SAM mask and the CLIP map become pixel scores, one of
-            :data:`clipsam.fusion.FUSION_METHODS` (see :func:`clipsam.fusion.fuse_scores`). The
+        fusion: how the refiner's mask and the producer's map become pixel scores: clip, sam,
+            product, mean, max, clip_boost or clip_masked (:func:`clipsam.fusion.fuse_scores`). The
             paper does not spell this out; the default "clip_boost" is (Map_a + M_3) / 2: pixels
             inside SAM's final mask rank first, the CLIP map orders pixels within each side.
             "clip" is the CLIP-stage baseline (SAM ignored).

@@ -124,3 +124,16 @@ def test_shipped_grids_plan_their_cells(grid: str, monkeypatch: pytest.MonkeyPat
         return
     assert {c.direction.name for c in cells} == {"mvtec", "visa"}, "both directions of the paper"
     assert {c.method.refiner for c in cells if c.method.method == "april_gan"} == {"none", "ppg_cps"}
+
+
+def test_cells_differing_only_in_refiner_or_evaluation_share_one_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """demo.yaml's anomalyclip and anomalyclip_mmr (other refiner and fusion) train once per direction."""
+    monkeypatch.chdir(REPO)
+    cells = {c.name: c for c in plan_cells(load_grid(REPO / "configs" / "benchmark" / "demo.yaml"))}
+    for direction in ("mvtec", "visa"):
+        plain, refined = cells[f"anomalyclip/{direction}/default"], cells[f"anomalyclip_mmr/{direction}/default"]
+        assert plain.fit_hash() == refined.fit_hash()
+        assert plain.test_hash() != refined.test_hash()
+        assert refined.test_overrides["model.refiner"] == "mmr"
+        assert refined.test_overrides["model.evaluation.fusion"] == "mean"
+        assert not any(k.startswith("model.evaluation.") for k in refined.fit_overrides)
