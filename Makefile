@@ -35,6 +35,7 @@ bench: install
 	$(PY) scripts/benchmark_metrics.py
 	$(PY) scripts/benchmark_clip.py
 	$(PY) scripts/benchmark_sam.py
+	$(PY) scripts/benchmark_pipeline.py --device cpu --preset tiny
 
 clean:
 	rm -rf $(VENV) runs outputs data/synthetic
