@@ -46,6 +46,7 @@ from clipsam.methods._openclip import (
     resize_images,
 )
 from clipsam.methods.base import MapOutput, MapProducer
+from clipsam.prompts import NORMAL_STATES as _APRIL_GAN_NORMAL_STATES
 from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
 
 __all__ = [
@@ -63,16 +64,8 @@ __all__ = [
     "zero_shot_scores",
 ]
 
-NORMAL_STATES: tuple[str, ...] = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-"""WinCLIP's 7 normal states (``{}`` is the object name)."""
+NORMAL_STATES: tuple[str, ...] = _APRIL_GAN_NORMAL_STATES
+"""WinCLIP's 7 normal states (``{}`` is the object name): the same as APRIL-GAN's."""
 
 ANOMALOUS_STATES: tuple[str, ...] = (
     "damaged {}",
