@@ -177,3 +177,34 @@ def test_every_refiner_config_stacks_on_every_map_producer(refiner: str, method:
     assert cli.model.method == method_name
     assert cli.model.refiner_name == expected["refiner"]
     assert cli.model.eval_config.fusion == expected["evaluation"]["fusion"]
+
+
+METHOD_CONFIGS = sorted(
+    c for c in CONFIGS if c.startswith("configs/methods/") and c.count("/") == 2 and c.endswith(("_mvtec.yaml", "_visa.yaml"))
+)
+
+
+@pytest.mark.parametrize("method_config", METHOD_CONFIGS)
+def test_every_method_config_instantiates_on_its_base_config(method_config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/methods/<method>_<direction>.yaml stacks on configs/<direction>.yaml; method, refiner
+    and the method's own settings (validated against its config dataclass) reach the module."""
+    import yaml
+
+    monkeypatch.chdir(REPO)
+    from clipsam.cli import ClipSamCLI
+    from clipsam.data.datamodule import AnomalyDataModule
+    from clipsam.module import ClipSamModule
+
+    direction = method_config.rsplit("_", 1)[1].removesuffix(".yaml")
+    cli = ClipSamCLI(
+        ClipSamModule,
+        AnomalyDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=["--config", f"configs/{direction}.yaml", "--config", method_config],
+        run=False,
+    )
+    model = yaml.safe_load(Path(REPO / method_config).read_text())["model"]
+    assert cli.model.method == model.get("method", "april_gan")
+    assert cli.model.refiner_name == model.get("refiner", "ppg_cps")
+    assert cli.model.producer is None, "frozen backbones must not be built at instantiation"
