@@ -239,6 +239,19 @@ class FrozenClipMixin:
     """Keeps ``self.clip`` frozen and in eval mode whatever ``.train()`` is called with."""
 
     clip: nn.Module
+    visual: nn.Module
+    input_size: int
+
+    def _patch_grid(self, key: str = "model.method_config") -> int:
+        """Side of the patch grid at ``input_size``; ConfigError naming ``key`` if it does not divide."""
+        patch = self.visual.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+        if self.input_size % patch:
+            raise ConfigError(f"{key}.input_size={self.input_size} is not a multiple of the patch size {patch}.")
+        return self.input_size // patch
+
+    def _device(self) -> torch.device:
+        return self.visual.conv1.weight.device
 
     def _freeze_clip(self, dtype: torch.dtype) -> None:
         self.clip.requires_grad_(False)

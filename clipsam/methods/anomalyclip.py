@@ -308,11 +308,7 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
                 f"{_KEY}: need dpam_start ({config.dpam_start}) <= segmentation_layer "
                 f"({self.segmentation_layer}) <= {depth} blocks of {config.model_name}."
             )
-        patch = self.visual.patch_size
-        patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        if self.input_size % patch:
-            raise ConfigError(f"{_KEY}.input_size={self.input_size} is not a multiple of the patch size {patch}.")
-        self.grid = self.input_size // patch
+        self.grid = self._patch_grid(_KEY)
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
         self.prompts = ObjectAgnosticPrompts(clip_model=clip_model, tokenizer=tokenizer, config=config)

@@ -409,17 +409,10 @@ class Sdp(FrozenClipMixin, MapProducer):
         if bad:
             raise ConfigError(f"{_KEY}.layers={config.layers}: {config.model_name} has {depth} blocks, so {bad} do not exist.")
         self.stage_starts = list(config.stage_starts) if config.stage_starts is not None else default_stage_starts(depth)
-        patch = self.visual.patch_size
-        patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        if self.input_size % patch:
-            raise ConfigError(f"{_KEY}.input_size={self.input_size} is not a multiple of the patch size {patch}.")
-        self.grid = self.input_size // patch
+        self.grid = self._patch_grid(_KEY)
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
         self._text_cache: dict[str, Tensor] = {}
-
-    def _device(self) -> torch.device:
-        return self.visual.conv1.weight.device
 
     def text_features(self, categories: Sequence[str]) -> Tensor:
         """(B, D, 2) float32 unit class vectors (normal, anomalous) from the DBSCAN-cleaned ensemble."""

@@ -280,20 +280,12 @@ class WinClip(FrozenClipMixin, MapProducer):
         self.visual = check_vit(clip_model, "model.method_config", config.model_name)
         self.tokenizer = tokenizer
         self.input_size = int(input_size)
-        patch = self.visual.patch_size
-        patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-        if self.input_size % patch:
-            raise ConfigError(
-                f"model.method_config.input_size={self.input_size} is not a multiple of the patch size {patch}."
-            )
-        self.grid = (self.input_size // patch, self.input_size // patch)
+        side = self._patch_grid()
+        self.grid = (side, side)
         self.masks = [window_masks(self.grid, k) for k in config.scales]  # checks the scales fit
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
         self._text_cache: dict[str, Tensor] = {}
-
-    def _device(self) -> torch.device:
-        return self.visual.conv1.weight.device
 
     def text_embeddings(self, categories: Sequence[str]) -> Tensor:
         """(B, 2, D) float32: (t_n, t_a), the raw-mean text embeddings of each category's ensemble."""
