@@ -17,8 +17,8 @@ anomaly map, float32, the convention of SAM's clicks (SAM's prompt encoder adds 
 reach the pixel centre). Points are given in the anomaly map's frame; the caller maps them to
 SAM's input frame with SAM's ``ResizeLongestSide.apply_coords``.
 
-Torch, and OpenCV for the structuring element only (the dilation runs on the device); no
-Lightning, no segment_anything. :func:`generate_point_prompts_batched` is the batched, device-side
+Torch, and OpenCV for the structuring element and the dilation of host tensors (on an
+accelerator the dilation runs on the device); no Lightning, no segment_anything. :func:`generate_point_prompts_batched` is the batched, device-side
 form used by the SAM stage; :func:`generate_point_prompts` is its one-image form.
 """
 
@@ -52,8 +52,6 @@ KERNEL_SHAPES: dict[str, int] = {
     "cross": cv2.MORPH_CROSS,
 }
 """Kernel shape name -> OpenCV morphology shape (``cv2.getStructuringElement``)."""
-
-_FEATURE_CHUNK = 16384  # pixels sampled at once (bounds memory at 4 x C x 16k floats)
 
 
 @dataclasses.dataclass
@@ -204,139 +202,6 @@ def anomaly_ring(region: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return dilate(region, kernel) & ~region
 
 
-def _interpolation_matrix(size: int, grid: int, device: torch.device) -> torch.Tensor:
-    """(size, grid) float32 bilinear weights of grid cells at the centres of ``size`` pixels.
-
-    Pixel ``x`` sits at grid coordinate ``(x + 0.5) * grid / size - 0.5``, clamped to
-    ``[0, grid - 1]`` (border), computed in float64: equal sizes give the identity.
-    """
-    src = ((torch.arange(size, dtype=torch.float64, device=device) + 0.5) * (grid / size) - 0.5).clamp(0, grid - 1)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=grid - 1)
-    w1 = src - i0
-    matrix = torch.zeros((size, grid), dtype=torch.float64, device=device)
-    rows = torch.arange(size, device=device)
-    matrix.index_put_((rows, i0), 1 - w1, accumulate=True)
-    matrix.index_put_((rows, i1), w1, accumulate=True)
-    return matrix.to(torch.float32)
-
-
-def _sample_features(features: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Features at the centres of frame pixels ``(ys, xs)`` by bilinear interpolation.
-
-    Frame pixel ``x`` (of W) has its centre at feature-grid coordinate ``(x + 0.5) * w / W - 0.5``
-    (clamped to the grid: border padding), the sampling of ``grid_sample(..., align_corners=False,
-    padding_mode="border")`` and ``F.interpolate(..., mode="bilinear", align_corners=False)``. The
-    coordinates are computed in float64, so equal resolutions give exactly ``features[:, y, x]``.
-
-    Args:
-        features: (C, h, w) float, covering the H x W frame exactly.
-        ys, xs: (P,) int64 pixel rows / columns in the H x W frame.
-        size: (H, W) of the frame.
-
-    Returns:
-        (P, C) float32 features.
-    """
-    height, width = size
-    channels, grid_h, grid_w = features.shape
-    table = features.to(torch.float32).permute(1, 2, 0).reshape(grid_h * grid_w, channels)  # (h*w, C)
-    out = []
-    for start in range(0, ys.numel(), _FEATURE_CHUNK):
-        rows = ys[start : start + _FEATURE_CHUNK].to(table.device)
-        cols = xs[start : start + _FEATURE_CHUNK].to(table.device)
-        sy = ((rows.double() + 0.5) * (grid_h / height) - 0.5).clamp(0, grid_h - 1)  # (P,) grid rows
-        sx = ((cols.double() + 0.5) * (grid_w / width) - 0.5).clamp(0, grid_w - 1)
-        y0, x0 = sy.floor().long(), sx.floor().long()
-        y1, x1 = (y0 + 1).clamp(max=grid_h - 1), (x0 + 1).clamp(max=grid_w - 1)
-        wy, wx = (sy - y0).to(torch.float32)[:, None], (sx - x0).to(torch.float32)[:, None]
-        top = table[y0 * grid_w + x0] * (1 - wx) + table[y0 * grid_w + x1] * wx  # (P, C)
-        bottom = table[y1 * grid_w + x0] * (1 - wx) + table[y1 * grid_w + x1] * wx
-        out.append(top * (1 - wy) + bottom * wy)
-    if not out:
-        return table.new_zeros((0, channels))
-    return torch.cat(out)
-
-
-def _mean_feature(features: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Mean over the pixels of ``region`` of their bilinear features (as :func:`_sample_features`).
-
-    Bilinear sampling is linear and separable, so the mean is ``sum_cells F * (A^T S B) / |S|``
-    with A (H, h), B (W, w) the interpolation matrices: no per-pixel features are formed.
-
-    Args:
-        features: (C, h, w) float covering the frame; region: (H, W) bool, not empty.
-
-    Returns:
-        (C,) float32.
-    """
-    _, grid_h, grid_w = features.shape
-    height, width = region.shape
-    rows = _interpolation_matrix(height, grid_h, features.device)  # (H, h)
-    cols = _interpolation_matrix(width, grid_w, features.device)  # (W, w)
-    weights = rows.T @ region.to(features.device, torch.float32) @ cols  # (h, w)
-    return torch.einsum("chw,hw->c", features.to(torch.float32), weights) / region.sum().to(torch.float32)
-
-
-def _pixel_similarity(
-    features: torch.Tensor,
-    target: torch.Tensor,
-    ys: torch.Tensor,
-    xs: torch.Tensor,
-    size: tuple[int, int],
-    extent: tuple[float, float] | None = None,
-) -> torch.Tensor:
-    """Cosine similarity of the bilinear features of frame pixels ``(ys, xs)`` to ``target``.
-
-    The same numbers as ``cosine_similarity(_sample_features(...), target)`` without forming the
-    (P, C) features: with corner cells a, b (top row) and c, d (bottom row) and bilinear weights
-    w, ``f . t = sum_k w_k (F_k . t)`` and ``|f|^2 = sum_k sum_l w_k w_l (F_k . F_l)``, so only
-    per-cell dot products (with ``target``, with itself and with its right, lower, lower-right
-    neighbours and the anti-diagonal pair) are needed: O(C h w) once, then O(1) per pixel.
-
-    Args:
-        features: (C, h, w) float covering the H x W frame; target: (C,) float.
-        ys, xs: (P,) int64 pixel rows / columns; size: (H, W).
-        extent: feature cells (rows, columns) the frame covers (see
-            :func:`generate_point_prompts_batched`); None: the whole grid.
-
-    Returns:
-        (P,) float32 cosine similarities.
-    """
-    height, width = size
-    table = features.to(torch.float32)
-    _, grid_h, grid_w = table.shape
-
-    def pad(dots: torch.Tensor) -> torch.Tensor:  # neighbour dots are missing on the last row/col
-        return F.pad(dots, (0, grid_w - dots.shape[1], 0, grid_h - dots.shape[0]))
-
-    to_target = torch.einsum("chw,c->hw", table, target.to(torch.float32))  # F_k . t
-    self_dot = (table * table).sum(0)  # |F_k|^2
-    right = pad((table[:, :, :-1] * table[:, :, 1:]).sum(0))  # F[y, x] . F[y, x+1]
-    down = pad((table[:, :-1, :] * table[:, 1:, :]).sum(0))  # F[y, x] . F[y+1, x]
-    diag = pad((table[:, :-1, :-1] * table[:, 1:, 1:]).sum(0))  # F[y, x] . F[y+1, x+1]
-    anti = pad((table[:, :-1, 1:] * table[:, 1:, :-1]).sum(0))  # F[y, x+1] . F[y+1, x]
-
-    ext_h, ext_w = (float(grid_h), float(grid_w)) if extent is None else (float(extent[0]), float(extent[1]))
-    last_h = min(grid_h, max(1, math.ceil(ext_h - 1e-9))) - 1  # last valid cell
-    last_w = min(grid_w, max(1, math.ceil(ext_w - 1e-9))) - 1
-    sy = ((ys.to(table.device).double() + 0.5) * (ext_h / height) - 0.5).clamp(0, last_h)
-    sx = ((xs.to(table.device).double() + 0.5) * (ext_w / width) - 0.5).clamp(0, last_w)
-    y0, x0 = sy.floor().long(), sx.floor().long()
-    y1, x1 = (y0 + 1).clamp(max=last_h), (x0 + 1).clamp(max=last_w)
-    wy, wx = (sy - y0).to(torch.float32), (sx - x0).to(torch.float32)
-    # A clamped corner (x1 == x0 or y1 == y0) only happens where its weight is 0.
-    wa, wb, wc, wd = (1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx
-    a, b, c, d = (y0, x0), (y0, x1), (y1, x0), (y1, x1)
-    dot = wa * to_target[a] + wb * to_target[b] + wc * to_target[c] + wd * to_target[d]
-    norm2 = (
-        wa * wa * self_dot[a] + wb * wb * self_dot[b] + wc * wc * self_dot[c] + wd * wd * self_dot[d]
-        + 2 * (wa * wb * right[a] + wc * wd * right[c] + wa * wc * down[a] + wb * wd * down[b])
-        + 2 * (wa * wd * diag[a] + wb * wc * anti[a])
-    )
-    norms = norm2.clamp_min(0).sqrt() * target.to(torch.float32).norm()
-    return dot / norms.clamp_min(1e-8)
-
-
 def _stable_topk(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor:
     """Indices of the k largest (or smallest) values, ties broken by position (earlier first).
 
@@ -355,7 +220,6 @@ def _stable_topk(values: torch.Tensor, k: int, *, largest: bool) -> torch.Tensor
     return candidates[order]
 
 
-_COMPACT_MAX_FRACTION = 0.1  # "auto" on CPU: index lists up to this fraction of pixels in S_a
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -406,9 +270,10 @@ def _ring_similarity(
 ) -> torch.Tensor:
     """Cosine similarity of every frame pixel's bilinear feature to ``target``, batched.
 
-    The quantities of :func:`_pixel_similarity` (per-cell dots with the target, with itself and
-    with the right, lower and diagonal neighbours) are spread to all pixels by the separable
-    interpolation matrices: with ``A`` (H, h) and ``B`` (W, w), ``f . t = A (F . t) B^T`` and
+    A pixel's feature is ``f = sum_k w_k F_k`` over its four corner cells, so ``f . t = sum_k w_k
+    (F_k . t)`` and ``|f|^2 = sum_k sum_l w_k w_l (F_k . F_l)``: only per-cell dot products (with
+    ``target``, with itself, with the right, lower and diagonal neighbours) are needed, spread to
+    all pixels by the separable interpolation matrices: with ``A`` (H, h) and ``B`` (W, w), ``f . t = A (F . t) B^T`` and
     ``|f|^2 = A2 self B2^T + 2 (A2 right BB^T + AA down B2^T + AA (diag + anti) BB^T)``, where
     ``A2 = A * A`` and ``AA[y, k] = A[y, k] A[y, k + 1]`` (likewise for B).
 
@@ -445,6 +310,39 @@ def _ring_similarity(
     return dot / norms.clamp_min(1e-8)
 
 
+def _crop_bounds(regions: torch.Tensor, kernel_size: int) -> list[tuple[int, int, int, int] | None]:
+    """Per image, the window ``(y0, y1, x0, x1)`` of the frame that holds ``dilate(S_a)``, or None.
+
+    A pixel of ``S_a`` in row y reaches rows ``y - (k - 1 - a) .. y + a`` under the dilation
+    (anchor ``a = k // 2``; columns alike), so the bounding box of ``S_a`` grown by those margins
+    and clipped to the frame holds ``S_a``, its ring and every pixel the dilation reads. None
+    when ``S_a`` is empty. One host transfer for the batch.
+    """
+    before, after = kernel_size - 1 - kernel_size // 2, kernel_size // 2
+    columns = []
+    for axis in (2, 1):  # rows (any over the columns), then columns
+        present = regions.any(axis)  # (B, H) or (B, W)
+        length = present.shape[1]
+        index = torch.arange(length, device=regions.device)
+        first = torch.where(present, index, length).amin(1)
+        last = torch.where(present, index, -1).amax(1)
+        columns += [(first - before).clamp_min(0), (last + after + 1).clamp_max(length), first <= last]
+    table = torch.stack(columns, 1).tolist()  # (B, 6): y0, y1, has rows, x0, x1, has columns
+    return [(y0, y1, x0, x1) if ok else None for y0, y1, ok, x0, x1, _ in table]
+
+
+def _cell_window(start: int, stop: int, size: int, extent: float, grid: int) -> tuple[int, int]:
+    """Feature cells ``[c0, c1)`` holding every cell the pixels ``start .. stop - 1`` weigh.
+
+    Pixel ``x`` of ``size`` reads cells ``floor(s)`` and ``floor(s) + 1`` at ``s = (x + 0.5) *
+    extent / size - 0.5`` (:func:`_interpolation_matrices`). One spare cell on each side absorbs
+    rounding: a cell that no pixel of the window weighs adds nothing to any sum.
+    """
+    low = math.floor((start + 0.5) * extent / size - 0.5)
+    high = math.floor((stop - 1 + 0.5) * extent / size - 0.5) + 1
+    return max(0, low - 1), min(grid, high + 2)
+
+
 def _ppg_compact(
     amaps: torch.Tensor,
     regions: torch.Tensor,
@@ -457,45 +355,60 @@ def _ppg_compact(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout).
 
+    Image by image, on the window of the frame that holds ``dilate(S_a)`` (:func:`_crop_bounds`)
+    and on the feature cells that window weighs (:func:`_cell_window`): the quantities of the
+    dense strategy at a cost that follows the size of the anomaly, not of the frame. A window's
+    raster order is the frame's raster order restricted to it, so ties resolve alike.
+
     Args: amaps (B, H, W) float32 ``Map_a``; regions (B, H, W) bool ``S_a``; the rest as the caller.
     """
     device = amaps.device
     batch, height, width = amaps.shape
-    rings = anomaly_ring(regions, kernel) if num_negative > 0 else None
-    feats = sam_features.detach().to(device, torch.float32)
-    grid_h, grid_w = feats.shape[-2:]
-    coords = torch.zeros((batch, num_positive + num_negative, 2), dtype=torch.float32, device=device)
-    labels = torch.full((batch, num_positive + num_negative), -1, dtype=torch.int64, device=device)
-    for b in range(batch):
-        region = regions[b]
-        inside = region.flatten().nonzero().squeeze(1)  # raster order
-        if inside.numel() == 0:
+    slots = num_positive + num_negative
+    coords = [[[0.0, 0.0] for _ in range(slots)] for _ in range(batch)]
+    labels = [[-1] * slots for _ in range(batch)]
+    windows = _crop_bounds(regions, int(kernel.shape[0]))
+    if num_negative > 0 and any(w is not None for w in windows):
+        feats = sam_features.detach().to(device, torch.float32)
+        grid_h, grid_w = feats.shape[-2:]
+        if feature_extent is None:
+            extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64, device=device).expand(batch, 2)
+        else:
+            extent = feature_extent.detach().to(device, torch.float64)
+        extents = extent.tolist()
+        all_rows = _interpolation_matrices(height, grid_h, extent[:, 0])  # (B, H, h)
+        all_cols = _interpolation_matrices(width, grid_w, extent[:, 1])  # (B, W, w)
+    for b, window in enumerate(windows):
+        if window is None:  # S_a empty: padding slots only
             continue
-        pos_idx = inside[_stable_topk(amaps[b].flatten()[inside], num_positive, largest=True)]
-        neg_idx = inside[:0]
-        if rings is not None:
-            ring_idx = rings[b].flatten().nonzero().squeeze(1)
+        y0, y1, x0, x1 = window
+        crop_width = x1 - x0
+        region = regions[b, y0:y1, x0:x1]
+        inside = region.flatten().nonzero().squeeze(1)  # S_a in the window's raster order
+        # Eq. 1-2: P_h = Topk(S_a * Map_a)
+        chosen = [(inside[_stable_topk(amaps[b, y0:y1, x0:x1].flatten()[inside], num_positive, largest=True)], 0, 1)]
+        if num_negative > 0:
+            ring = (dilate(region, kernel) & ~region).flatten()  # Eq. 3: N_a in the window
+            ring_idx = ring.nonzero().squeeze(1)
             if ring_idx.numel() > 0:
-                if feature_extent is None:
-                    extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64)
-                else:
-                    extent = feature_extent[b : b + 1].detach().to("cpu", torch.float64)
-                rows = _interpolation_matrices(height, grid_h, extent[:, 0].to(device))[0]  # (H, h)
-                cols = _interpolation_matrices(width, grid_w, extent[:, 1].to(device))[0]  # (W, w)
-                # sum over S_a of the bilinear weights, from its pixel list: rows[y]^T cols[x]
-                weights = rows[inside // width].T @ cols[inside % width]  # (h, w)
-                mean_a = torch.einsum("chw,hw->c", feats[b], weights) / inside.numel()
-                similarity = _pixel_similarity(
-                    feats[b], mean_a, ring_idx // width, ring_idx % width, (height, width),
-                    extent=(float(extent[0, 0]), float(extent[0, 1])),
-                ).to(device)
-                neg_idx = ring_idx[_stable_topk(similarity, num_negative, largest=False)]
-        for start, idx, label in ((0, pos_idx, 1), (num_positive, neg_idx, 0)):
-            n = idx.numel()
-            coords[b, start : start + n, 0] = (idx % width).to(torch.float32)
-            coords[b, start : start + n, 1] = (idx // width).to(torch.float32)
-            labels[b, start : start + n] = label
-    return coords, labels
+                c0, c1 = _cell_window(y0, y1, height, extents[b][0], grid_h)
+                d0, d1 = _cell_window(x0, x1, width, extents[b][1], grid_w)
+                rows = all_rows[b : b + 1, y0:y1, c0:c1]  # (1, Hc, hc)
+                cols = all_cols[b : b + 1, x0:x1, d0:d1]  # (1, Wc, wc)
+                table = feats[b : b + 1, :, c0:c1, d0:d1]  # (1, C, hc, wc)
+                weights = rows.transpose(1, 2) @ region.to(torch.float32)[None] @ cols  # (1, hc, wc)
+                mean_a = torch.einsum("bchw,bhw->bc", table, weights) / inside.numel()  # Eq. 4-5: mean F(S_a)
+                similarity = _ring_similarity(table, mean_a, rows, cols).flatten()  # Eq. 6: Map_s
+                # Eq. 7: P_l = Lowestk(Map_s) on N_a
+                chosen.append((ring_idx[_stable_topk(similarity[ring_idx], num_negative, largest=False)], num_positive, 0))
+        for idx, first_slot, label in chosen:
+            for slot, i in enumerate(idx.tolist(), start=first_slot):
+                coords[b][slot] = [float(x0 + i % crop_width), float(y0 + i // crop_width)]
+                labels[b][slot] = label
+    return (
+        torch.tensor(coords, dtype=torch.float32).view(batch, slots, 2).to(device),
+        torch.tensor(labels, dtype=torch.int64).view(batch, slots).to(device),
+    )
 
 
 def generate_point_prompts_batched(
@@ -510,7 +423,7 @@ def generate_point_prompts_batched(
     feature_extent: torch.Tensor | None = None,
     strategy: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPG (Eq. 1-7) for a batch, on the tensors' device: no host sync, no loop over pixels.
+    """PPG (Eq. 1-7) for a batch, on the tensors' device, with no loop over pixels (dense: no host sync).
 
     The same points in the same order as :func:`generate_point_prompts` per image, laid out in
     fixed slots so a batch is one tensor: slots ``[0, num_positive)`` hold the positives (highest
@@ -529,12 +442,13 @@ def generate_point_prompts_batched(
             clamped to the valid cells ``[0, ceil(extent_w) - 1]``. None means (h, w): the
             features cover the frame exactly. For SAM's padded embedding of an image resized to
             (h', w') in an S x S input, the extent is ``(h' * h / S, w' * w / S)``.
-        strategy: "dense" computes every quantity for every pixel (batched tensor ops, no
-            sync: the accelerator path); "compact" works image by image on the pixels of
-            ``S_a`` and of the ring only (index lists; the fast path in host memory when
-            ``S_a`` is small); "auto" (default) picks "compact" for CPU tensors whose ``S_a``
-            covers at most 10 % of the pixels, else "dense". Same points; the similarities may
-            differ in the last float bit between the two.
+        strategy: "dense" computes every quantity for every frame pixel of the whole batch
+            (batched tensor ops, no host sync: the accelerator path); "compact" works image by
+            image on the window around ``dilate(S_a)`` and the feature cells it reads (one host
+            sync per batch; the fast path in host memory, 2-4x faster than dense on the CPU
+            whatever the size of ``S_a``); "auto" (default) picks "compact" for CPU tensors and
+            "dense" otherwise. Same points; the similarities may differ in the last float bit
+            between the two.
 
     Returns:
         ``(coords, labels)``: (B, K, 2) float32 (x, y) frame pixel indices and (B, K) int64
@@ -556,10 +470,10 @@ def generate_point_prompts_batched(
     pixels = height * width
     amap = anomaly_maps.detach().to(torch.float32)
     region = amap >= threshold  # (B, H, W) S_a
-    if strategy == "auto" and device.type == "cpu":
-        # Index lists pay per pixel of S_a and of the ring; dense pays per frame pixel.
-        covered = int(region.sum())
-        strategy = "compact" if covered <= _COMPACT_MAX_FRACTION * region.numel() else "dense"
+    if strategy == "auto":
+        # Index lists pay per pixel of the window around S_a, dense pays per frame pixel but needs no
+        # host sync: on the CPU compact is faster whatever the size of S_a (docs/benchmarks.md).
+        strategy = "compact" if device.type == "cpu" else "dense"
     if strategy == "compact":
         return _ppg_compact(
             amap, region, sam_features, feature_extent, kernel, num_positive=num_positive, num_negative=num_negative

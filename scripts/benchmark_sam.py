@@ -10,7 +10,11 @@ their patch size 16 (518 -> 512; ``--no-clip`` skips it). The paper's ViT-L-14-3
 
 Each preset runs twice over the same images with an empty on-disk embedding cache: the cold run
 encodes every image, the warm run is served from the cache (a second test run with other PPG/CPS
-settings). Goals printed at the end:
+settings). Both go one image at a time (``SamRefiner.refine``, the Python API's path). Then the
+batched path that ``clipsam test`` runs (``SamRefiner.refine_embedded``: PPG and each cascade step
+once for the whole batch) is timed on ``--batch-size`` images whose embeddings are computed
+beforehand: "PPG + cascade" there is the wall time of the whole call per image. Goals printed at
+the end:
 
 - PPG + all cascade steps <= 5 % of the vit_b encoder time;
 - the cached rerun of the SAM stage >= 5x faster than the cold run.
@@ -20,7 +24,8 @@ on the same cores slow multi-threaded PyTorch operations a lot (``--threads 1`` 
 one thread).
 
 Usage:
-    python scripts/benchmark_sam.py [--out runs/benchmarks/sam.json] [--image-size 518]
+    python scripts/benchmark_sam.py [--out runs/benchmarks/sam.json] [--image-size 518] [--presets tiny]
+        [--batch-size 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -38,10 +43,12 @@ import torch
 
 from clipsam.cascade import CascadeConfig
 from clipsam.fusion import DEFAULT_FUSION, fuse_scores
+from clipsam.data.transforms import sam_input_size
 from clipsam.models.sam import EmbeddingCache, SamConfig, SamRefiner, build_sam, weights_identity
 from clipsam.prompting import PromptConfig
 
 DEFAULT_IMAGES = {"tiny": 4, "vit_b": 2}
+DEFAULT_BATCH = {"tiny": 16, "vit_b": 2}
 CLIP_MODELS = {"tiny": ("clipsam-tiny", [1, 2, 3, 4]), "vit_b": ("ViT-B-16", [3, 6, 9, 12])}
 
 
@@ -80,7 +87,28 @@ def clip_timer(preset: str, size: int):
     return run
 
 
-def run_preset(preset: str, num_images: int, size: int, with_clip: bool) -> dict:
+def time_batched(refiner: SamRefiner, batch_size: int, size: int, repeats: int) -> dict:
+    """Per-image ms of ``refine_embedded`` (PPG + cascade for a batch), median of ``repeats`` calls."""
+    images, maps = synthetic(batch_size, size, seed=1)
+    embeddings = refiner.embed_images(images)  # not timed
+    input_sizes = [sam_input_size(size, size, refiner.side)] * batch_size
+    original_sizes = [(size, size)] * batch_size
+
+    def call() -> dict[str, float]:
+        start = time.perf_counter()
+        out = refiner.refine_embedded(embeddings, maps, input_sizes=input_sizes, original_sizes=original_sizes)
+        return {**out["timings"], "ppg_plus_cascade": time.perf_counter() - start}
+
+    call()  # warm-up
+    rows = [call() for _ in range(repeats)]
+    return {
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "median_ms_per_image": {k: round(statistics.median(r[k] for r in rows) / batch_size * 1000, 4) for k in rows[0]},
+    }
+
+
+def run_preset(preset: str, num_images: int, size: int, with_clip: bool, batch_size: int, repeats: int) -> dict:
     config = SamConfig(variant=preset)
     start = time.perf_counter()
     sam = build_sam(config, pretrained=False)
@@ -118,6 +146,7 @@ def run_preset(preset: str, num_images: int, size: int, with_clip: bool) -> dict
                     row["clip_forward"] = timer(image)
                 per_image.append(row)
             runs[run] = per_image
+        batched = time_batched(refiner, batch_size, size, repeats) if batch_size > 0 else None
     stages = [k for k, v in runs["cold"][0].items() if isinstance(v, float)]
     median = {run: {k: statistics.median(r[k] for r in rows) for k in stages if k in rows[0]} for run, rows in runs.items()}
     cold, warm = median["cold"], median["cached"]
@@ -133,6 +162,7 @@ def run_preset(preset: str, num_images: int, size: int, with_clip: bool) -> dict
         "ppg_plus_cascade_seconds": round(prompt_and_cascade, 5),
         "ppg_plus_cascade_fraction_of_encoder": round(prompt_and_cascade / cold["sam_encoder"], 5),
         "cached_speedup": round(cold["sam_stage_total"] / warm["sam_stage_total"], 2),
+        "batched": batched,
     }
 
 
@@ -143,13 +173,20 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_IMAGES), choices=list(DEFAULT_IMAGES))
     parser.add_argument("--images", type=int, default=None, help="images per preset (default: tiny 4, vit_b 2)")
     parser.add_argument("--no-clip", action="store_true", help="do not time the CLIP forward")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="images in the batched measure (default: tiny 16, vit_b 2; 0 skips it)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of the batched measure (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     results = [
-        run_preset(p, args.images or DEFAULT_IMAGES[p], args.image_size, with_clip=not args.no_clip)
+        run_preset(
+            p, args.images or DEFAULT_IMAGES[p], args.image_size, with_clip=not args.no_clip,
+            batch_size=DEFAULT_BATCH[p] if args.batch_size is None else args.batch_size, repeats=args.repeats,
+        )
         for p in args.presets
     ]
     goals = {}
@@ -161,6 +198,10 @@ def main() -> None:
             f"[{result['preset']}] PPG + cascade = {result['ppg_plus_cascade_fraction_of_encoder'] * 100:.2f} % of "
             f"the encoder; cached rerun {result['cached_speedup']}x faster"
         )
+        if result["batched"] is not None:
+            batched = result["batched"]["median_ms_per_image"]
+            line = ", ".join(f"{k} {v:.2f} ms" for k, v in batched.items())
+            print(f"[{result['preset']}] batched ({result['batched']['batch_size']} images), per image: {line}")
         if result["preset"] == "vit_b":
             goals = {
                 "ppg_plus_cascade_le_5pct_of_vit_b_encoder": result["ppg_plus_cascade_fraction_of_encoder"] <= 0.05,

@@ -10,11 +10,11 @@ import torch
 from clipsam.errors import ConfigError
 from clipsam.prompting import (
     PromptConfig,
-    _sample_features,
     anomaly_ring,
     generate_point_prompts,
     structuring_element,
 )
+from tests.helpers.ppg_reference import mean_feature, pixel_similarity, reference_point_prompts, sample_features
 
 
 def _ppg(amap, feats, **overrides):
@@ -127,11 +127,11 @@ def test_region_covering_everything_has_no_negatives():
 def test_features_are_sampled_at_pixel_centres():
     feats = torch.arange(4, dtype=torch.float32)[None, None, :].expand(1, 3, 4).clone()  # value = column
     full = torch.randn(5, 6, 7)
-    exact = _sample_features(full, torch.tensor([0, 5, 2]), torch.tensor([6, 0, 3]), (6, 7))
+    exact = sample_features(full, torch.tensor([0, 5, 2]), torch.tensor([6, 0, 3]), (6, 7))
     assert torch.equal(exact, full[:, [0, 5, 2], [6, 0, 3]].T)
     # Frame 8 px wide on a 4-cell grid: pixel x's centre is at cell (x + 0.5) / 2 - 0.5.
     xs = torch.tensor([1, 3, 4, 7])
-    got = _sample_features(feats, torch.zeros(4, dtype=torch.long), xs, (3, 8))[:, 0]
+    got = sample_features(feats, torch.zeros(4, dtype=torch.long), xs, (3, 8))[:, 0]
     assert torch.allclose(got, torch.tensor([0.25, 1.25, 1.75, 3.0]))  # border-clamped at the right edge
 
 
@@ -150,27 +150,23 @@ def test_prompt_config_defaults_and_validation():
 
 @pytest.mark.parametrize(("frame", "grid"), [((13, 17), (13, 17)), ((40, 52), (7, 9)), ((518, 518), (64, 64))])
 def test_ring_similarity_equals_cosine_of_interpolated_features(frame, grid):
-    from clipsam.prompting import _pixel_similarity
-
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(16, *grid, generator=gen)
     target = torch.randn(16, generator=gen)
     ys = torch.randint(0, frame[0], (300,), generator=gen)
     xs = torch.randint(0, frame[1], (300,), generator=gen)
     ys[:2], xs[:2] = torch.tensor([0, frame[0] - 1]), torch.tensor([0, frame[1] - 1])  # clamped borders
-    expected = torch.nn.functional.cosine_similarity(_sample_features(feats, ys, xs, frame), target[None], dim=1)
-    assert torch.allclose(_pixel_similarity(feats, target, ys, xs, frame), expected, atol=1e-5)
+    expected = torch.nn.functional.cosine_similarity(sample_features(feats, ys, xs, frame), target[None], dim=1)
+    assert torch.allclose(pixel_similarity(feats, target, ys, xs, frame), expected, atol=1e-5)
 
 
 def test_mean_feature_equals_mean_of_interpolated_features():
-    from clipsam.prompting import _mean_feature
-
     gen = torch.Generator().manual_seed(2)
     feats = torch.randn(8, 6, 5, generator=gen)
     region = torch.rand(30, 22, generator=gen) > 0.6
     ys, xs = torch.nonzero(region, as_tuple=True)
-    expected = _sample_features(feats, ys, xs, (30, 22)).mean(0)
-    assert torch.allclose(_mean_feature(feats, region), expected, atol=1e-5)
+    expected = sample_features(feats, ys, xs, (30, 22)).mean(0)
+    assert torch.allclose(mean_feature(feats, region), expected, atol=1e-5)
 
 
 def test_stable_topk_matches_a_stable_sort():
@@ -186,7 +182,6 @@ def test_stable_topk_matches_a_stable_sort():
 
 # --------------------------------------------------------------------------- batched PPG
 from clipsam.prompting import dilate, generate_point_prompts_batched  # noqa: E402
-from tests.helpers.ppg_reference import reference_point_prompts  # noqa: E402
 
 
 def _blob_maps(batch, size, seed):
@@ -268,3 +263,31 @@ def test_dense_and_compact_strategies_agree_with_a_padded_embedding_extent():
     changed[1, :, :, 8:] = -1e3
     again = generate_point_prompts_batched(maps, changed, feature_extent=extent, strategy="dense", **kwargs)
     assert torch.equal(again[0], dense[0])
+
+
+@pytest.mark.parametrize("shape, ksize", [("rect", 20), ("ellipse", 25), ("cross", 4)])
+def test_compact_windows_at_the_frame_borders_give_the_reference_points(shape, ksize):
+    """S_a touching each border and a corner: the window around dilate(S_a) is clipped to the frame.
+
+    Even kernel sizes put the anchor off centre (k // 2), so the ring is wider on one side.
+    """
+    height, width = 33, 47
+    maps = torch.zeros(5, height, width)
+    gen = torch.Generator().manual_seed(ksize)
+    noise = 0.3 * torch.rand(5, height, width, generator=gen)
+    maps[0, :4, 10:20] = 0.8  # top border
+    maps[1, -3:, 30:] = 0.8  # bottom-right corner
+    maps[2, 12:18, :2] = 0.8  # left border
+    maps[3, 5:9, -1:] = 0.8  # right border, one column
+    maps[4, 16, 23] = 0.8  # one pixel in the middle
+    maps = maps + noise * (maps > 0)
+    feats = torch.randn(5, 6, 9, 13, generator=gen)
+    kwargs = dict(num_positive=3, num_negative=7, threshold=0.5, kernel_shape=shape, kernel_size=ksize)
+    coords, labels = generate_point_prompts_batched(maps, feats, strategy="compact", **kwargs)
+    dense = generate_point_prompts_batched(maps, feats, strategy="dense", **kwargs)
+    assert torch.equal(coords, dense[0]) and torch.equal(labels, dense[1])
+    for i in range(5):
+        ref_coords, ref_labels = reference_point_prompts(maps[i], feats[i], **kwargs)
+        keep = labels[i] >= 0
+        assert torch.equal(coords[i][keep], ref_coords) and torch.equal(labels[i][keep], ref_labels)
+        assert (labels[i] == 0).sum() == min(7, int(anomaly_ring(maps[i] >= 0.5, structuring_element(shape, ksize)).sum()))
