@@ -27,7 +27,7 @@ import torch
 
 from clipsam.errors import ConfigError
 
-__all__ = ["CascadeConfig", "CascadeResult", "CascadeStep", "DecodeFn", "mask_to_box", "masks_to_boxes", "run_cascade"]
+__all__ = ["CascadeConfig", "CascadeResult", "CascadeStep", "DecodeFn", "logits_to_boxes", "mask_to_box", "masks_to_boxes", "run_cascade"]
 
 DecodeFn = Callable[
     [torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]],
@@ -210,9 +210,27 @@ def masks_to_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(boxes, valid)``: (N, 4) float32 XYXY inclusive pixel indices as :func:`mask_to_box`
         (zeros for an empty mask) and (N,) bool, False for empty masks.
     """
-    rows = masks.any(2)  # (N, H)
-    cols = masks.any(1)  # (N, W)
-    height, width = masks.shape[-2:]
+    return _boxes_of_occupied(masks.any(2), masks.any(1))
+
+
+def logits_to_boxes(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masks_to_boxes(logits > threshold)`` without forming the masks.
+
+    A row (column) holds a pixel above ``threshold`` exactly when its maximum is above it, so two
+    max-reductions replace the comparison and the two any-reductions over every pixel.
+
+    Args:
+        logits: (N, H, W) float, no NaN; threshold: the mask threshold.
+
+    Returns:
+        As :func:`masks_to_boxes`.
+    """
+    return _boxes_of_occupied(logits.amax(2) > threshold, logits.amax(1) > threshold)
+
+
+def _boxes_of_occupied(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """XYXY boxes from which rows (N, H) and columns (N, W) hold a mask pixel."""
+    height, width = rows.shape[1], cols.shape[1]
     y_min = rows.to(torch.uint8).argmax(1)
     y_max = height - 1 - rows.flip(1).to(torch.uint8).argmax(1)
     x_min = cols.to(torch.uint8).argmax(1)

@@ -43,7 +43,7 @@ from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from clipsam.cascade import EMPTY_LOGIT, CascadeConfig, CascadeStep, masks_to_boxes
+from clipsam.cascade import EMPTY_LOGIT, CascadeConfig, CascadeStep, logits_to_boxes
 from clipsam.data.transforms import sam_input_size
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.io import atomic_torch_save
@@ -822,7 +822,7 @@ class SamRefiner(Refiner):
         """CPS for R prompt sets at once (Eq. 8-12), ``cascade.num_steps`` decoder calls.
 
         Step 1: points; step 2: points + step 1's low-res logits; step 3: points + the box of
-        step 2's mask at the ORIGINAL size (:func:`clipsam.cascade.masks_to_boxes`) + step 2's
+        step 2's mask at the ORIGINAL size (:func:`clipsam.cascade.logits_to_boxes`) + step 2's
         logits. A row whose step-2 mask is empty gets no box (points + logits), as
         :func:`clipsam.cascade.run_cascade` does.
 
@@ -862,7 +862,7 @@ class SamRefiner(Refiner):
                 boxes = torch.zeros((rows, 4), dtype=torch.float32, device=device)
                 valid = torch.zeros(rows, dtype=torch.bool, device=device)
                 for group, logits in self._postprocess(low_res, to_original):
-                    group_boxes, group_valid = masks_to_boxes(logits > self.cascade.mask_threshold)
+                    group_boxes, group_valid = logits_to_boxes(logits, self.cascade.mask_threshold)
                     boxes[group], valid[group] = group_boxes, group_valid
             mask_input = low_res
             if boxes is None:

@@ -115,3 +115,20 @@ def test_batched_boxes_equal_mask_to_box():
         if expected is not None:
             assert torch.equal(boxes[i], expected)
     assert boxes[3].tolist() == [16.0, 12.0, 16.0, 12.0]
+
+
+def test_boxes_from_logits_equal_boxes_of_thresholded_masks():
+    from clipsam.cascade import logits_to_boxes, masks_to_boxes
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 21, 9, generator=gen) - 2.0
+    logits[1] = -5.0  # nothing above the threshold
+    logits[2] = 0.0  # exactly at the threshold: not in the mask (logits > 0)
+    logits[3] = -5.0
+    logits[3, 20, 0] = 0.5  # one pixel in the bottom-left corner
+    logits[4] = float("-inf")  # rows without points in the cascade
+    for threshold in (0.0, 1.5):
+        boxes, valid = logits_to_boxes(logits, threshold)
+        expected_boxes, expected_valid = masks_to_boxes(logits > threshold)
+        assert torch.equal(valid, expected_valid) and torch.equal(boxes, expected_boxes)
+    assert logits_to_boxes(logits, 0.0)[0][3].tolist() == [0.0, 20.0, 0.0, 20.0]
