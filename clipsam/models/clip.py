@@ -128,6 +128,10 @@ class ClipConfig:
         seed: Seed of the random frozen weights (when ``pretrained`` is empty) and of the
             adapter initialisation.
         logit_scale: Temperature of the patch-text and image-text similarities (APRIL-GAN: 100).
+        sdpa_attention: Run the frozen visual tower's self-attention through
+            ``F.scaled_dot_product_attention`` (:mod:`clipsam.models.clip_attention`): the same
+            numbers as open_clip's ``nn.MultiheadAttention`` (tested to 1e-5), about 4x faster
+            on the CPU in float32. ``False``: open_clip's own attention.
         compile: ``torch.compile`` each frozen visual transformer block in place
             (``nn.Module.compile``; weights and state-dict keys unchanged). Default off: the
             first batch then compiles for tens of seconds (ViT-L on a GPU), worth it only for
@@ -148,6 +152,7 @@ class ClipConfig:
     quick_gelu: bool | None = None
     seed: int = 0
     logit_scale: float = 100.0
+    sdpa_attention: bool = True
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -396,6 +401,10 @@ class ClipAnomalyModel(nn.Module):
         self.clip = clip_model
         self.clip.requires_grad_(False)
         set_frozen_precision(self.clip, self.frozen_dtype)
+        if config.sdpa_attention:
+            from clipsam.models.clip_attention import install_sdpa_attention
+
+            install_sdpa_attention(self.clip.visual)
         self.clip.eval()
         self.tokenizer = tokenizer
 
