@@ -10,7 +10,8 @@ SAM stage so GPU stage times are real, at some cost in overlap). Also times one 
 with and without SAM's input (the data-loading cost of encoding the original image).
 
 Presets: ``tiny`` (clipsam-tiny CLIP at 512, SAM tiny), ``vit_b`` (ViT-B-16 at 512, SAM vit_b),
-``paper`` (ViT-L-14-336 at 518 with 4 adapters, SAM vit_h, bf16 SAM encoder).
+``paper`` (ViT-L-14-336 at 518 with 4 adapters, SAM vit_h; bf16 frozen weights in both, the
+setting of issue 11's GPU targets). The CPU presets keep ``ClipConfig``'s default (fp32).
 
 Usage:
     python scripts/benchmark_pipeline.py --device cpu --preset tiny [--batch-sizes 1 8 16]
@@ -34,7 +35,8 @@ import torch
 PRESETS = {
     "tiny": {"clip": ("clipsam-tiny", [1, 2, 3, 4]), "frame": 512, "sam": "tiny", "sam_dtype": "float32"},
     "vit_b": {"clip": ("ViT-B-16", [3, 6, 9, 12]), "frame": 512, "sam": "vit_b", "sam_dtype": "float32"},
-    "paper": {"clip": ("ViT-L-14-336", [6, 12, 18, 24]), "frame": 518, "sam": "vit_h", "sam_dtype": "bfloat16"},
+    # issue 11's GPU setting: bf16 frozen weights in both stages
+    "paper": {"clip": ("ViT-L-14-336", [6, 12, 18, 24]), "frame": 518, "sam": "vit_h", "sam_dtype": "bfloat16", "clip_dtype": "bfloat16"},
 }
 
 
@@ -54,7 +56,7 @@ def _module(preset: dict, args: argparse.Namespace):
     extra = {"sdpa_attention": not args.no_sdpa, "compile": args.sam_compile}
     sam_config = SamConfig(variant=preset["sam"], dtype=preset["sam_dtype"], **{k: v for k, v in extra.items() if k in known})
     module = ClipSamModule(
-        clip=ClipConfig(model_name=name, pretrained=None, layers=layers),
+        clip=ClipConfig(model_name=name, pretrained=None, layers=layers, **({"frozen_dtype": preset["clip_dtype"]} if "clip_dtype" in preset else {})),
         sam=sam_config,
         evaluation=EvalConfig(num_overlays=0),
         image_size=preset["frame"],

@@ -26,7 +26,7 @@ numbers as a lower bound.
 Usage:
     python scripts/benchmark_precision.py [--images 3] [--model ViT-L-14-336] [--image-size 518]
         [--layers 6 12 18 24] [--categories 1] [--modes fp32 bf16 bf16_pure autocast_bf16 autocast_fp16]
-        [--out runs/benchmarks/precision.json]
+        [--device cpu] [--out runs/benchmarks/precision.json]
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ DEFECTS = (None, "scratch", "stain", "hole", "missing_part")
 
 
 @contextlib.contextmanager
-def _autocast_everywhere(dtype: torch.dtype) -> Iterator[None]:
+def _autocast_everywhere(dtype: torch.dtype, device_type: str) -> Iterator[None]:
     """Run the whole stage under autocast (the model disables it internally otherwise)."""
     original = clip_module._no_autocast
     clip_module._no_autocast = lambda device: torch.autocast(device_type=device.type, dtype=dtype)
     try:
-        with torch.autocast(device_type="cpu", dtype=dtype):
+        with torch.autocast(device_type=device_type, dtype=dtype):
             yield
     finally:
         clip_module._no_autocast = original
@@ -80,13 +80,17 @@ def _images(count: int, size: int, categories: int) -> tuple[torch.Tensor, list[
 
 def _run(model: ClipAnomalyModel, images: torch.Tensor, cats: list[str], context) -> tuple[np.ndarray, np.ndarray, float]:
     maps, scores, seconds = [], [], []
+    device = next(model.adapters.parameters()).device
     with torch.no_grad():
         for i in range(images.shape[0]):
+            image = images[i : i + 1].to(device)
             with context():
                 start = time.perf_counter()
-                out = model(images[i : i + 1], cats[i : i + 1])
+                out = model(image, cats[i : i + 1])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 seconds.append(time.perf_counter() - start)
-            maps.append(out.anomaly_map.float().numpy()[0])
+            maps.append(out.anomaly_map.float().cpu().numpy()[0])
             scores.append(float(out.image_scores[0]))
     return np.stack(maps), np.array(scores), float(np.median(seconds[1:] or seconds))
 
@@ -102,8 +106,10 @@ def main() -> None:
     )
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16_pure", "autocast_bf16", "autocast_fp16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the references' fp16 autocast needs a GPU)")
     parser.add_argument("--out", default="runs/benchmarks/precision.json")
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     base = dict(
         model_name=args.model,
@@ -116,7 +122,7 @@ def main() -> None:
     )
     images, cats = _images(args.images, args.image_size, min(args.categories, len(CATEGORIES)))
     t0 = time.perf_counter()
-    reference = build_clip_model(ClipConfig(**base, frozen_dtype="float32"), image_size=args.image_size).eval()
+    reference = build_clip_model(ClipConfig(**base, frozen_dtype="float32"), image_size=args.image_size).eval().to(device)
     print(f"built {args.model} at {args.image_size} in {time.perf_counter() - t0:.0f} s", flush=True)
 
     def variant(mode: str) -> tuple[ClipAnomalyModel, object]:
@@ -137,7 +143,7 @@ def main() -> None:
             dtype = {"autocast_bf16": torch.bfloat16, "autocast_fp16": torch.float16}[mode]
             model = copy.deepcopy(reference)
             model.clear_text_cache()
-            return model, lambda: _autocast_everywhere(dtype)
+            return model, lambda: _autocast_everywhere(dtype, device.type)
         raise SystemExit(f"unknown mode {mode!r}")
 
     results: dict[str, dict] = {}
@@ -179,7 +185,7 @@ def main() -> None:
         "images": args.images,
         "weights": "random (open_clip init, seed %d)" % args.seed,
         "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "results": results,
     }

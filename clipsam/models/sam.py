@@ -616,7 +616,7 @@ class SamRefiner(Refiner):
     The whole stage is batched: one encoder call per batch (cache hits skipped), PPG for the
     batch (:func:`clipsam.prompting.generate_point_prompts_batched`), then per cascade step one
     prompt-encoder and one mask-decoder call for all prompt sets (points padded with SAM's
-    label -1; a step-3 batch mixing images with and without a box runs the decoder twice).
+    label -1; a step-3 batch mixing images with and without a box runs the decoder once on each group of rows).
     SAM stays in eval mode even if a parent module is put in training mode.
 
     Args:
@@ -869,12 +869,18 @@ class SamRefiner(Refiner):
                 low_res, iou = self._decode(embeddings, points, labels, None, mask_input)
             else:
                 boxes_in = (boxes.to(torch.float64) * ratio).to(torch.float32)  # apply_boxes
-                all_valid = bool(valid.all())  # one sync: which decoder calls to make
-                low_res, iou = self._decode(embeddings, points, labels, boxes_in, mask_input)
-                if not all_valid:
-                    without, iou_without = self._decode(embeddings, points, labels, None, mask_input)
-                    low_res = torch.where(valid[:, None, None, None], low_res, without)
-                    iou = torch.where(valid, iou, iou_without)
+                boxed = valid.nonzero().squeeze(1)
+                count = int(boxed.numel())  # one sync: which decoder calls to make
+                if count in (0, rows):  # every row with a box, or none
+                    low_res, iou = self._decode(embeddings, points, labels, boxes_in if count else None, mask_input)
+                else:  # the rows with a box, then the rows without one
+                    unboxed = (~valid).nonzero().squeeze(1)
+                    with_box = self._decode(embeddings[boxed], points[boxed], labels[boxed], boxes_in[boxed], mask_input[boxed])
+                    without = self._decode(embeddings[unboxed], points[unboxed], labels[unboxed], None, mask_input[unboxed])
+                    low_res = with_box[0].new_empty((rows, *with_box[0].shape[1:]))
+                    iou = with_box[1].new_empty(rows)
+                    for index, (part_logits, part_iou) in ((boxed, with_box), (unboxed, without)):
+                        low_res[index], iou[index] = part_logits, part_iou
             out.low_res_logits.append(low_res)
             out.ious.append(iou)
             out.boxes.append(boxes)

@@ -168,3 +168,53 @@ def test_ppg_features_cover_only_the_valid_part_of_the_embedding(sam):
     second = refiner.refine_embedded(changed, amap, **kwargs)
     assert torch.equal(first["coords"], second["coords"]) and torch.equal(first["labels"], second["labels"])
     assert (first["labels"] == 0).sum() == 3
+
+
+def test_step3_decodes_rows_with_and_without_a_box_apart(sam, monkeypatch):
+    """A batch whose step-2 masks give a box for some rows only: each row gets its own step 3.
+
+    Row 1 is made box-less (as if its step-2 mask were empty); its step 3 must be the decoder on
+    points + step-2 logits, the other rows' the decoder with their boxes, as one row at a time.
+    """
+    import clipsam.models.sam as sam_module
+    from clipsam.models.sam import original_to_input
+
+    refiner = _refiner(sam)
+    sizes = [(90, 150), (120, 80), (100, 100)]
+    built = [build_sam_input(_original(*s, seed=i), refiner.side) for i, s in enumerate(sizes)]
+    embeddings = refiner.encode(torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built]))
+    input_sizes = [refiner_input(b[1]) for b in built]
+    coords = torch.tensor([[[28.0, 19.0], [30.0, 21.0], [5.0, 40.0]]] * 3)
+    labels = torch.tensor([[1, 1, 0]] * 3)
+    real = sam_module.logits_to_boxes
+    groups = []  # one call per (input size, original size) group: here one row each, in order
+
+    def row_1_without_box(logits, threshold):
+        boxes, valid = real(logits, threshold)
+        groups.append(valid.shape[0])
+        if len(groups) == 2:
+            valid = torch.zeros_like(valid)
+        return boxes * valid[:, None], valid
+
+    monkeypatch.setattr(sam_module, "logits_to_boxes", row_1_without_box)
+    calls = []
+    decode = refiner._decode
+
+    def recording(emb, points, point_labels, boxes, mask_input):
+        calls.append((emb.shape[0], boxes is not None))
+        return decode(emb, points, point_labels, boxes, mask_input)
+
+    monkeypatch.setattr(refiner, "_decode", recording)
+    out = refiner.run_cascade_batched(embeddings, coords, labels, frame_size=FRAME, input_sizes=input_sizes, original_sizes=sizes)
+    assert groups == [1, 1, 1] and calls == [(3, False), (3, False), (2, True), (1, False)]
+    assert out.box_valid[2].tolist() == [True, False, True]
+
+    # The reference: the whole batch through the decoder with and without the boxes, row by row.
+    original_t, input_t = torch.tensor(sizes), torch.tensor(input_sizes)
+    points = original_to_input(frame_to_original(coords, FRAME, original_t), original_t, input_t)
+    ratio = (input_t.double() / original_t.double()).flip(1).repeat(1, 2)
+    boxes_in = (out.boxes[2].double() * ratio).float()
+    with_box, _ = decode(embeddings, points, labels, boxes_in, out.low_res_logits[1])
+    without_box, _ = decode(embeddings, points, labels, None, out.low_res_logits[1])
+    for row, expected in ((0, with_box), (1, without_box), (2, with_box)):
+        torch.testing.assert_close(out.low_res_logits[2][row], expected[row], rtol=0, atol=1e-5)
