@@ -253,6 +253,27 @@ class FrozenClipMixin:
     def _device(self) -> torch.device:
         return self.visual.conv1.weight.device
 
+    def _per_category_text(
+        self, categories: Sequence[str], object_name_mode: str, encode_object: Callable[[str, torch.device], Tensor]
+    ) -> Tensor:
+        """Stack ``encode_object(object_name, device)`` over the categories, once per object name.
+
+        Results are kept in ``self._text_cache`` (object name -> tensor) and recomputed when the
+        model moved to another device.
+        """
+        from clipsam.prompts import object_name_for
+
+        device = self._device()
+        cache: dict[str, Tensor] = self.__dict__.setdefault("_text_cache", {})
+        out = []
+        for category in categories:
+            object_name = object_name_for(category, object_name_mode)
+            cached = cache.get(object_name)
+            if cached is None or cached.device != device:
+                cached = cache[object_name] = encode_object(object_name, device)
+            out.append(cached)
+        return torch.stack(out)
+
     def _freeze_clip(self, dtype: torch.dtype) -> None:
         self.clip.requires_grad_(False)
         self.clip.to(dtype)

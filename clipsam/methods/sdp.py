@@ -69,7 +69,7 @@ from clipsam.methods._openclip import (
 )
 from clipsam.methods.base import MapOutput, MapProducer
 from clipsam.models.clip import gaussian_blur
-from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
+from clipsam.prompts import OBJECT_NAME_MODES
 
 __all__ = [
     "ANOMALOUS_STATES",
@@ -412,27 +412,19 @@ class Sdp(FrozenClipMixin, MapProducer):
         self.grid = self._patch_grid(_KEY)
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
-        self._text_cache: dict[str, Tensor] = {}
 
     def text_features(self, categories: Sequence[str]) -> Tensor:
         """(B, D, 2) float32 unit class vectors (normal, anomalous) from the DBSCAN-cleaned ensemble."""
-        device = self._device()
-        out = []
-        for category in categories:
-            object_name = object_name_for(category, self.config.object_name)
-            cached = self._text_cache.get(object_name)
-            if cached is None or cached.device != device:
-                prompts = build_prompts(object_name)
-                vectors = []
-                for key in ("normal", "anomalous"):
-                    emb = F.normalize(encode_sentences(self.clip, self.tokenizer, prompts[key], device), dim=-1)
-                    vectors.append(
-                        dbscan_class_vector(emb, eps=self.config.dbscan_eps, min_samples=self.config.dbscan_min_samples)
-                    )
-                cached = torch.stack(vectors, dim=1)
-                self._text_cache[object_name] = cached
-            out.append(cached)
-        return torch.stack(out)
+
+        def encode(object_name: str, device: torch.device) -> Tensor:
+            prompts = build_prompts(object_name)
+            vectors = []
+            for key in ("normal", "anomalous"):
+                emb = F.normalize(encode_sentences(self.clip, self.tokenizer, prompts[key], device), dim=-1)
+                vectors.append(dbscan_class_vector(emb, eps=self.config.dbscan_eps, min_samples=self.config.dbscan_min_samples))
+            return torch.stack(vectors, dim=1)
+
+        return self._per_category_text(categories, self.config.object_name, encode)
 
     def _features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):

@@ -47,7 +47,7 @@ from clipsam.methods._openclip import (
 )
 from clipsam.methods.base import MapOutput, MapProducer
 from clipsam.prompts import NORMAL_STATES as _APRIL_GAN_NORMAL_STATES
-from clipsam.prompts import OBJECT_NAME_MODES, object_name_for
+from clipsam.prompts import OBJECT_NAME_MODES
 
 __all__ = [
     "ANOMALOUS_STATES",
@@ -285,23 +285,17 @@ class WinClip(FrozenClipMixin, MapProducer):
         self.masks = [window_masks(self.grid, k) for k in config.scales]  # checks the scales fit
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
-        self._text_cache: dict[str, Tensor] = {}
 
     def text_embeddings(self, categories: Sequence[str]) -> Tensor:
         """(B, 2, D) float32: (t_n, t_a), the raw-mean text embeddings of each category's ensemble."""
-        device = self._device()
-        out = []
-        for category in categories:
-            object_name = object_name_for(category, self.config.object_name)
-            cached = self._text_cache.get(object_name)
-            if cached is None or cached.device != device:
-                prompts = build_prompts(object_name)
-                normal = encode_sentences(self.clip, self.tokenizer, prompts["normal"], device).mean(0)
-                anomalous = encode_sentences(self.clip, self.tokenizer, prompts["anomalous"], device).mean(0)
-                cached = torch.stack([normal, anomalous])
-                self._text_cache[object_name] = cached
-            out.append(cached)
-        return torch.stack(out)
+
+        def encode(object_name: str, device: torch.device) -> Tensor:
+            prompts = build_prompts(object_name)
+            normal = encode_sentences(self.clip, self.tokenizer, prompts["normal"], device).mean(0)
+            anomalous = encode_sentences(self.clip, self.tokenizer, prompts["anomalous"], device).mean(0)
+            return torch.stack([normal, anomalous])
+
+        return self._per_category_text(categories, self.config.object_name, encode)
 
     def _encode_tokens(self, tokens: Tensor) -> Tensor:
         """Token sequences (S, 1 + n, C) (class token first) -> pooled projected embeddings (S, D)."""
