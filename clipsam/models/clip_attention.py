@@ -19,11 +19,11 @@ Shapes: B batch, N tokens, E embedding width, n heads, d = E / n head width.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from clipsam.models.forward_swap import install_forward, uninstall_forward
 
 __all__ = ["install_sdpa_attention", "mha_sdpa_forward", "uninstall_sdpa_attention"]
 
@@ -100,19 +100,9 @@ def install_sdpa_attention(model: nn.Module) -> int:
     Returns:
         The number of attention modules changed.
     """
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            module.forward = types.MethodType(mha_sdpa_forward, module)
-            count += 1
-    return count
+    return install_forward(model, nn.MultiheadAttention, mha_sdpa_forward)
 
 
 def uninstall_sdpa_attention(model: nn.Module) -> int:
     """Undo :func:`install_sdpa_attention` (the class's own ``forward`` again)."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention) and "forward" in vars(module):
-            del module.forward
-            count += 1
-    return count
+    return uninstall_forward(model, nn.MultiheadAttention)

@@ -18,12 +18,12 @@ grid (64 x 64, global blocks), n heads, d head width.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import nn
+
+from clipsam.models.forward_swap import install_forward, uninstall_forward
 
 __all__ = ["install_sdpa_attention", "sdpa_attention_forward", "uninstall_sdpa_attention"]
 
@@ -64,19 +64,9 @@ def install_sdpa_attention(model: nn.Module) -> int:
     Returns:
         The number of attention modules changed.
     """
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.forward = types.MethodType(sdpa_attention_forward, module)
-            count += 1
-    return count
+    return install_forward(model, Attention, sdpa_attention_forward)
 
 
 def uninstall_sdpa_attention(model: nn.Module) -> int:
     """Undo :func:`install_sdpa_attention` (the class's own ``forward`` again)."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Attention) and "forward" in vars(module):
-            del module.forward
-            count += 1
-    return count
+    return uninstall_forward(model, Attention)
