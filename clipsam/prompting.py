@@ -265,6 +265,49 @@ def _interpolation_matrices(size: int, grid: int, extent: torch.Tensor) -> torch
     return matrix.to(torch.float32)
 
 
+def _frame_interpolation(
+    feature_extent: torch.Tensor | None, batch: int, frame: tuple[int, int], grid: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image, the feature extent and the bilinear weights of frame rows and columns.
+
+    Args:
+        feature_extent: (B, 2) cells covered (see :func:`generate_point_prompts_batched`), or
+            None for the whole ``grid``.
+        batch: B; frame: (H, W); grid: (h, w) feature cells; device: where to build them.
+
+    Returns:
+        ``(extent, rows, cols)``: (B, 2) float64, (B, H, h) and (B, W, w) float32
+        (:func:`_interpolation_matrices`).
+    """
+    if feature_extent is None:
+        extent = torch.tensor([grid], dtype=torch.float64, device=device).expand(batch, 2)
+    else:
+        extent = feature_extent.detach().to(device, torch.float64)
+    rows = _interpolation_matrices(frame[0], grid[0], extent[:, 0])
+    cols = _interpolation_matrices(frame[1], grid[1], extent[:, 1])
+    return extent, rows, cols
+
+
+def _region_mean_feature(
+    features: torch.Tensor, region: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, count: torch.Tensor | int
+) -> torch.Tensor:
+    """``mean F(S_a)`` (Eq. 4-5): the mean bilinear feature over the pixels of ``region``.
+
+    Bilinear sampling is linear and separable, so the sum over ``S_a`` of the pixels' features is
+    ``sum_cells F * (A^T S B)``: no per-pixel features are formed.
+
+    Args:
+        features: (B, C, h, w) float32; region: (B, H, W) bool; rows: (B, H, h); cols: (B, W, w);
+        count: pixels of ``region`` per image, (B,) float32 or an int (B = 1).
+
+    Returns:
+        (B, C) float32.
+    """
+    weights = rows.transpose(1, 2) @ region.to(torch.float32) @ cols  # (B, h, w)
+    total = torch.einsum("bchw,bhw->bc", features, weights)
+    return total / (count[:, None] if isinstance(count, torch.Tensor) else count)
+
+
 def _ring_similarity(
     features: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 ) -> torch.Tensor:
@@ -371,13 +414,8 @@ def _ppg_compact(
     if num_negative > 0 and any(w is not None for w in windows):
         feats = sam_features.detach().to(device, torch.float32)
         grid_h, grid_w = feats.shape[-2:]
-        if feature_extent is None:
-            extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64, device=device).expand(batch, 2)
-        else:
-            extent = feature_extent.detach().to(device, torch.float64)
+        extent, all_rows, all_cols = _frame_interpolation(feature_extent, batch, (height, width), (grid_h, grid_w), device)
         extents = extent.tolist()
-        all_rows = _interpolation_matrices(height, grid_h, extent[:, 0])  # (B, H, h)
-        all_cols = _interpolation_matrices(width, grid_w, extent[:, 1])  # (B, W, w)
     for b, window in enumerate(windows):
         if window is None:  # S_a empty: padding slots only
             continue
@@ -396,8 +434,7 @@ def _ppg_compact(
                 rows = all_rows[b : b + 1, y0:y1, c0:c1]  # (1, Hc, hc)
                 cols = all_cols[b : b + 1, x0:x1, d0:d1]  # (1, Wc, wc)
                 table = feats[b : b + 1, :, c0:c1, d0:d1]  # (1, C, hc, wc)
-                weights = rows.transpose(1, 2) @ region.to(torch.float32)[None] @ cols  # (1, hc, wc)
-                mean_a = torch.einsum("bchw,bhw->bc", table, weights) / inside.numel()  # Eq. 4-5: mean F(S_a)
+                mean_a = _region_mean_feature(table, region[None], rows, cols, inside.numel())  # mean F(S_a)
                 similarity = _ring_similarity(table, mean_a, rows, cols).flatten()  # Eq. 6: Map_s
                 # Eq. 7: P_l = Lowestk(Map_s) on N_a
                 chosen.append((ring_idx[_stable_topk(similarity[ring_idx], num_negative, largest=False)], num_positive, 0))
@@ -493,15 +530,9 @@ def generate_point_prompts_batched(
         ring = anomaly_ring(region, kernel)  # (B, H, W)
         feats = sam_features.detach().to(device, torch.float32)
         _, _, grid_h, grid_w = feats.shape
-        if feature_extent is None:
-            extent = torch.tensor([[grid_h, grid_w]], dtype=torch.float64, device=device).expand(batch, 2)
-        else:
-            extent = feature_extent.to(device, torch.float64)
-        rows = _interpolation_matrices(height, grid_h, extent[:, 0])  # (B, H, h)
-        cols = _interpolation_matrices(width, grid_w, extent[:, 1])  # (B, W, w)
-        weights = rows.transpose(1, 2) @ region.to(torch.float32) @ cols  # (B, h, w)
+        _, rows, cols = _frame_interpolation(feature_extent, batch, (height, width), (grid_h, grid_w), device)
         count = region.reshape(batch, pixels).sum(1).clamp_min(1).to(torch.float32)
-        mean_a = torch.einsum("bchw,bhw->bc", feats, weights) / count[:, None]  # mean F over S_a
+        mean_a = _region_mean_feature(feats, region, rows, cols, count)  # mean F over S_a
         similarity = _ring_similarity(feats, mean_a, rows, cols)  # (B, H, W) Map_s
         neg_key = _sort_keys(similarity.reshape(batch, pixels), index)
         neg_key.masked_fill_(~ring.reshape(batch, pixels), _INT64_MAX)
