@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from clipsam.errors import ConfigError
+from clipsam.metric_names import COLUMN_TITLES
 
 __all__ = [
     "PAPER_RESULTS",
@@ -48,15 +49,6 @@ RESULTS_FILE = "test_results.json"
 
 PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap")
 OPTIONAL_METRICS = ("pixel_aupro", "image_auroc", "image_f1_max", "image_ap")
-TITLES = {
-    "pixel_auroc": "P-AUROC",
-    "pixel_f1_max": "P-F1max",
-    "pixel_ap": "P-AP",
-    "pixel_aupro": "P-AUPRO",
-    "image_auroc": "I-AUROC",
-    "image_f1_max": "I-F1max",
-    "image_ap": "I-AP",
-}
 
 PAPER_SOURCE = (
     "arXiv 2510.11028, zero-shot pixel-level results table (as restated in METHOD.md, 'Reported results'); "
@@ -374,7 +366,7 @@ def comparison_csv_rows(comparison: Comparison) -> tuple[list[str], list[list[An
 
 def summary_table(comparison: Comparison, dataset: str) -> tuple[list[str], list[list[str]]]:
     """Main table of one test dataset: a line per row, each metric's category mean as ``ours (paper)``."""
-    header = ["method", *(TITLES[m] for m in comparison.metrics)]
+    header = ["method", *(COLUMN_TITLES[m] for m in comparison.metrics)]
     lines = []
     for row in comparison.rows:
         run = row.runs.get(dataset)

@@ -33,19 +33,9 @@ from PIL import Image
 
 from clipsam.callbacks import heat_map, output_name
 from clipsam.io import atomic_write, next_version_dir
+from clipsam.metric_names import COLUMN_TITLES, METRIC_COLUMNS
 
 __all__ = ["format_table", "overlay_caption", "report_test_results", "write_metrics_files", "render_panel"]
-
-# Column order of the report; keys missing from the results are skipped.
-METRIC_COLUMNS = (
-    "pixel_auroc",
-    "pixel_f1_max",
-    "pixel_ap",
-    "pixel_aupro",
-    "image_auroc",
-    "image_f1_max",
-    "image_ap",
-)
 
 
 def _fmt(value: Any) -> str:
@@ -61,18 +51,6 @@ def _columns(results: dict[str, Any]) -> list[str]:
     for values in results.get("per_category", {}).values():
         present.update(values)
     return [c for c in METRIC_COLUMNS if c in present]
-
-
-# Short column titles keep the table readable in an 80-column terminal.
-COLUMN_TITLES = {
-    "pixel_auroc": "P-AUROC",
-    "pixel_f1_max": "P-F1max",
-    "pixel_ap": "P-AP",
-    "pixel_aupro": "P-AUPRO",
-    "image_auroc": "I-AUROC",
-    "image_f1_max": "I-F1max",
-    "image_ap": "I-AP",
-}
 
 
 def _metric_rows(
