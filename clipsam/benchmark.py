@@ -346,12 +346,27 @@ def _find_results(attempt: Path, since: float) -> Path | None:
     return None
 
 
-def _fail(cell: Cell, stage: str, log: Path, code: int) -> ConfigError:
-    tail = log.read_text().strip().splitlines()[-8:] if log.is_file() else []
-    return ConfigError(
-        f"benchmark cell {cell.name}: `clipsam {stage}` exited {code}; its log is {log}. Last lines:\n  "
-        + "\n  ".join(tail)
-    )
+def _run_step(
+    cell: Cell, stage: str, args: list[str], log: Path, attempt: Path, runner: Runner, what: str,
+    find: Callable[[Path, float], Path | None],
+) -> tuple[Path, float]:
+    """Run ``clipsam <stage>`` for the cell and find what it wrote (``find``), with its seconds.
+
+    Raises:
+        ConfigError: the command failed (with the last lines of its log) or wrote no ``what``.
+    """
+    start, since = time.perf_counter(), time.time() - 1.0
+    code = runner(args, log)
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-8:] if log.is_file() else []
+        raise ConfigError(
+            f"benchmark cell {cell.name}: `clipsam {stage}` exited {code}; its log is {log}. Last lines:\n  "
+            + "\n  ".join(tail)
+        )
+    found = find(attempt, since)
+    if found is None:
+        raise ConfigError(f"benchmark cell {cell.name}: `clipsam {stage}` wrote no {what} under {attempt}; see {log}")
+    return found, time.perf_counter() - start
 
 
 def _ensure_fit(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], None]) -> Path:
@@ -367,14 +382,8 @@ def _ensure_fit(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], Non
     args = _command("fit", cell.fit_configs, cell.fit_overrides, attempt, wandb=grid.wandb, run_name=f"{cell.name}/fit")
     log = directory / f"{attempt.name}_fit.log"
     say(f"  fit   {cell.method.method}/{cell.direction.name}: clipsam {' '.join(args)}")
-    start, since = time.perf_counter(), time.time() - 1.0
-    code = runner(args, log)
-    if code != 0:
-        raise _fail(cell, "fit", log, code)
-    found = _find_checkpoint(attempt, since)
-    if found is None:
-        raise ConfigError(f"benchmark cell {cell.name}: `clipsam fit` wrote no checkpoint under {attempt}; see {log}")
-    _write_json(directory / "fit.json", {"hash": digest, "checkpoint": str(found), "seconds": time.perf_counter() - start})
+    found, seconds = _run_step(cell, "fit", args, log, attempt, runner, "checkpoint", _find_checkpoint)
+    _write_json(directory / "fit.json", {"hash": digest, "checkpoint": str(found), "seconds": seconds})
     return found
 
 
@@ -403,17 +412,11 @@ def _run_cell(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], None]
         args += ["--ckpt_path", str(ckpt)]
     log = directory / f"{attempt.name}_test.log"
     say(f"  test  clipsam {' '.join(args)}")
-    start, since = time.perf_counter(), time.time() - 1.0
-    code = runner(args, log)
-    if code != 0:
-        raise _fail(cell, "test", log, code)
-    results = _find_results(attempt, since)
-    if results is None:
-        raise ConfigError(f"benchmark cell {cell.name}: `clipsam test` wrote no test_results.json under {attempt}; see {log}")
+    results, seconds = _run_step(cell, "test", args, log, attempt, runner, "test_results.json", _find_results)
     _write_json(
         directory / "cell.json",
         {"hash": cell.test_hash(), "results": str(results), "checkpoint": None if ckpt is None else str(ckpt),
-         "seconds": time.perf_counter() - start},
+         "seconds": seconds},
     )  # fmt: skip
     return results
 
