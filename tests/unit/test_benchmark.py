@@ -137,3 +137,25 @@ def test_cells_differing_only_in_refiner_or_evaluation_share_one_fit(monkeypatch
         assert refined.test_overrides["model.refiner"] == "mmr"
         assert refined.test_overrides["model.evaluation.fusion"] == "mean"
         assert not any(k.startswith("model.evaluation.") for k in refined.fit_overrides)
+
+
+def test_a_failing_or_silent_command_stops_the_cell_with_its_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.METHODS, "bright", registry.MethodSpec("tests.unit.test_methods"))
+    monkeypatch.setenv("CLIPSAM_SYNTH_ROOT", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    content = {
+        "root": str(tmp_path / "bench"),
+        "configs": [str(REPO / "configs" / "demo.yaml")],
+        "methods": {"bright": {"method": "bright", "refiner": "none"}},
+        "directions": {"visa": {}},
+    }
+
+    def failing(args: list[str], log: Path) -> int:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("loading\nTraceback ...\nRuntimeError: boom\n")
+        return 3
+
+    with pytest.raises(ConfigError, match=r"(?s)`clipsam test` exited 3; its log is .*_test\.log\. Last lines:.*RuntimeError: boom"):
+        run_benchmark(load_grid(_grid(tmp_path, content)), runner=failing)
+    with pytest.raises(ConfigError, match=r"`clipsam test` wrote no test_results\.json under .*attempt_\d+; see .*_test\.log"):
+        run_benchmark(load_grid(_grid(tmp_path, content)), runner=lambda args, log: 0)
