@@ -181,6 +181,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from clipsam.data.synthetic import generate_synthetic
+    from clipsam.models.clip import ClipConfig
 
     needed = max(args.batch_sizes) * (args.batches + 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,6 +199,8 @@ def main() -> None:
         "device_name": device_name,
         "original_size": args.original_size,
         "frame": PRESETS[args.preset]["frame"],
+        "clip_frozen_dtype": PRESETS[args.preset].get("clip_dtype", ClipConfig.frozen_dtype),
+        "sam_dtype": PRESETS[args.preset]["sam_dtype"],
         "sdpa_attention": not args.no_sdpa,
         "sam_compile": args.sam_compile,
         "stage_sync": args.stage_sync,
