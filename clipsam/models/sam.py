@@ -845,12 +845,11 @@ class SamRefiner(Refiner):
         original_coords = frame_to_original(point_coords.to(device), frame_size, original_t)
         points = original_to_input(original_coords, original_t, input_t)
         ratio = (input_t.to(torch.float64) / original_t.to(torch.float64)).flip(1).repeat(1, 2).to(device)
-        out = BatchCascade(  # frame_logits: filled in below, or -inf everywhere when no decoder runs
-            frame_logits=torch.empty((rows, *frame_size), dtype=torch.float32, device=device),
-            low_res_logits=[], boxes=[], box_valid=[], has_points=has_points, seconds=[],
+        out = BatchCascade(  # frame_logits: set at the end
+            frame_logits=torch.empty(0), low_res_logits=[], boxes=[], box_valid=[], has_points=has_points, seconds=[],
         )
         if rows == 0 or (skip_empty and not bool(has_points.any())):
-            out.frame_logits.fill_(EMPTY_LOGIT)
+            out.frame_logits = torch.full((rows, *frame_size), EMPTY_LOGIT, dtype=torch.float32, device=device)
             return out
         to_original = self._groups([(tuple(i), tuple(o)) for i, o in zip(input_sizes, original_sizes)])
         to_frame = self._groups([(tuple(i), tuple(frame_size)) for i in input_sizes])
@@ -888,11 +887,12 @@ class SamRefiner(Refiner):
             out.seconds.append(self._now() - start)
         groups = self._postprocess(low_res, to_frame)
         if len(groups) == 1:  # one SAM input size: the rows are already in order
-            out.frame_logits = groups[0][1]
+            frame_logits = groups[0][1]
         else:
+            frame_logits = torch.empty((rows, *frame_size), dtype=torch.float32, device=device)
             for group, logits in groups:
-                out.frame_logits[group] = logits
-        out.frame_logits.masked_fill_(~has_points[:, None, None], EMPTY_LOGIT)
+                frame_logits[group] = logits
+        out.frame_logits = frame_logits.masked_fill_(~has_points[:, None, None], EMPTY_LOGIT)
         return out
 
     # ------------------------------------------------------------------ PPG + CPS
