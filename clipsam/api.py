@@ -16,9 +16,13 @@ or an exported bundle) with its frozen CLIP and SAM, and segments images in memo
 
     seg = Segmenter.from_bundle("exports/capsule")   # written by `clipsam export --format bundle`
 
-It runs the LightningModule's own inference path (:meth:`clipsam.module.ClipSamModule._segment`
-then :meth:`~clipsam.module.ClipSamModule.decide`) and the resize of
-:func:`clipsam.postprocess.to_original_size`, so its masks and scores are those of
+    # a training-free method needs no checkpoint: configs stack as --config stacks them
+    seg = Segmenter.from_config(["configs/demo.yaml", "configs/methods/demo/winclip.yaml"])
+
+It runs the same :class:`clipsam.pipeline.Pipeline` as ``clipsam test`` and ``clipsam predict``
+(its inputs built from the original image by :meth:`~clipsam.pipeline.Pipeline.make_batch`, then
+:meth:`~clipsam.pipeline.Pipeline.forward` and :meth:`~clipsam.pipeline.Pipeline.decide`) and the
+resize of :func:`clipsam.postprocess.to_original_size`, so its masks and scores are those of
 ``clipsam predict`` with the same config, checkpoint and thresholds. It writes no files (the SAM
 embedding cache is off) and needs no Trainer.
 
@@ -27,21 +31,19 @@ Dimension symbols: H x W the frame (``data.image_size``), H0 x W0 the image.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import os
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import torch
 
-from clipsam.errors import ConfigError, WeightsError
+from clipsam.errors import ConfigError
+from clipsam.loading import apply_overrides, build_module, load_checkpoint, load_config, quiet, read_bundle, set_dotted
 
-__all__ = ["SegmentResult", "Segmenter", "load_config", "ImageInput"]
+__all__ = ["SegmentResult", "Segmenter", "load_config", "ImageInput"]  # load_config: clipsam.loading
 
 ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -80,74 +82,6 @@ class SegmentResult:
 
 
 # ---------------------------------------------------------------------------------- config
-def load_config(config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, Any]) -> dict[str, Any]:
-    """Read one or more clipsam YAML configs (merged left to right, like repeated ``--config``).
-
-    ``${oc.env:VAR,default}`` interpolations resolve as on the command line.
-
-    Returns:
-        the resolved config as plain dicts.
-
-    Raises:
-        ConfigError: a missing or unreadable file.
-    """
-    from omegaconf import OmegaConf
-
-    if isinstance(config, Mapping):
-        return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)  # type: ignore[return-value]
-    files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
-    merged = OmegaConf.create({})
-    for file in files:
-        path = Path(os.path.expanduser(os.fspath(file)))
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist: pass the YAML used with `clipsam fit/test`")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        except Exception as err:  # omegaconf/yaml parse errors
-            raise ConfigError(f"cannot read config file {path}: {err}") from err
-    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
-
-
-def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def build_module(config: Mapping[str, Any]) -> Any:
-    """A :class:`~clipsam.module.ClipSamModule` from a resolved config (``model`` + ``data.image_size``)."""
-    from clipsam.module import ClipSamModule
-
-    model = dict(config.get("model") or {})
-    if "class_path" in model:  # `model: {class_path: ..., init_args: {...}}` form
-        model = dict(model.get("init_args") or {})
-    image_size = (config.get("data") or {}).get("image_size", model.pop("image_size", 518))
-    model.pop("image_size", None)
-    tiling = (config.get("data") or {}).get("tiling")
-    if tiling is not None:
-        model["tiling"] = tiling
-    try:
-        return ClipSamModule(**model, image_size=int(image_size))
-    except TypeError as err:
-        raise ConfigError(f"the config's model section does not fit ClipSamModule: {err}") from err
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No warning flood: library warnings and INFO logs are silenced while models build/run."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,10 +93,11 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 
 # ---------------------------------------------------------------------------------- segmenter
 class Segmenter:
-    """Segment images with a trained clipsam model, in memory.
+    """Segment images with a clipsam model, in memory.
 
-    Build one with :meth:`from_checkpoint` (a ``clipsam fit`` checkpoint plus its config) or
-    :meth:`from_bundle` (``clipsam export --format bundle``); :meth:`load` picks by the path.
+    Build one with :meth:`from_config` (config files, plus a ``clipsam fit`` checkpoint for a
+    trained method), :meth:`from_checkpoint` (the same, checkpoint first) or :meth:`from_bundle`
+    (``clipsam export --format bundle``); :meth:`load` picks by the path.
 
     Args:
         module: a :class:`~clipsam.module.ClipSamModule` with its models built and adapters loaded.
@@ -173,14 +108,11 @@ class Segmenter:
     """
 
     def __init__(self, module: Any, *, device: str | torch.device | None = "cpu", category: str | None = None, batch_size: int = 8) -> None:
-        from clipsam.data.transforms import build_transform
-
         self.device = _resolve_device(device)
         self.module = module.to(self.device).eval()
+        self.pipeline = module.pipeline
         self.category = category
         self.batch_size = max(1, int(batch_size))
-        canvas = module.tiling.canvas()  # tiled inference: images go to the canvas, not the frame
-        self.transform = build_transform(canvas if canvas is not None else module.image_size)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -209,12 +141,44 @@ class Segmenter:
             WeightsError: missing/unreadable checkpoint, or adapters that do not fit the config.
             ConfigError: bad config.
         """
-        resolved = load_config(config)
-        for key, value in (overrides or {}).items():
-            _set_dotted(resolved, key, value)
+        return cls.from_config(
+            config, ckpt_path, thresholds=thresholds, overrides=overrides, device=device, category=category, batch_size=batch_size
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        configs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, Any],
+        ckpt_path: str | os.PathLike[str] | None = None,
+        *,
+        thresholds: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = "cpu",
+        category: str | None = None,
+        batch_size: int = 8,
+    ) -> Segmenter:
+        """The model ``configs`` describe; trained weights from ``ckpt_path`` when the method trains.
+
+        Args:
+            configs: one YAML path or a list stacked in order (as ``--config`` stacks them), or
+                a resolved config mapping.
+            ckpt_path: a ``clipsam fit`` checkpoint; required for a trained method (APRIL-GAN,
+                AnomalyCLIP, SDP+, UMCI), refused for a training-free one (WinCLIP, SDP, SAA).
+            thresholds: a ``thresholds.json`` from ``clipsam test`` (overrides
+                ``model.evaluation.thresholds``).
+            overrides: dotted keys, e.g. ``{"model.evaluation.mask_source": "score"}``.
+            device, category, batch_size: see the class.
+
+        Raises:
+            WeightsError: missing/unreadable checkpoint, or weights that do not fit the config.
+            ConfigError: bad config; a checkpoint missing for a trained method or given for a
+                training-free one.
+        """
+        resolved = apply_overrides(load_config(configs), overrides)
         if thresholds is not None:
-            _set_dotted(resolved, "model.evaluation.thresholds", os.fspath(thresholds))
-        return cls._from_resolved(resolved, Path(os.fspath(ckpt_path)), device=device, category=category, batch_size=batch_size)
+            set_dotted(resolved, "model.evaluation.thresholds", os.fspath(thresholds))
+        path = Path(os.fspath(ckpt_path)) if ckpt_path is not None else None
+        return cls._from_resolved(resolved, path, device=device, category=category, batch_size=batch_size)
 
     @classmethod
     def from_bundle(
@@ -227,11 +191,8 @@ class Segmenter:
         batch_size: int = 8,
     ) -> Segmenter:
         """Load a bundle written by ``clipsam export --format bundle`` (see :mod:`clipsam.export`)."""
-        from clipsam.export import read_bundle
-
         resolved, weights, default_category = read_bundle(bundle)
-        for key, value in (overrides or {}).items():
-            _set_dotted(resolved, key, value)
+        resolved = apply_overrides(resolved, overrides)
         return cls._from_resolved(resolved, weights, device=device, category=category or default_category, batch_size=batch_size)
 
     @classmethod
@@ -244,14 +205,22 @@ class Segmenter:
         return cls.from_checkpoint(path, config, **kwargs)
 
     @classmethod
-    def _from_resolved(cls, resolved: dict[str, Any], ckpt_path: Path, **kwargs: Any) -> Segmenter:
-        # In-memory use: no embedding cache files are written.
-        _set_dotted(resolved, "model.sam.embedding_cache_dir", None)
-        checkpoint = _load_checkpoint(ckpt_path)
-        with _quiet():
+    def _from_resolved(cls, resolved: dict[str, Any], ckpt_path: Path | None, **kwargs: Any) -> Segmenter:
+        with quiet():
             module = build_module(resolved)
+            if module.needs_checkpoint and ckpt_path is None:
+                raise ConfigError(
+                    f"model.method={module.method} is trained: pass ckpt_path (a checkpoint written by `clipsam fit`)"
+                )
+            if not module.needs_checkpoint and ckpt_path is not None:
+                raise ConfigError(f"model.method={module.method} is training-free: it takes no checkpoint, drop ckpt_path")
+            checkpoint = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+            sam_config = getattr(module.refiner_config, "sam", None)
+            if sam_config is not None:  # in-memory use: no embedding cache files are written
+                sam_config.embedding_cache_dir = None
             module.build_inference_models()
-            module.on_load_checkpoint(checkpoint)  # validates adapters against the config, loads them
+            if checkpoint is not None:
+                module.on_load_checkpoint(checkpoint)  # validates the weights against the config, loads them
             module.load_thresholds()  # fail now (not at the first image) on a bad thresholds file
         return cls(module, **kwargs)
 
@@ -297,30 +266,11 @@ class Segmenter:
         items = list(images)
         for start in range(0, len(items), self.batch_size):
             chunk = [self._prepare(img, category) for img in items[start : start + self.batch_size]]
-            frames, sizes = [], []
-            for array, _, _ in chunk:
-                out = self.transform(image=array, mask=np.zeros(array.shape[:2], dtype=np.uint8))
-                frames.append(out["image"].to(torch.float32))
-                sizes.append(array.shape[:2])
-            n = len(chunk)
-            batch = {
-                "image": torch.stack(frames).to(self.device),
-                "category": [c for _, c, _ in chunk],
-                "path": [p or "" for _, _, p in chunk],
-                "original_size": torch.tensor(sizes, dtype=torch.int64),
-                "index": torch.arange(n),
-                "label": torch.full((n,), -1, dtype=torch.int64),
-                "has_mask": torch.zeros(n, dtype=torch.bool),
-                "mask": torch.zeros(n, *frames[0].shape[-2:]),
-            }
-            side = self.module.sam_input_side()
-            if side is not None:  # SAM encodes the original image, as in test/predict
-                from clipsam.data.transforms import build_sam_input
-
-                built = [build_sam_input(array, side) for array, _, _ in chunk]
-                batch["sam_image"] = torch.stack([b[0] for b in built]).to(self.device)
-                batch["sam_size"] = torch.stack([b[1] for b in built]).to(self.device)
-            with _quiet():
+            sizes = [array.shape[:2] for array, _, _ in chunk]
+            # The frame and every input the method and refiner declared, from the originals.
+            batch = self.pipeline.make_batch([a for a, _, _ in chunk], [c for _, c, _ in chunk], paths=[p or "" for _, _, p in chunk])
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) and k != "original_size" else v for k, v in batch.items()}
+            with quiet():
                 out = self.module.decide(batch, self.module.inference(batch))
             for i, (_, cat, path) in enumerate(chunk):
                 scores, mask = to_original_size(out["scores"][i], out["mask"][i], sizes[i])
@@ -355,13 +305,3 @@ class Segmenter:
             :class:`SegmentResult` at the image's size.
         """
         return self.segment_batch([image], category=category)[0]
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {path} does not exist: pass a file written by `clipsam fit` (checkpoints/last.ckpt)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(f"cannot load checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
-                           "pass an intact file written by `clipsam fit`") from err

@@ -147,7 +147,8 @@ def _entries(grid_path: Path, data: Any, axis: str, *, required: bool) -> list[E
         entry.configs = [str(c) for c in (entry.configs or [])]
         entry.overrides = dict(entry.overrides or {})
         if axis == "methods":
-            from clipsam.methods import get_method, get_refiner
+            from clipsam.methods import get_method
+            from clipsam.refiners import get_refiner
 
             if not entry.method:
                 raise ConfigError(f"{grid_path}: methods.{name} needs 'method' (e.g. april_gan)")

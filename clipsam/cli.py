@@ -286,6 +286,8 @@ class ClipSamCLI(LightningCLI):
 
 # Lightning warnings that are expected with clipsam's design and would only alarm users.
 _EXPECTED_WARNINGS = (
+    # clipsam passes the command line rewritten by clipsam.config_stack (stacked --config files).
+    r".*LightningCLI's args parameter is intended to run from within Python.*",
     # The frozen CLIP/SAM stay in eval mode while the adapters train: that is the method.
     r".*module\(s\) in eval mode at the start of training.*",
     # fit has no validation set on purpose (the zero-shot target is never looked at in training).
@@ -372,8 +374,13 @@ def main(argv: list[str] | None = None) -> int:
             from clipsam.export import export_main
 
             return export_main(args[1:])
+        # Stacked --config files and --model.method_config.* / refiner_config.* options merge key
+        # by key (clipsam.config_stack), as Segmenter.from_config stacks them.
+        from clipsam.config_stack import stack_cli_args
+
+        stacked = stack_cli_args(args)
         # No explicit args from the console script: LightningCLI reads sys.argv itself.
-        _build_cli(None if argv is None else args)
+        _build_cli(None if argv is None and stacked == args else stacked)
     except ClipSamError as err:
         print(f"clipsam: error: {runs.user_message(err)}", file=sys.stderr)
         return 2

@@ -29,7 +29,6 @@ these graphs; the SAM image encoder is not exported (as in segment-anything's ow
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -41,12 +40,21 @@ from typing import Any
 
 import torch
 
-from clipsam.errors import ConfigError, WeightsError
+from clipsam.errors import ConfigError
+from clipsam.loading import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    apply_overrides,
+    build_module,
+    load_checkpoint,
+    load_config,
+    quiet,
+    read_bundle,
+    sha256,
+)
 
 __all__ = ["export_bundle", "export_onnx", "export_main", "read_bundle"]
 
-BUNDLE_FORMAT = "clipsam-bundle"
-BUNDLE_VERSION = 1
 
 
 def _versions() -> dict[str, str]:
@@ -63,6 +71,21 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _checkpoint_for(module: Any, ckpt_path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The checkpoint a trained method needs (None for a training-free one, which takes none)."""
+    if ckpt_path is None:
+        if module.needs_checkpoint:
+            raise ConfigError(
+                f"model.method={module.method} is trained: pass --ckpt_path (a checkpoint written by `clipsam fit`)"
+            )
+        return None
+    if not module.needs_checkpoint:
+        raise ConfigError(
+            f"model.method={module.method} is training-free: it has no trained weights, drop --ckpt_path"
+        )
+    return load_checkpoint(Path(os.fspath(ckpt_path)))
+
+
 def _fresh_output(output: str | os.PathLike[str]) -> Path:
     """The output folder, created; refuse a non-empty one (nothing a user has is overwritten)."""
     out = Path(os.path.expanduser(os.fspath(output)))
@@ -72,25 +95,12 @@ def _fresh_output(output: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _resolved(config: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    from clipsam.api import _set_dotted, load_config
-
-    resolved = load_config(config)
-    for key, value in (overrides or {}).items():
-        _set_dotted(resolved, key, value)
-    return resolved
+    return apply_overrides(load_config(config), overrides)
 
 
 def export_bundle(
-    ckpt_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str] | None,
     config: Any,
     output: str | os.PathLike[str],
     *,
@@ -101,10 +111,11 @@ def export_bundle(
     """Write a bundle folder (module doc).
 
     The checkpoint is checked against the config (backbone, layers) as ``clipsam test`` does;
-    the frozen models are not built here.
+    the frozen models are not built here. A training-free method (WinCLIP, SDP, SAA) needs no
+    checkpoint: its bundle holds the config (method and settings) and no weights file.
 
     Args:
-        ckpt_path: a ``clipsam fit`` checkpoint.
+        ckpt_path: a ``clipsam fit`` checkpoint; None for a training-free method.
         config: its YAML config(s) or a resolved mapping.
         output: a new (or empty) folder.
         thresholds: a ``thresholds.json`` (default: ``model.evaluation.thresholds`` of the config).
@@ -118,7 +129,6 @@ def export_bundle(
         WeightsError / ConfigError: the checkpoint does not fit the config, bad thresholds, a
             non-empty output folder. Nothing is left behind on error.
     """
-    from clipsam.api import _load_checkpoint, _quiet, build_module
     from clipsam.thresholds import THRESHOLDS_FILE, check_compatible, load_thresholds, save_thresholds
 
     resolved = _resolved(config, overrides)
@@ -126,23 +136,23 @@ def export_bundle(
     evaluation = model.setdefault("evaluation", {})
     if thresholds is not None:
         evaluation["thresholds"] = os.fspath(thresholds)
-    checkpoint = _load_checkpoint(Path(os.fspath(ckpt_path)))
-    with _quiet():
+    with quiet():
         module = build_module(resolved)
-    # Validate the checkpoint against the config without building the frozen models.
-    module.on_load_checkpoint(checkpoint)
+    checkpoint = _checkpoint_for(module, ckpt_path)
+    if checkpoint is not None:
+        # Validate the checkpoint against the config without building the frozen models.
+        module.on_load_checkpoint(checkpoint)
     thresholds_data = None
     if evaluation.get("thresholds"):
         thresholds_data = load_thresholds(evaluation["thresholds"])
         check_compatible(thresholds_data, module.score_settings(), source=str(evaluation["thresholds"]))
-    # `clipsam fit` checkpoints already hold the trainable weights only (the module's
-    # on_save_checkpoint drops the frozen parts): keep exactly those, without optimizer state.
-    state = dict(checkpoint["state_dict"])
-
     out = _fresh_output(output)
     try:
         weights = out / "weights.pt"
-        torch.save({"state_dict": state, "clipsam": checkpoint.get("clipsam", {})}, weights)
+        if checkpoint is not None:
+            # `clipsam fit` checkpoints already hold the trainable weights only (the module's
+            # on_save_checkpoint drops the frozen parts): keep exactly those, without optimizer state.
+            torch.save({"state_dict": dict(checkpoint["state_dict"]), "clipsam": checkpoint.get("clipsam", {})}, weights)
         if thresholds_data is not None:
             save_thresholds(out / THRESHOLDS_FILE, thresholds_data)
             evaluation["thresholds"] = THRESHOLDS_FILE  # relative to the bundle
@@ -152,9 +162,12 @@ def export_bundle(
         # rebuilds the same model.
         full = dict(module.hparams)
         full.pop("image_size", None)
+        tiling = full.pop("tiling", None)
         full["evaluation"] = {**full["evaluation"], "thresholds": evaluation["thresholds"]}
-        full["sam"] = {**full["sam"], "embedding_cache_dir": None}
-        bundle_config = {"model": full, "data": {"image_size": module.image_size}}
+        sam = (full.get("refiner_config") or {}).get("sam")
+        if isinstance(sam, dict):  # in-memory use writes no embedding cache
+            full["refiner_config"] = {**full["refiner_config"], "sam": {**sam, "embedding_cache_dir": None}}
+        bundle_config = {"model": full, "data": {"image_size": module.image_size, "tiling": tiling}}
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(bundle_config, sort_keys=False))
@@ -163,11 +176,13 @@ def export_bundle(
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
             "category": category,
-            "weights_sha256": _sha256(weights),
-            "source_checkpoint": os.path.abspath(os.fspath(ckpt_path)),
+            "method": module.method,
+            "refiner": module.refiner_name,
+            "weights_sha256": sha256(weights) if checkpoint is not None else None,
+            "source_checkpoint": os.path.abspath(os.fspath(ckpt_path)) if ckpt_path is not None else None,
             "files": {
                 "config.yaml": "resolved model config",
-                "weights.pt": "trainable weights (CLIP adapters)",
+                "weights.pt": "trainable weights of the method" if checkpoint is not None else None,
                 "thresholds.json": "decision thresholds" if thresholds_data is not None else None,
                 "versions.json": "library versions at export",
             },
@@ -177,35 +192,6 @@ def export_bundle(
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
-
-
-def read_bundle(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, str | None]:
-    """Read a bundle folder.
-
-    Returns:
-        ``(config, weights_path, category)``: the resolved config (thresholds path made
-        absolute), the weights file, the default category.
-
-    Raises:
-        WeightsError: not a bundle, or weights.pt altered since export.
-    """
-    import yaml
-
-    root = Path(os.path.expanduser(os.fspath(bundle)))
-    manifest_path = root / "bundle.json"
-    if not manifest_path.is_file():
-        raise WeightsError(f"{root} is not a clipsam bundle (no bundle.json): write one with `clipsam export --format bundle`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != BUNDLE_FORMAT or int(manifest.get("version", 0)) > BUNDLE_VERSION:
-        raise WeightsError(f"{root}: unsupported bundle format {manifest.get('format')!r} version {manifest.get('version')!r}")
-    weights = root / "weights.pt"
-    if not weights.is_file() or _sha256(weights) != manifest.get("weights_sha256"):
-        raise WeightsError(f"{weights} is missing or differs from the one exported (sha256 mismatch): re-export the bundle")
-    config = yaml.safe_load((root / "config.yaml").read_text())
-    evaluation = config.setdefault("model", {}).setdefault("evaluation", {})
-    if evaluation.get("thresholds"):
-        evaluation["thresholds"] = str(root / evaluation["thresholds"])
-    return config, weights, manifest.get("category")
 
 
 # ---------------------------------------------------------------------------------- ONNX
@@ -262,7 +248,7 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> N
 
 
 def export_onnx(
-    ckpt_path: str | os.PathLike[str],
+    ckpt_path: str | os.PathLike[str] | None,
     config: Any,
     output: str | os.PathLike[str],
     *,
@@ -280,31 +266,33 @@ def export_onnx(
     """
     import numpy as np
 
-    from clipsam.api import _load_checkpoint, _quiet, build_module
-
     onnx, ort = _onnx_modules()
     resolved = _resolved(config, overrides)
-    model = resolved.setdefault("model", {})
-    # ONNX graphs run in float32 (onnxruntime's CPU kernels); the check compares float32 to float32.
-    model.setdefault("clip", {})["frozen_dtype"] = "float32"
-    model.setdefault("sam", {})["dtype"] = "float32"
-    model["sam"]["embedding_cache_dir"] = None
-    checkpoint = _load_checkpoint(Path(os.fspath(ckpt_path)))
-    with _quiet():
+    with quiet():
         module = build_module(resolved)
+        # ONNX graphs run in float32 (onnxruntime's CPU kernels); the check compares float32 to float32.
+        if hasattr(module.method_config, "frozen_dtype"):
+            module.method_config.frozen_dtype = "float32"
+        sam_config = getattr(module.refiner_config, "sam", None)
+        if sam_config is not None:
+            sam_config.dtype = "float32"
+            sam_config.embedding_cache_dir = None
+        checkpoint = _checkpoint_for(module, ckpt_path)
         module.build_inference_models()
-        module.on_load_checkpoint(checkpoint)
+        if checkpoint is not None:
+            module.on_load_checkpoint(checkpoint)
     module.eval()
     out = _fresh_output(output)
     report: dict[str, Any] = {"category": category, "batch_size": batch_size, "opset": opset, "graphs": {}}
     generator = torch.Generator().manual_seed(seed)
     try:
         # -------- CLIP stage
-        size = module.image_size
+        inputs = module.pipeline.method_inputs()
+        size = inputs[0].size if inputs else module.image_size  # the method's own input
         graph = ClipStageGraph(_map_model(module), category, size).eval()
         images = torch.randn(batch_size, 3, size, size, generator=generator)
         clip_path = out / "clip_stage.onnx"
-        with _quiet():
+        with quiet():
             _export(graph, (images,), clip_path, input_names=["images"], output_names=["anomaly_map", "image_scores"], opset_version=opset)
         onnx.checker.check_model(str(clip_path))
         with torch.no_grad():
@@ -332,8 +320,6 @@ def _export_sam_decoder(sam: Any, path: Path, opset: int, generator: torch.Gener
     import numpy as np
     from segment_anything.utils.onnx import SamOnnxModel
 
-    from clipsam.api import _quiet
-
     sam = sam.float().cpu().eval()
     onnx_model = SamOnnxModel(model=sam, return_single_mask=True).eval()
     embed_dim = sam.prompt_encoder.embed_dim
@@ -348,7 +334,7 @@ def _export_sam_decoder(sam: Any, path: Path, opset: int, generator: torch.Gener
         "has_mask_input": torch.tensor([1], dtype=torch.float32),
         "orig_im_size": torch.tensor([img, img], dtype=torch.float32),
     }
-    with _quiet():
+    with quiet():
         _export(
             onnx_model,
             tuple(inputs.values()),
@@ -389,13 +375,13 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def export_main(argv: Sequence[str]) -> int:
-    """``clipsam export --ckpt_path CKPT --config CFG --format {bundle,onnx} --output DIR``."""
+    """``clipsam export [--ckpt_path CKPT] --config CFG --format {bundle,onnx} --output DIR``."""
     parser = argparse.ArgumentParser(
         prog="clipsam export",
         description="Export a trained model: a bundle folder for clipsam.Segmenter, or ONNX graphs "
         "of the CLIP stage and SAM's prompt encoder + mask decoder (checked with onnxruntime).",
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `clipsam fit`")
+    parser.add_argument("--ckpt_path", default=None, help="checkpoint written by `clipsam fit` (trained methods; none for WinCLIP, SDP, SAA)")
     parser.add_argument("--config", required=True, action="append", help="the YAML config (repeatable, merged left to right)")
     parser.add_argument("--format", choices=("bundle", "onnx"), default="bundle", help="what to write (default: bundle)")
     parser.add_argument("--output", required=True, help="a new or empty folder")

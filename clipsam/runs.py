@@ -182,6 +182,19 @@ def _get(config: Any, dotted: str) -> Any:
     return value
 
 
+def _reads_frame(config: Any) -> bool:
+    """Whether the configured method reads the evaluation frame itself (its patch grid must fit it)."""
+    from clipsam import methods
+
+    name = _get(config, "model.method") or methods.DEFAULT_METHOD
+    if name not in methods.METHODS:
+        return False
+    module = methods.get_method(name).module
+    import importlib
+
+    return getattr(importlib.import_module(module), "input_specs", None) is None
+
+
 def check_image_size(config: Any) -> None:
     """``data.image_size`` is a positive multiple of the CLIP patch size (before any model is built).
 
@@ -189,11 +202,14 @@ def check_image_size(config: Any) -> None:
         ConfigError: naming both keys and the nearest valid sizes.
     """
     size = _get(config, "data.image_size")
-    name = _get(config, "model.clip.model_name")
+    if not _reads_frame(config):
+        return  # a method with its own input size checks that size itself
+    key, name = next(
+        ((k, _get(config, k)) for k in ("model.method_config.model_name", "model.method_config.clip.model_name", "model.clip.model_name") if _get(config, k)),
+        ("model.method_config.model_name", None),
+    )
     if not isinstance(size, int) or not isinstance(name, str):
         return
-    if _get(config, "model.method") not in (None, "april_gan"):
-        return  # model.clip is april_gan's section; other methods check their own input size
     if size <= 0:
         raise ConfigError(f"data.image_size must be positive, got {size}")
     patch = _patch_size(name)
@@ -201,7 +217,7 @@ def check_image_size(config: Any) -> None:
         lower = max(patch, size // patch * patch)
         raise ConfigError(
             f"data.image_size={size} is not a multiple of the patch size {patch} of "
-            f"model.clip.model_name={name}: use {lower} or {lower + patch}"
+            f"{key}={name}: use {lower} or {lower + patch}"
         )
 
 
@@ -408,11 +424,10 @@ def check_sam_weights(model: Any, subcommand: str) -> None:
     Raises:
         WeightsError: the file is missing and cannot be downloaded (the message names the key).
     """
-    eval_config, sam_config = getattr(model, "eval_config", None), getattr(model, "sam_config", None)
-    if subcommand not in EVAL_SUBCOMMANDS or eval_config is None or sam_config is None:
+    if subcommand not in EVAL_SUBCOMMANDS or getattr(model, "refiner_name", "none") == "none":
         return
-    refiner = getattr(model, "refiner_name", "ppg_cps" if eval_config.use_sam else "none")
-    if refiner != "none" and sam_config.variant != "tiny":  # ppg_cps and mmr use model.sam
+    sam_config = getattr(getattr(model, "refiner_config", None), "sam", None)  # ppg_cps and mmr run a SAM
+    if sam_config is not None and sam_config.variant != "tiny":
         from clipsam.models.sam import resolve_checkpoint
 
         resolve_checkpoint(sam_config)

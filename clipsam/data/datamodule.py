@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from clipsam.data.formats import get_format
 from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, ValidationMode, is_image_file, set_max_image_pixels, split_valid, validate_samples
 from clipsam.data.transforms import AugmentConfig, build_transform
+from clipsam.inputs import InputSpec
 from clipsam.errors import ConfigError, DatasetError
 from clipsam.tiling import TilingConfig
 
@@ -194,11 +196,10 @@ class AnomalyDataModule(LightningDataModule):
         seed: seeds the training shuffle and augmentations.
         predict_category: object name for predict images (used in the text prompts); None uses
             each image's parent folder name.
-        sam_image_size: side S of SAM's input. When set, validate/test/predict items also carry
-            ``sam_image`` (the ORIGINAL image, long side resized to S in the DataLoader worker,
-            zero-padded to S x S) and ``sam_size``. None (default): the model sets it from its
-            SAM (:meth:`set_sam_image_size`, called by ``ClipSamModule.setup``); training
-            never carries it.
+        sam_image_size: side S of SAM's input, checked against the model's SAM; None (default):
+            the model's own. Items carry every model input the pipeline declares (the method's
+            own input, SAM's input of the ORIGINAL image), built in the DataLoader workers
+            (:meth:`set_model_inputs`, called by ``ClipSamModule.setup``).
         tiling: tiled inference for validate/test/predict (:mod:`clipsam.tiling`): images are
             resized to ``tiling.image_size`` (the canvas) and cut into frame-sized tiles; None
             or ``image_size: null`` is off. Training always uses the frame.
@@ -249,6 +250,7 @@ class AnomalyDataModule(LightningDataModule):
         self.tiling.check(image_size)
         self.max_image_pixels = max_image_pixels
         set_max_image_pixels(max_image_pixels)
+        self.model_inputs: list[InputSpec] = []
         self.skip_reasons: dict[Path, str] = {}
         self.skipped_files: list[Path] = []
         self.train_dataset: AnomalyDataset | None = None
@@ -309,8 +311,7 @@ class AnomalyDataModule(LightningDataModule):
         if not has_masks:
             log.info("%s is image-level only: image metrics are computed, pixel metrics are n/a", what)
         mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
-        sam_side = self.sam_image_size if command != "fit" else None
-        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic, sam_side=sam_side)
+        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic, inputs=self._inputs_for(command))
 
     #: Sub-folders of a dataset root that hold ground truth, not images to segment.
     MASK_FOLDERS = frozenset({"ground_truth", "masks", "mask"})
@@ -348,19 +349,52 @@ class AnomalyDataModule(LightningDataModule):
             log.warning("skipping %s", problem)
         if not samples:
             raise DatasetError(f"no decodable image in {folder} (data.predict_dir): {bad[0][1]}")
-        return AnomalyDataset(
-            samples, build_transform(self._eval_size()), has_labels=False, sam_side=self.sam_image_size
-        )
+        return AnomalyDataset(samples, build_transform(self._eval_size()), has_labels=False, inputs=self._inputs_for("predict"))
 
-    def set_sam_image_size(self, side: int | None) -> None:
-        """Make validate/test/predict items carry SAM's input (``sam_image``, ``sam_size``).
+    def _inputs_for(self, command: str) -> list[InputSpec]:
+        """The model inputs items of ``command`` carry. With tiling (validate/test/predict) the
+        pipeline builds them per tile from the canvas, so items carry none."""
+        if command != "fit" and self.tiling.canvas() is not None:
+            return []
+        if command == "fit":  # refiners never run in fit: SAM's input is not needed there
+            return [s for s in self.model_inputs if s.resize != "sam"]
+        return list(self.model_inputs)
+
+    def set_model_inputs(self, specs: Sequence[InputSpec]) -> None:
+        """Make items carry the model inputs the pipeline declared (:mod:`clipsam.inputs`).
 
         Applies to datasets already built too (call it before their dataloaders iterate).
+
+        Raises:
+            ConfigError: ``data.sam_image_size`` differs from the SAM input side the model needs,
+                or training augmentations are on while the method reads an input of its own
+                (they apply to the frame only).
         """
-        self.sam_image_size = side
-        for dataset in (self.test_dataset, self.predict_dataset):
+        specs = list(specs)
+        for spec in specs:
+            if spec.resize == "sam" and self.sam_image_size is not None and int(self.sam_image_size) != int(spec.size):
+                raise ConfigError(
+                    f"data.sam_image_size={self.sam_image_size} but the model's SAM encodes {spec.size} x {spec.size} "
+                    f"inputs: set data.sam_image_size to {spec.size} or leave it null"
+                )
+        own = [s.key for s in specs if s.resize != "sam"]
+        if own and self.augment is not None and self.augment.transforms():
+            raise ConfigError(
+                f"data.augment is on, but the method reads its own input ({', '.join(own)}, built from the original "
+                "image) while augmentations apply to the frame only: turn data.augment off for this method"
+            )
+        self.model_inputs = specs
+        for name, dataset in (("fit", self.train_dataset), ("test", self.test_dataset), ("predict", self.predict_dataset)):
             if dataset is not None:
-                dataset.sam_side = side
+                dataset.inputs = self._inputs_for(name)
+
+    def set_sam_image_size(self, side: int | None) -> None:
+        """Make validate/test/predict items carry SAM's input of side ``side`` (``sam_image``, ``sam_size``)."""
+        from clipsam.inputs import sam_input_spec
+
+        others = [s for s in self.model_inputs if s.key != "sam_image"]
+        self.sam_image_size = side
+        self.set_model_inputs(others + ([sam_input_spec(side)] if side else []))
 
     # ------------------------------------------------------------------------------ accessors
     @property

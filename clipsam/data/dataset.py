@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, read_image, read_mask
-from clipsam.data.transforms import build_sam_input
+from clipsam.inputs import InputSpec, build_inputs
 from clipsam.errors import DatasetError
 
 __all__ = ["AnomalyDataset"]
@@ -34,10 +34,9 @@ class AnomalyDataset(Dataset):
     - ``category`` str; ``path`` str (image file);
     - ``index`` int64 (0-d): position in this dataset;
     - ``original_size`` int64 (2,): (height, width) of the file on disk;
-    - only when ``sam_side`` is set (the SAM stage runs): ``sam_image`` uint8 (3, S, S), the
-      original image with its long side resized to S = ``sam_side`` and zero-padded
-      (:func:`clipsam.data.transforms.build_sam_input`), and ``sam_size`` int64 (2,), the (h, w)
-      of its valid part.
+    - one key per model input of ``inputs`` (what the method and the refiner declared, e.g.
+      ``method_image`` at the method's own size and filter, ``sam_image`` + ``sam_size``), each
+      built from the ORIGINAL image by :func:`clipsam.inputs.build_inputs`.
 
     ``torch.utils.data.default_collate`` batches these (strings become lists of str).
 
@@ -53,8 +52,8 @@ class AnomalyDataset(Dataset):
         mosaic: APRIL-GAN's 2 x 2 mosaic augmentation (:class:`clipsam.data.mosaic.Mosaic`)
             for training; None (default) for none. A mosaic item keeps its ``index`` and
             ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
-        sam_side: SAM's input side; when set, items carry ``sam_image`` / ``sam_size``. The
-            datamodule sets it (``data.sam_image_size``, or SAM's own size from the model).
+        inputs: the model inputs items carry besides the frame (:class:`clipsam.inputs.InputSpec`);
+            the datamodule sets them from the pipeline (:meth:`AnomalyDataModule.set_model_inputs`).
     """
 
     def __init__(
@@ -65,14 +64,14 @@ class AnomalyDataset(Dataset):
         has_labels: bool = True,
         has_masks: bool = True,
         mosaic: Mosaic | None = None,
-        sam_side: int | None = None,
+        inputs: Sequence[InputSpec] = (),
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.has_labels = has_labels
         self.has_masks = has_masks
         self.mosaic = mosaic
-        self.sam_side = sam_side
+        self.inputs = list(inputs)
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded by the training sampler: the epoch of the mosaic draws."""
@@ -115,6 +114,6 @@ class AnomalyDataset(Dataset):
             "index": torch.tensor(index, dtype=torch.int64),
             "original_size": torch.tensor([height, width], dtype=torch.int64),
         }
-        if self.sam_side:
-            item["sam_image"], item["sam_size"] = build_sam_input(image, int(self.sam_side))
+        if self.inputs:
+            item.update(build_inputs(image, self.inputs))
         return item

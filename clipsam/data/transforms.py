@@ -24,6 +24,9 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
+# Built in clipsam.inputs (the one place model inputs are made); re-exported for existing imports.
+from clipsam.inputs import CLIP_MEAN, CLIP_STD, build_sam_input, sam_input_size
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -37,9 +40,6 @@ __all__ = [
     "sam_input_size",
 ]
 
-#: open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD (RGB, for pixel values in [0, 1]).
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -199,42 +199,3 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(CLIP_STD, dtype=torch.float32, device=image.device).view(3, 1, 1)
     pixels = (image.float() * std + mean) * 255.0
     return pixels.round().clamp(0, 255).to(torch.uint8)
-
-
-def sam_input_size(height: int, width: int, side: int) -> tuple[int, int]:
-    """(h, w) of an image whose long side is resized to ``side``, aspect kept.
-
-    The rounding of segment_anything's ``ResizeLongestSide.get_preprocess_shape`` (what
-    ``SamPredictor.set_image`` uses): ``int(x * side / max(height, width) + 0.5)``.
-    """
-    scale = side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
-
-
-def build_sam_input(image, side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original image as SAM's image encoder sees it, before normalisation.
-
-    Exactly what ``SamPredictor.set_image`` feeds its encoder, up to the normalisation (done
-    batched on the model's device by :meth:`clipsam.models.sam.SamRefiner.preprocess`): the
-    long side is resized to ``side`` with the aspect ratio kept (segment_anything's
-    ``ResizeLongestSide.apply_image``: PIL bilinear, antialiased), then zero-padded at the
-    bottom and right to ``side`` x ``side``. Runs in the DataLoader workers.
-
-    Args:
-        image: uint8 (H0, W0, 3) RGB numpy array, the original image.
-        side: SAM's input side ``image_encoder.img_size`` (1024; 256 for the tiny preset).
-
-    Returns:
-        ``(sam_image, sam_size)``: uint8 (3, side, side), zero outside the valid part, and int64
-        (2,) = (h, w) of the valid (un-padded) part.
-    """
-    import numpy as np
-    from segment_anything.utils.transforms import ResizeLongestSide
-
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    resized = ResizeLongestSide(side).apply_image(image)  # (h, w, 3) uint8
-    height, width = resized.shape[:2]
-    out = torch.zeros((3, side, side), dtype=torch.uint8)
-    out[:, :height, :width] = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
-    return out, torch.tensor([height, width], dtype=torch.int64)

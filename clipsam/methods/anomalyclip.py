@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipsam.errors import ConfigError
+from clipsam.inputs import InputSpec
 from clipsam.losses import dice_loss, focal_loss
 from clipsam.methods._openclip import DTYPES, FrozenClipMixin, build_open_clip, check_vit, resize_images, vv_residual
 from clipsam.methods.base import MapOutput, MapProducer
@@ -313,6 +314,10 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
         self._freeze_clip(self.dtype)
         self.prompts = ObjectAgnosticPrompts(clip_model=clip_model, tokenizer=tokenizer, config=config)
 
+    def object_name(self, category: str) -> str:
+        """Object-agnostic: the prompts say ``config.object_word`` whatever the category."""
+        return self.config.object_word
+
     def text_features(self) -> Tensor:
         """(D, 2) float32 unit text features (normal, anomalous); differentiable w.r.t. the prompts."""
         device = self.prompts.ctx_normal.device
@@ -331,7 +336,7 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if len(categories) != images.shape[0]:
             raise ValueError(f"got {len(categories)} categories for {images.shape[0]} images")
-        height, width = images.shape[-2:]
+        height, width = self.output_size(images)
         resized = resize_images(images.float(), self.input_size).to(self.dtype)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             patch, global_feat = dpam_forward(self.visual, resized, self.config.dpam_start, self.segmentation_layer)
@@ -366,6 +371,15 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
             map_weight=self.config.map_loss_weight,
             focal_gamma=self.config.focal_gamma,
         )
+
+
+def input_specs(config: AnomalyClipConfig, *, image_size: int) -> list[InputSpec]:
+    """The reference's input: PIL's (antialiased) bicubic resize of the ORIGINAL image to
+    ``input_size``, squashed, CLIP-normalised (none besides the frame when that is the frame)."""
+    size = int(config.input_size or image_size)
+    if size == int(image_size):
+        return []  # exactly the evaluation frame
+    return [InputSpec(key="method_image", size=size, resize="pil_bicubic", normalize="clip")]
 
 
 def build(config: AnomalyClipConfig, *, image_size: int) -> AnomalyClip:

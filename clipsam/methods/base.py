@@ -1,9 +1,9 @@
-"""The two interfaces every method of clipsam is built from.
+"""The interface every method (map producer) of clipsam implements.
 
-A *map producer* turns frame images into a per-pixel anomaly map and image scores (APRIL-GAN's
-adapters, WinCLIP, AnomalyCLIP, SDP, ...). A *refiner* turns a batch and a map into a mask and
-per-pixel mask probabilities (PPG + CPS with SAM, ...). The LightningModule combines one of each
-with :func:`clipsam.fusion.fuse_scores`; neither knows about Lightning, nor about the other.
+A *map producer* turns images into a per-pixel anomaly map in the evaluation frame and image
+scores (APRIL-GAN's adapters, WinCLIP, AnomalyCLIP, SDP, SAA, ...). The refiners' interface is
+:mod:`clipsam.refiners.base`; :class:`clipsam.pipeline.Pipeline` combines one of each with
+:func:`clipsam.fusion.fuse_scores`. None of them knows about Lightning, nor about the others.
 
 Dimension symbols: B batch, H x W the evaluation frame (``data.image_size``).
 """
@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MapOutput", "MapProducer", "RefineBatchOutput", "Refiner"]
+__all__ = ["MapOutput", "MapProducer"]
 
 
 @dataclasses.dataclass
@@ -49,10 +49,46 @@ class MapProducer(nn.Module):
 
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
+    #: the batch key :meth:`forward_batch` reads (``image``: the frame); set by the registry from
+    #: the method's ``input_specs`` (:func:`clipsam.methods.input_key`).
+    input_key: str = "image"
+    #: side of the evaluation frame the maps are returned in; set by the registry from
+    #: ``image_size`` (None: the input's own size, for producers built directly).
+    frame_size: int | None = None
+
+    def output_size(self, images: Tensor) -> tuple[int, int]:
+        """(H, W) of the returned maps: the evaluation frame (or ``images``' size when unset)."""
+        if self.frame_size:
+            return (int(self.frame_size), int(self.frame_size))
+        return (int(images.shape[-2]), int(images.shape[-1]))
 
     def forward(self, images: Tensor, categories: Sequence[str]) -> MapOutput:  # pragma: no cover
-        """Args: images (B, 3, H, W) float32, CLIP-normalised frame; categories: B names."""
+        """Args: images (B, 3, S, S) float32, the method's input (CLIP-normalised); categories: B names."""
         raise NotImplementedError
+
+    def forward_batch(self, batch: Mapping[str, Any]) -> MapOutput:
+        """The producer on a batch: ``forward(batch[input_key], batch["category"])``.
+
+        A method that reads more than one input (SAA: the frame and SAM's input of the original)
+        overrides this.
+        """
+        if self.input_key not in batch:
+            raise KeyError(
+                f"method {self.name!r} reads batch[{self.input_key!r}] (built from the original image by "
+                "clipsam.inputs.build_inputs), which this batch lacks: run it through clipsam.pipeline.Pipeline"
+            )
+        return self(batch[self.input_key], list(batch["category"]))
+
+    def object_name(self, category: str) -> str:
+        """The object name written in this method's text prompts for ``category``.
+
+        Default: the method's ``config.object_name`` mode (:func:`clipsam.prompts.object_name_for`);
+        ``category`` itself for a method without such a setting.
+        """
+        from clipsam.prompts import object_name_for
+
+        mode = getattr(getattr(self, "config", None), "object_name", None)
+        return object_name_for(category, mode) if mode else category
 
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Training loss: a dict with at least ``"loss"`` (0-d). Only for trainable producers."""
@@ -94,33 +130,3 @@ class MapProducer(nn.Module):
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value)
-
-
-@dataclasses.dataclass
-class RefineBatchOutput:
-    """What a refiner returns for a batch.
-
-    Attributes:
-        mask: (B, H, W) bool, the refined mask in the frame.
-        mask_probs: (B, H, W) float32 in [0, 1], per-pixel probability of the refined mask.
-        timings: seconds spent per stage (e.g. "sam_encoder", "ppg", "cascade_step_1").
-    """
-
-    mask: Tensor
-    mask_probs: Tensor
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-class Refiner(nn.Module):
-    """Base class of the refiners: batch + anomaly map -> mask.
-
-    ``batch`` is the DataLoader batch (the Data contract of docs/design.md: ``image``,
-    ``category``, ``original_size`` and any key the refiner's data transform adds); the refiner
-    reads what it needs from it.
-    """
-
-    name: ClassVar[str] = ""
-
-    def refine_batch(self, batch: Mapping[str, Any], anomaly_maps: Tensor) -> RefineBatchOutput:  # pragma: no cover
-        """Args: anomaly_maps (B, H, W) float32 in [0, 1], the producer's maps in the frame."""
-        raise NotImplementedError

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipsam.errors import ConfigError
+from clipsam.inputs import InputSpec
 from clipsam.losses import dice_loss, focal_loss
 from clipsam.methods._openclip import (
     DTYPES,
@@ -482,7 +483,7 @@ class Sdp(FrozenClipMixin, MapProducer):
         surgery, _ = self._features(resize_images(images.float(), self.input_size))
         raw, text_score = self._surgery_map(surgery, text)
         taps = float(len(self.config.layers))
-        return self._finish(raw, -taps, taps, text_score, tuple(images.shape[-2:]), {})
+        return self._finish(raw, -taps, taps, text_score, self.output_size(images), {})
 
 
 class SdpPlus(Sdp):
@@ -520,7 +521,7 @@ class SdpPlus(Sdp):
             raw, text_score = self._surgery_map(surgery, text)
             raw = raw + layer_probs[:, :, 1].sum(1)
         taps, n_linear = float(len(self.config.layers)), float(len(self.linears))
-        return self._finish(raw, -taps, taps + n_linear, text_score, tuple(images.shape[-2:]), {"layer_probs": layer_probs})
+        return self._finish(raw, -taps, taps + n_linear, text_score, self.output_size(images), {"layer_probs": layer_probs})
 
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Focal + dice per tap, summed (CLIP-AD's ``train.py``), at the model's input size.
@@ -539,6 +540,15 @@ class SdpPlus(Sdp):
         focal = sum(focal_loss(probs[:, i], masks, gamma=self.config.focal_gamma) for i in range(probs.shape[1]))
         dice = sum(dice_loss(probs[:, i, 1], masks) for i in range(probs.shape[1]))
         return {"loss": focal + dice, "focal": focal.detach(), "dice": dice.detach()}
+
+
+def input_specs(config: SdpConfig, *, image_size: int) -> list[InputSpec]:
+    """The reference's input: PIL's (antialiased) bicubic resize of the ORIGINAL image to
+    ``input_size``, squashed, CLIP-normalised (none besides the frame when that is the frame)."""
+    size = int(config.input_size or image_size)
+    if size == int(image_size):
+        return []  # exactly the evaluation frame
+    return [InputSpec(key="method_image", size=size, resize="pil_bicubic", normalize="clip")]
 
 
 def _build(cls: type[Sdp], config: SdpConfig, image_size: int) -> Sdp:

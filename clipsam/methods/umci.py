@@ -63,7 +63,7 @@ __all__ = [
 
 @dataclasses.dataclass
 class UmciConfig:
-    """Settings of ClipSAM-rec's UMCI (config section ``model.umci``).
+    """Settings of ClipSAM-rec's UMCI (``model.method_config`` of umci).
 
     Attributes:
         clip: the frozen backbone, tapped layers, prompts, smoothing, image score and logit
@@ -93,9 +93,9 @@ class UmciConfig:
             self.clip = ClipConfig(**self.clip)
         self.scales = [int(k) for k in self.scales]
         if self.num_heads < 1:
-            raise ConfigError(f"model.umci.num_heads={self.num_heads} must be >= 1")
+            raise ConfigError(f"model.method_config.num_heads={self.num_heads} must be >= 1")
         if not self.scales or any(k < 1 or k % 2 == 0 for k in self.scales):
-            raise ConfigError(f"model.umci.scales={self.scales} must be a non-empty list of odd kernel sizes")
+            raise ConfigError(f"model.method_config.scales={self.scales} must be a non-empty list of odd kernel sizes")
 
 
 CONFIG = UmciConfig
@@ -153,7 +153,7 @@ class UmciLayer(nn.Module):
         super().__init__()
         if embed_dim % config.num_heads:
             raise ConfigError(
-                f"model.umci.num_heads={config.num_heads} does not divide the embedding width {embed_dim}"
+                f"model.method_config.num_heads={config.num_heads} does not divide the embedding width {embed_dim}"
             )
         self.config = config
         self.value = nn.Linear(token_width, embed_dim)
@@ -234,7 +234,7 @@ class UmciProducer(MapProducer):
         if height % ph or width % pw:
             raise ConfigError(
                 f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw} of "
-                f"model.umci.clip.model_name={self.config.clip.model_name}: set data.image_size accordingly"
+                f"model.method_config.clip.model_name={self.config.clip.model_name}: set data.image_size accordingly"
             )
         grid = (height // ph, width // pw)
         clip_cfg = self.config.clip

@@ -3,8 +3,10 @@
 As restated in ../shared/BASELINES.md section 1 (anomalib's re-implementation is the default;
 written anew here for open_clip 3.x, whose transformer is batch-first):
 
-1. the frame image is squash-resized (bicubic) to ``input_size`` (240 for ViT-B-16-plus-240,
-   a 15 x 15 patch grid);
+1. the ORIGINAL image is squash-resized to ``input_size`` (240 for ViT-B-16-plus-240, a 15 x 15
+   patch grid) as anomalib's pre-processor does it: as float in [0, 1], bicubic with
+   antialiasing (torchvision v2 ``Resize``), then CLIP's normalisation (:func:`input_specs`,
+   built by :mod:`clipsam.inputs`; ``resize: pil_bicubic`` for PIL on uint8 instead);
 2. text: each state of 7 normal / 4 anomalous states filled with the object name and put
    into 21 templates; t_n and t_a are the means of each set's raw (not normalised) text
    embeddings;
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipsam.errors import ConfigError
+from clipsam.inputs import InputSpec
 from clipsam.methods._openclip import (
     DTYPES,
     FrozenClipMixin,
@@ -110,8 +113,10 @@ class WinClipConfig:
         pretrained: open_clip tag (``laion400m_e31``, as anomalib) or a local checkpoint file;
             ``None``/``""`` gives random weights seeded with ``seed`` (tests, demo).
         cache_dir: open_clip's weight cache (``None``: its default).
-        input_size: Side the frame is squash-resized to before the model (240); ``None`` runs
-            at the frame size. Must be a multiple of the patch size.
+        input_size: Side the original image is squash-resized to before the model (240);
+            ``None``: the frame size. Must be a multiple of the patch size.
+        resize: How the original becomes the input: ``"torch_bicubic"`` (anomalib: float
+            image, antialiased bicubic, no clamping) or ``"pil_bicubic"`` (PIL on uint8).
         scales: Window sides k in patches (stride 1), each at most the patch grid side.
         temperature: T of ``softmax(cos / T)`` (0.07; caoyunkang's reproduction uses 0.01).
         use_image_score: Fold s0 into the map as one more harmonic term (anomalib); ``False``
@@ -130,6 +135,7 @@ class WinClipConfig:
     pretrained: str | None = "laion400m_e31"
     cache_dir: str | None = None
     input_size: int | None = 240
+    resize: Literal["torch_bicubic", "pil_bicubic"] = "torch_bicubic"
     scales: list[int] = field(default_factory=lambda: [2, 3])
     temperature: float = 0.07
     use_image_score: bool = True
@@ -150,6 +156,8 @@ class WinClipConfig:
             raise ConfigError(f"model.method_config.object_name={self.object_name!r}: use one of {list(OBJECT_NAME_MODES)}.")
         if self.input_size is not None and self.input_size < 1:
             raise ConfigError(f"model.method_config.input_size={self.input_size} must be positive or null.")
+        if self.resize not in ("torch_bicubic", "pil_bicubic"):
+            raise ConfigError(f"model.method_config.resize={self.resize!r}: use 'torch_bicubic' or 'pil_bicubic'.")
         if self.window_batch < 1:
             raise ConfigError(f"model.method_config.window_batch={self.window_batch} must be >= 1.")
 
@@ -341,7 +349,7 @@ class WinClip(FrozenClipMixin, MapProducer):
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if len(categories) != images.shape[0]:
             raise ValueError(f"got {len(categories)} categories for {images.shape[0]} images")
-        height, width = images.shape[-2:]
+        height, width = self.output_size(images)
         text = self.text_embeddings(categories)  # (B, 2, D)
         image, windows = self.encode(resize_images(images.float(), self.input_size))
         s0 = zero_shot_scores(image.unsqueeze(1), text, self.config.temperature)[:, 0]  # (B,)
@@ -356,6 +364,14 @@ class WinClip(FrozenClipMixin, MapProducer):
             image_scores=s0,
             extras={"scale_maps": torch.stack(scale_maps, dim=1)},
         )
+
+
+def input_specs(config: WinClipConfig, *, image_size: int) -> list[InputSpec]:
+    """WinCLIP's input: the original image at ``input_size`` with ``resize``, CLIP-normalised."""
+    size = int(config.input_size or image_size)
+    if config.resize == "pil_bicubic" and size == int(image_size):
+        return []  # exactly the evaluation frame
+    return [InputSpec(key="method_image", size=size, resize=config.resize, normalize="clip")]
 
 
 def build(config: WinClipConfig, *, image_size: int) -> WinClip:

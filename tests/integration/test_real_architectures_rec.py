@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_grounding_dino_default_architecture_runs_on_an_800_image() -> None:
     from transformers import BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-    from clipsam.baselines.saa import TINY_VOCAB, DetectorConfig, GroundingDinoDetector, _image_processor, filter_boxes
+    from clipsam.methods.saa import TINY_VOCAB, DetectorConfig, GroundingDinoDetector, _image_processor, filter_boxes
 
     config = GroundingDinoConfig()  # Swin-T backbone, BERT-base text encoder, 900 queries, 256 text positions
     assert (config.num_queries, config.max_text_len, config.d_model) == (900, 256, 256)
@@ -35,7 +35,7 @@ def test_grounding_dino_default_architecture_runs_on_an_800_image() -> None:
 
 
 def test_wide_resnet50_2_saliency_features() -> None:
-    from clipsam.baselines.saa import SaaConfig, build_saliency_backbone, saliency_features, self_similarity_saliency
+    from clipsam.methods.saa import SaaConfig, build_saliency_backbone, saliency_features, self_similarity_saliency
 
     backbone = build_saliency_backbone(SaaConfig(saliency_pretrained=False))
     image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,7 @@
 ClipSAM (arXiv 2401.12665) released no code and its method section was not available here; this
 is a *reconstruction* from its abstract ("MMR takes points and boxes from CLIP's localisation as
 multi-level prompts for SAM, then merges the resulting masks"), every choice a config key
-(../shared/BASELINES.md, section 3). Report its results as "ClipSAM-rec", never "ClipSAM".
+(see docs/usage.md). Report its results as "ClipSAM-rec", never "ClipSAM".
 
 Per frame image:
 
@@ -17,12 +17,13 @@ Per frame image:
 5. the sigmoid probabilities of a component's masks are averaged, then the maximum is taken
    over components -- :func:`merge_region_probs`; the binary mask is ``probs > mask_threshold``.
 
-The LightningModule then fuses ``Map_a`` with the probabilities; the reconstruction uses
+The pipeline then fuses ``Map_a`` with the probabilities; the reconstruction uses
 ``model.evaluation.fusion: mean`` (``(Map_a + p) / 2``, :func:`clipsam.fusion.fuse_scores`).
 
-SAM is called exactly as ``SamPredictor.predict_torch`` does (ResizeLongestSide on the frame
-image, ``Sam.preprocess``, prompt encoder, mask decoder, ``Sam.postprocess_masks``); the SAM
-calls live in :func:`encode_frames` and :func:`decode_prompts` only.
+SAM encodes the ORIGINAL image as ``SamPredictor.set_image`` does (its input is declared by
+:func:`input_specs` and built by :func:`clipsam.inputs.build_sam_input`); the prompts, made in
+the frame, are mapped to original-image pixels and then to SAM's input, and the masks come back
+to the frame with ``Sam.postprocess_masks`` (:func:`clipsam.models.sam.decode_prompts_original`).
 
 Dimension symbols: B batch, H x W the evaluation frame, R regions of one image, K = top_k
 points, M masks of one region (9 with the defaults), C x h x w SAM's image embedding.
@@ -39,13 +40,20 @@ import cv2
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import Tensor
 
 from clipsam.cascade import mask_to_box
 from clipsam.errors import ConfigError
-from clipsam.methods.base import RefineBatchOutput, Refiner
-from clipsam.models.sam import SamConfig, build_sam
+from clipsam.inputs import InputSpec, build_sam_input, sam_input_size, sam_input_spec
+from clipsam.models.sam import (
+    SamConfig,
+    build_sam,
+    decode_prompts_original,
+    encode_sam_inputs,
+    frame_to_original,
+    sam_input_side,
+)
+from clipsam.refiners.base import RefineBatchOutput, Refiner
 
 __all__ = [
     "CONFIG",
@@ -57,6 +65,8 @@ __all__ = [
     "connected_regions",
     "decode_prompts",
     "encode_frames",
+    "frame_prompts_to_original",
+    "input_specs",
     "merge_region_probs",
     "region_prompts",
 ]
@@ -67,7 +77,7 @@ PROMPT_SETS: tuple[str, ...] = ("points", "box", "points_box")
 
 @dataclasses.dataclass
 class MmrConfig:
-    """Settings of the MMR refiner (config section ``model.mmr``; ClipSAM-rec's choices).
+    """Settings of the MMR refiner (``model.refiner_config``; ClipSAM-rec's choices).
 
     Attributes:
         threshold: tau, ``S_a = Map_a >= tau`` on the [0, 1] map (BASELINES.md: 0.5).
@@ -83,7 +93,8 @@ class MmrConfig:
         mask_threshold: probability above which a pixel is in the binary mask (0.5 = SAM's
             logit threshold 0).
 
-    Which SAM is used is not part of this section: it is the module's ``model.sam``.
+        sam: which SAM (variant, checkpoint, dtype); the deprecated ``model.sam`` section fills it
+            in older configs.
     """
 
     threshold: float = 0.5
@@ -93,24 +104,25 @@ class MmrConfig:
     prompt_sets: list[str] = dataclasses.field(default_factory=lambda: list(PROMPT_SETS))
     multimask_output: bool = True
     mask_threshold: float = 0.5
+    sam: SamConfig = dataclasses.field(default_factory=SamConfig)
 
     def __post_init__(self) -> None:
         self.prompt_sets = list(self.prompt_sets)
         if not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"model.mmr.threshold={self.threshold} must be in [0, 1]")
+            raise ConfigError(f"model.refiner_config.threshold={self.threshold} must be in [0, 1]")
         if self.min_area < 1:
-            raise ConfigError(f"model.mmr.min_area={self.min_area} must be >= 1 pixel")
+            raise ConfigError(f"model.refiner_config.min_area={self.min_area} must be >= 1 pixel")
         if self.max_regions < 0:
-            raise ConfigError(f"model.mmr.max_regions={self.max_regions} must be >= 0 (0: no cap)")
+            raise ConfigError(f"model.refiner_config.max_regions={self.max_regions} must be >= 0 (0: no cap)")
         if self.top_k < 1:
-            raise ConfigError(f"model.mmr.top_k={self.top_k} must be >= 1")
+            raise ConfigError(f"model.refiner_config.top_k={self.top_k} must be >= 1")
         bad = [p for p in self.prompt_sets if p not in PROMPT_SETS]
         if bad or not self.prompt_sets:
             raise ConfigError(
-                f"model.mmr.prompt_sets={self.prompt_sets} must be a non-empty list of {list(PROMPT_SETS)}"
+                f"model.refiner_config.prompt_sets={self.prompt_sets} must be a non-empty list of {list(PROMPT_SETS)}"
             )
         if not 0.0 <= self.mask_threshold <= 1.0:
-            raise ConfigError(f"model.mmr.mask_threshold={self.mask_threshold} must be in [0, 1]")
+            raise ConfigError(f"model.refiner_config.mask_threshold={self.mask_threshold} must be in [0, 1]")
 
 
 CONFIG = MmrConfig
@@ -207,23 +219,27 @@ def merge_region_probs(region_probs: Sequence[Tensor], frame_size: tuple[int, in
 # ---------------------------------------------------------------------- SAM calls
 @torch.no_grad()
 def encode_frames(sam: Sam, images: Tensor) -> Tensor:
-    """SAM image embeddings of frame images (as ``SamPredictor.set_image``, batched).
-
-    Args:
-        sam: segment_anything ``Sam``.
-        images: uint8 (B, 3, H, W) frame images, RGB 0-255.
+    """SAM embeddings of uint8 (B, 3, H, W) images taken as the ORIGINAL images (``set_image``, batched).
 
     Returns:
         (B, C, h, w) float32 on SAM's device.
     """
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    resized = [
-        torch.as_tensor(transform.apply_image(image.permute(1, 2, 0).cpu().numpy())).permute(2, 0, 1)
-        for image in images
-    ]  # B x (3, h', w') uint8
-    x = sam.preprocess(torch.stack(resized).to(sam.device, torch.float32))  # (B, 3, S, S)
-    dtype = next(sam.image_encoder.parameters()).dtype
-    return sam.image_encoder(x.to(dtype)).to(torch.float32)
+    side = int(sam.image_encoder.img_size)
+    built = [build_sam_input(image.permute(1, 2, 0).cpu().numpy(), side) for image in images]
+    return encode_sam_inputs(sam, torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built]))
+
+
+def frame_prompts_to_original(
+    points: Tensor | None, boxes: Tensor | None, frame_size: tuple[int, int], original_size: tuple[int, int]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Frame-pixel points (R, K, 2) and XYXY boxes (R, 4) -> original-image pixels (centre to centre)."""
+    rows = int(points.shape[0] if points is not None else boxes.shape[0])  # type: ignore[union-attr]
+    originals = torch.tensor([list(original_size)] * rows, dtype=torch.float64)
+    out_points = None if points is None else frame_to_original(points, frame_size, originals)
+    out_boxes = None
+    if boxes is not None:
+        out_boxes = frame_to_original(boxes.reshape(-1, 2, 2), frame_size, originals).reshape(-1, 4)
+    return out_points, out_boxes
 
 
 @torch.no_grad()
@@ -235,42 +251,45 @@ def decode_prompts(
     points: Tensor | None,
     boxes: Tensor | None,
     multimask_output: bool = True,
+    original_size: tuple[int, int] | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> Tensor:
-    """One batched SAM decoder call for R prompt sets on one image (as ``predict_torch``).
+    """One batched SAM decoder call for R prompt sets made in the frame, on one encoded image.
 
     Args:
         sam: segment_anything ``Sam``.
-        embedding: (1, C, h, w) float32, :func:`encode_frames` of the image.
-        frame_size: (H, W) of the frame image that was encoded.
+        embedding: (1, C, h, w) float32 embedding of the ORIGINAL image.
+        frame_size: (H, W) of the frame the prompts are in (and the masks come back to).
         points: (R, K, 2) float32 (x, y) frame pixels, all positive; or None.
         boxes: (R, 4) float32 XYXY frame pixels; or None. At least one of the two.
         multimask_output: SAM's 3-mask output.
+        original_size: (H0, W0) of the encoded image; None: the frame itself was encoded.
+        input_size: (h', w') valid part of SAM's input; None: computed from ``original_size``.
 
     Returns:
-        (R, M, H, W) float32 mask probabilities (sigmoid of SAM's logits) in the frame,
-        M = 3 with ``multimask_output`` else 1.
+        (R, M, H, W) float32 mask probabilities in the frame, M = 3 with ``multimask_output``.
     """
     if points is None and boxes is None:
         raise ValueError("decode_prompts needs points, boxes or both")
-    transform = ResizeLongestSide(sam.image_encoder.img_size)
-    input_size = transform.get_preprocess_shape(frame_size[0], frame_size[1], transform.target_length)
-    device = embedding.device
-    point_input = None
-    if points is not None:
-        coords = transform.apply_coords_torch(points.to(device, torch.float32), frame_size)  # (R, K, 2)
-        labels = torch.ones(coords.shape[:2], dtype=torch.int64, device=device)  # (R, K)
-        point_input = (coords, labels)
-    box_input = None if boxes is None else transform.apply_boxes_torch(boxes.to(device, torch.float32), frame_size)
-    sparse, dense = sam.prompt_encoder(points=point_input, boxes=box_input, masks=None)
-    low_res, _ = sam.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=sam.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
+    original = tuple(original_size) if original_size is not None else tuple(frame_size)
+    if input_size is None:
+        input_size = sam_input_size(original[0], original[1], int(sam.image_encoder.img_size))
+    points_o, boxes_o = frame_prompts_to_original(points, boxes, frame_size, original)  # type: ignore[arg-type]
+    return decode_prompts_original(
+        sam,
+        embedding,
+        input_size=tuple(input_size),
+        original_size=original,  # type: ignore[arg-type]
+        output_size=tuple(frame_size),
+        points=points_o,
+        boxes=boxes_o,
         multimask_output=multimask_output,
-    )  # (R, M, 4h, 4w)
-    logits = sam.postprocess_masks(low_res, input_size, frame_size)  # (R, M, H, W)
-    return torch.sigmoid(logits)
+    )
+
+
+def input_specs(config: MmrConfig) -> list[InputSpec]:
+    """SAM's input of the original image, at the side of ``config.sam.variant``."""
+    return [sam_input_spec(sam_input_side(config.sam.variant))]
 
 
 # ---------------------------------------------------------------------- the refiner
@@ -296,12 +315,21 @@ class MmrRefiner(Refiner):
         return self
 
     @torch.no_grad()
-    def refine_image(self, embedding: Tensor, anomaly_map: Tensor) -> tuple[Tensor, list[RegionPrompts]]:
+    def refine_image(
+        self,
+        embedding: Tensor,
+        anomaly_map: Tensor,
+        *,
+        original_size: tuple[int, int] | None = None,
+        input_size: tuple[int, int] | None = None,
+    ) -> tuple[Tensor, list[RegionPrompts]]:
         """MMR on one image whose SAM embedding is known.
 
         Args:
-            embedding: (1, C, h, w) float32 SAM embedding of the frame image.
-            anomaly_map: (H, W) float32 in [0, 1], ``Map_a``.
+            embedding: (1, C, h, w) float32 SAM embedding of the original image.
+            anomaly_map: (H, W) float32 in [0, 1], ``Map_a`` in the frame.
+            original_size: (H0, W0) of the encoded image (None: the frame itself was encoded).
+            input_size: (h', w') valid part of SAM's input (None: from ``original_size``).
 
         Returns:
             ((H, W) float32 merged mask probabilities on ``anomaly_map``'s device, the prompts
@@ -321,7 +349,14 @@ class MmrRefiner(Refiner):
         calls = {"points": (points, None), "box": (None, boxes), "points_box": (points, boxes)}
         probs = [
             decode_prompts(
-                self.sam, embedding, frame, points=calls[s][0], boxes=calls[s][1], multimask_output=cfg.multimask_output
+                self.sam,
+                embedding,
+                frame,
+                points=calls[s][0],
+                boxes=calls[s][1],
+                multimask_output=cfg.multimask_output,
+                original_size=original_size,
+                input_size=input_size,
             )
             for s in cfg.prompt_sets
         ]  # each (R, M, H, W)
@@ -333,51 +368,41 @@ class MmrRefiner(Refiner):
         """MMR on a batch (one encoder pass for the batch).
 
         Args:
-            batch: needs ``image`` (B, 3, H, W) float32 CLIP-normalised frame images.
-            anomaly_maps: (B, H, W) float32 in [0, 1].
+            batch: needs ``sam_image`` uint8 (B, 3, S, S), ``sam_size`` (B, 2) and
+                ``original_size`` (B, 2): SAM's input of the original images (:func:`input_specs`).
+            anomaly_maps: (B, H, W) float32 in [0, 1], in the frame.
 
         Returns:
             :class:`RefineBatchOutput` with (B, H, W) bool mask and float32 probabilities.
         """
-        from clipsam.data.transforms import denormalize
-
-        images = denormalize(batch["image"])  # (B, 3, H, W) uint8
-        if images.shape[0] != anomaly_maps.shape[0] or images.shape[-2:] != anomaly_maps.shape[-2:]:
-            raise ValueError(
-                f"anomaly_maps {tuple(anomaly_maps.shape)} do not match the images {tuple(images.shape)}"
+        if "sam_image" not in batch or "sam_size" not in batch:
+            raise ConfigError(
+                "the batch has no 'sam_image'/'sam_size': MMR encodes the original image, built by "
+                "clipsam.inputs.build_sam_input (run it through clipsam.pipeline.Pipeline, which declares it)"
             )
+        sam_images, sam_sizes = batch["sam_image"], batch["sam_size"]
+        if sam_images.shape[0] != anomaly_maps.shape[0]:
+            raise ValueError(f"anomaly_maps {tuple(anomaly_maps.shape)} do not match the batch of {sam_images.shape[0]} images")
+        sizes = torch.cat((sam_sizes.reshape(-1, 2).cpu(), batch["original_size"].reshape(-1, 2).cpu()), 1).tolist()
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        embeddings = encode_frames(self.sam, images)  # (B, C, h, w)
+        embeddings = encode_sam_inputs(self.sam, sam_images, sam_sizes)  # (B, C, h, w)
         timings["sam_encoder"] = time.perf_counter() - start
         start = time.perf_counter()
         probs = torch.stack(
-            [self.refine_image(emb[None], amap.float())[0] for emb, amap in zip(embeddings, anomaly_maps)]
+            [
+                self.refine_image(emb[None], amap.float(), input_size=(s[0], s[1]), original_size=(s[2], s[3]))[0]
+                for emb, amap, s in zip(embeddings, anomaly_maps, sizes)
+            ]
         )  # (B, H, W)
         timings["mmr_decoder"] = time.perf_counter() - start
         return RefineBatchOutput(mask=probs > self.config.mask_threshold, mask_probs=probs, timings=timings)
 
 
-def build(config: MmrConfig | None = None, *, sam: SamConfig | None = None) -> MmrRefiner:
-    """Build the refiner: SAM from ``sam`` (default :class:`SamConfig`, i.e. vit_h), MMR from ``config``."""
-    return MmrRefiner(sam=build_sam(sam or SamConfig()), config=config or MmrConfig())
+def build(config: MmrConfig | None = None, *, sam: SamConfig | None = None, use_embedding_cache: bool = True) -> MmrRefiner:
+    """Build the refiner: SAM from ``sam`` (default ``config.sam``), MMR from ``config``.
 
-
-def build_mmr(*, sam: SamConfig, mmr: MmrConfig | Mapping[str, Any] | None = None, **_: Any) -> MmrRefiner:
-    """Registry builder (``clipsam.methods.build_refiner("mmr", sam=..., mmr=...)``).
-
-    Args:
-        sam: the module's ``model.sam`` section.
-        mmr: the ``model.mmr`` section (a mapping of :class:`MmrConfig` keys, or one); None: defaults.
-        **_: sections other refiners read (ignored here).
-
-    Raises:
-        ConfigError: a key :class:`MmrConfig` does not have.
+    ``use_embedding_cache`` is accepted for the refiner interface; MMR keeps no cache.
     """
-    if mmr is None or isinstance(mmr, MmrConfig):
-        return build(mmr, sam=sam)
-    names = {f.name for f in dataclasses.fields(MmrConfig)}
-    unknown = sorted(set(mmr) - names)
-    if unknown:
-        raise ConfigError(f"model.mmr has keys {unknown} that MmrConfig does not know; valid keys: {sorted(names)}")
-    return build(MmrConfig(**dict(mmr)), sam=sam)
+    config = config or MmrConfig()
+    return MmrRefiner(sam=build_sam(sam or config.sam), config=config)

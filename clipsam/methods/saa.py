@@ -28,8 +28,12 @@ Restated from ../shared/BASELINES.md section 4 and the public reference code
 SAA (vanilla) is this pipeline with ``prompt_source: fixed`` (the single prompt "anomaly"),
 ``area_filter``, ``saliency`` and ``top_k`` off (every mask, ``s_i = c_i``).
 
-Differences from the reference, each a documented choice: the pipeline runs on the frame image
-(``data.image_size``) that every clipsam method sees, not the original resolution; the map is
+SAM encodes the ORIGINAL image as ``SamPredictor.set_image`` does (:func:`input_specs`); the
+box proposals are normalised, so they map to the original's pixels exactly, and the masks come
+back to the frame with ``Sam.postprocess_masks``.
+
+Differences from the reference, each a documented choice: the detector and the saliency run on
+the frame image (``data.image_size``) that every clipsam method sees, not the original resolution; the map is
 divided by the constant ``exp(rescore_exponent)`` (``s_i <= exp(rescore_exponent)`` because the
 saliency is in [0, 1]; 1 without saliency) so it lies in [0, 1] -- a constant factor changes no
 ranking, like the reference's per-category min-max which changes no per-category metric; the
@@ -37,7 +41,7 @@ reference feeds SAM and the WRN a BGR image (``channel_order: bgr`` reproduces t
 RGB); when a category with several objects has fewer than two object masks the single-object
 saliency is used (the reference fails there).
 
-Per-category inputs are package data (``clipsam/baselines/data/{mvtec_ad,visa}.json``); a
+Per-category inputs are package data (``clipsam/methods/data/{mvtec_ad,visa}.json``); a
 category found in none of ``property_tables`` uses the general prompts with the fallback
 properties (``fallback_objects`` 1, ``fallback_max_masks`` 5, ``fallback_max_defect_area`` 1).
 
@@ -64,8 +68,8 @@ from torch import Tensor, nn
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.fusion import image_scores
 from clipsam.methods.base import MapOutput, MapProducer
-from clipsam.methods.mmr import decode_prompts, encode_frames
-from clipsam.models.sam import SamConfig, build_sam
+from clipsam.inputs import InputSpec, sam_input_spec
+from clipsam.models.sam import SamConfig, build_sam, decode_prompts_original, encode_sam_inputs, sam_input_side
 
 __all__ = [
     "CONFIG",
@@ -102,7 +106,7 @@ TINY_VOCAB = DATA_DIR / "bert_vocab_tiny.txt"
 # ---------------------------------------------------------------------- configuration
 @dataclasses.dataclass
 class DetectorConfig:
-    """The Grounding DINO of SAA (config section ``model.saa.detector``).
+    """The Grounding DINO of SAA (config section ``model.method_config.detector``).
 
     Attributes:
         model: a Hugging Face model id (``"IDEA-Research/grounding-dino-tiny"``, the Swin-T
@@ -128,7 +132,7 @@ class DetectorConfig:
 
 @dataclasses.dataclass
 class SaaConfig:
-    """Everything that defines SAA / SAA+ (config section ``model.saa``).
+    """Everything that defines SAA / SAA+ (``model.method_config`` of saa / saa_plus).
 
     Attributes:
         detector: the Grounding DINO.
@@ -197,26 +201,26 @@ class SaaConfig:
         self.property_tables = list(self.property_tables)
         self.saliency_layers = [int(v) for v in self.saliency_layers]
         if self.prompt_source not in ("table", "fixed"):
-            raise ConfigError(f"model.saa.prompt_source={self.prompt_source!r} must be 'table' or 'fixed'")
+            raise ConfigError(f"model.method_config.prompt_source={self.prompt_source!r} must be 'table' or 'fixed'")
         if self.prompt_source == "fixed" and (
             not self.fixed_prompts or any(len(p) != 2 or not p[0].strip() for p in self.fixed_prompts)
         ):
             raise ConfigError(
-                f"model.saa.fixed_prompts={self.fixed_prompts} must be [text, filter word] pairs with a non-empty text"
+                f"model.method_config.fixed_prompts={self.fixed_prompts} must be [text, filter word] pairs with a non-empty text"
             )
         if self.channel_order not in ("rgb", "bgr"):
-            raise ConfigError(f"model.saa.channel_order={self.channel_order!r} must be 'rgb' or 'bgr'")
+            raise ConfigError(f"model.method_config.channel_order={self.channel_order!r} must be 'rgb' or 'bgr'")
         for key in ("box_threshold", "text_threshold"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"model.saa.{key}={getattr(self, key)} must be in [0, 1)")
+                raise ConfigError(f"model.method_config.{key}={getattr(self, key)} must be in [0, 1)")
         if self.fallback_objects < 1 or self.fallback_max_masks < 1 or self.fallback_max_defect_area <= 0:
             raise ConfigError(
-                "model.saa.fallback_objects and fallback_max_masks must be >= 1 and fallback_max_defect_area > 0"
+                "model.method_config.fallback_objects and fallback_max_masks must be >= 1 and fallback_max_defect_area > 0"
             )
         if self.saliency_top_n < 1 or self.saliency_chunk < 1:
-            raise ConfigError("model.saa.saliency_top_n and saliency_chunk must be >= 1")
+            raise ConfigError("model.method_config.saliency_top_n and saliency_chunk must be >= 1")
         if self.image_score not in ("max", "mean", "topk_mean"):
-            raise ConfigError(f"model.saa.image_score={self.image_score!r} must be max, mean or topk_mean")
+            raise ConfigError(f"model.method_config.image_score={self.image_score!r} must be max, mean or topk_mean")
 
 
 @dataclasses.dataclass
@@ -265,7 +269,7 @@ def _load_table(name: str) -> dict[str, Any]:
     if not path.is_file():
         packaged = sorted(p.stem for p in DATA_DIR.glob("*.json"))
         raise ConfigError(
-            f"model.saa.property_tables: {name!r} is neither a packaged table ({packaged}) nor a JSON file"
+            f"model.method_config.property_tables: {name!r} is neither a packaged table ({packaged}) nor a JSON file"
         )
     try:
         table = json.loads(path.read_text())
@@ -273,8 +277,8 @@ def _load_table(name: str) -> dict[str, Any]:
         table["general_prompts"]
     except (ValueError, KeyError, AttributeError, TypeError) as err:
         raise ConfigError(
-            f"model.saa.property_tables: {path} is not a property table (needs 'general_prompts' and "
-            f"'categories'; see clipsam/baselines/data/mvtec_ad.json): {err}"
+            f"model.method_config.property_tables: {path} is not a property table (needs 'general_prompts' and "
+            f"'categories'; see clipsam/methods/data/mvtec_ad.json): {err}"
         ) from err
     return table
 
@@ -623,9 +627,9 @@ def build_detector(config: DetectorConfig) -> GroundingDinoDetector:
         tokenizer = AutoTokenizer.from_pretrained(config.model, **kwargs)
     except Exception as err:  # OSError / HF errors when offline or the id is wrong
         raise WeightsError(
-            f"cannot load Grounding DINO model.saa.detector.model={config.model!r} ({type(err).__name__}: "
+            f"cannot load Grounding DINO model.method_config.detector.model={config.model!r} ({type(err).__name__}: "
             f"{str(err).splitlines()[0][:300]}). Run once online so the Hugging Face cache holds it (set "
-            "model.saa.detector.cache_dir to share it), point model.saa.detector.model to a local directory "
+            "model.method_config.detector.cache_dir to share it), point model.method_config.detector.model to a local directory "
             "saved with save_pretrained, or use 'tiny' for random weights"
         ) from err
     processor = GroundingDinoProcessor(image_processor=_image_processor(config), tokenizer=tokenizer)
@@ -655,9 +659,9 @@ def build_saliency_backbone(config: SaaConfig) -> nn.Module:
                 backbone = timm.create_model(config.saliency_backbone, pretrained=bool(pretrained), **kwargs)
     except Exception as err:
         raise WeightsError(
-            f"cannot build the saliency backbone model.saa.saliency_backbone={config.saliency_backbone!r} "
+            f"cannot build the saliency backbone model.method_config.saliency_backbone={config.saliency_backbone!r} "
             f"with saliency_pretrained={pretrained!r} ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
-            "Run once online so timm caches the weights, or set model.saa.saliency_pretrained to a local "
+            "Run once online so timm caches the weights, or set model.method_config.saliency_pretrained to a local "
             "checkpoint file (or false for random weights)"
         ) from err
     return backbone.eval().requires_grad_(False)
@@ -682,7 +686,7 @@ class SaaProducer(MapProducer):
     ) -> None:
         super().__init__()
         if config.saliency and saliency_backbone is None:
-            raise ConfigError("model.saa.saliency is on but no saliency backbone was given")
+            raise ConfigError("model.method_config.saliency is on but no saliency backbone was given")
         self.detector = detector
         self.sam = sam.eval().requires_grad_(False)
         self.saliency_backbone = saliency_backbone
@@ -717,12 +721,26 @@ class SaaProducer(MapProducer):
             scores.append(kept_scores)
         return torch.cat(boxes), torch.cat(scores)
 
-    def _masks(self, embedding: Tensor, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
-        """SAM masks (K, H, W) bool of normalised boxes, one box prompt and a single mask each."""
+    def _masks(
+        self, embedding: Tensor, boxes: Tensor, frame: tuple[int, int], original: tuple[int, int], input_size: tuple[int, int]
+    ) -> Tensor:
+        """SAM masks (K, H, W) bool in the frame of normalised boxes, one box prompt and a single mask each.
+
+        The boxes are scaled to the ORIGINAL image's pixels (what SAM encoded, ``original``);
+        ``input_size`` is the valid part of SAM's input.
+        """
         if boxes.shape[0] == 0:
             return torch.zeros((0, *frame), dtype=torch.bool, device=embedding.device)
-        pixels = boxes_to_pixels(boxes, frame).to(embedding.device)
-        probs = decode_prompts(self.sam, embedding, frame, points=None, boxes=pixels, multimask_output=False)
+        pixels = boxes_to_pixels(boxes, original).to(embedding.device)
+        probs = decode_prompts_original(
+            self.sam,
+            embedding,
+            input_size=input_size,
+            original_size=original,
+            output_size=frame,
+            boxes=pixels,
+            multimask_output=False,
+        )
         return probs[:, 0] > 0.5  # logits > 0
 
     def _saliency(self, image: Tensor, object_masks: Tensor, objects: int) -> Tensor:
@@ -742,18 +760,39 @@ class SaaProducer(MapProducer):
         return torch.from_numpy(resized).clamp(0.0, 1.0)
 
     @torch.no_grad()
-    def anomaly_map(self, image: Tensor, category: str) -> Tensor:
-        """The SAA map of one frame image before scaling: (H, W) float32 >= 0.
+    def anomaly_map(
+        self,
+        image: Tensor,
+        category: str,
+        *,
+        sam_image: Tensor | None = None,
+        sam_size: Tensor | None = None,
+        original_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """The SAA map of one image before scaling: (H, W) float32 >= 0 in the frame.
 
         Args:
-            image: uint8 (3, H, W) RGB frame image.
+            image: uint8 (3, H, W) RGB frame image (the detector's and the saliency's input).
             category: its category (selects prompts and properties).
+            sam_image: uint8 (3, S, S) SAM input of the ORIGINAL image
+                (:func:`clipsam.inputs.build_sam_input`), ``sam_size`` its valid (h, w) and
+                ``original_size`` (H0, W0); None: the frame is taken as the original.
         """
         cfg = self.config
         frame = (int(image.shape[1]), int(image.shape[2]))
         props = category_properties(category, cfg)
-        model_image = image.flip(0) if cfg.channel_order == "bgr" else image  # what SAM and the WRN see
-        embedding = encode_frames(self.sam, model_image[None])  # (1, C, h, w)
+        model_image = image.flip(0) if cfg.channel_order == "bgr" else image  # what the WRN sees
+        if sam_image is None:
+            from clipsam.inputs import build_sam_input
+
+            side = int(self.sam.image_encoder.img_size)
+            sam_image, sam_size = build_sam_input(image.permute(1, 2, 0).cpu().numpy(), side)
+            original_size = frame
+        assert sam_size is not None and original_size is not None
+        sam_pixels = sam_image.flip(0) if cfg.channel_order == "bgr" else sam_image  # what SAM sees
+        embedding = encode_sam_inputs(self.sam, sam_pixels[None], sam_size.reshape(1, 2))  # (1, C, h, w)
+        original = (int(original_size[0]), int(original_size[1]))
+        input_size = (int(sam_size.reshape(-1)[0]), int(sam_size.reshape(-1)[1]))
 
         object_masks = torch.zeros((0, *frame), dtype=torch.bool)
         defect_max_area = math.inf
@@ -763,10 +802,10 @@ class SaaProducer(MapProducer):
             largest = float((boxes[:, 2] * boxes[:, 3]).max()) if boxes.shape[0] else 1.0
             defect_max_area = largest * props.max_defect_area
             if cfg.saliency and props.objects > 1:
-                object_masks = self._masks(embedding, boxes, frame).cpu()
+                object_masks = self._masks(embedding, boxes, frame, original, input_size).cpu()
 
         boxes, scores = self._proposals(image, props.prompts, max_area=defect_max_area)
-        masks = self._masks(embedding, boxes, frame).cpu()
+        masks = self._masks(embedding, boxes, frame, original, input_size).cpu()
         scores = scores.cpu()
         saliency = self._saliency(model_image, object_masks, props.objects) if cfg.saliency else None
         rescored = rescore(masks, scores, saliency, exponent=cfg.rescore_exponent)
@@ -797,6 +836,30 @@ class SaaProducer(MapProducer):
         maps = torch.stack([self.anomaly_map(img, cat) for img, cat in zip(uint8, categories)])
         maps = (maps / self.map_scale).clamp(0.0, 1.0).to(images.device)
         return MapOutput(anomaly_map=maps, image_scores=self.score_maps(maps))
+
+    def forward_batch(self, batch: Mapping[str, Any]) -> MapOutput:
+        """SAA on a batch: the detector and the saliency read the frame (``image``), SAM the
+        original image (``sam_image``, ``sam_size``, ``original_size``; :func:`input_specs`)."""
+        from clipsam.data.transforms import denormalize
+
+        images, categories = batch["image"], list(batch["category"])
+        if "sam_image" not in batch:
+            raise KeyError("SAA reads batch['sam_image'] (SAM's input of the original image): run it through clipsam.pipeline.Pipeline")
+        uint8 = denormalize(images)
+        sizes = batch["original_size"].reshape(-1, 2).tolist()
+        maps = torch.stack(
+            [
+                self.anomaly_map(img, cat, sam_image=sam_img, sam_size=sam_size, original_size=(size[0], size[1]))
+                for img, cat, sam_img, sam_size, size in zip(uint8, categories, batch["sam_image"], batch["sam_size"], sizes)
+            ]
+        )
+        maps = (maps / self.map_scale).clamp(0.0, 1.0).to(images.device)
+        return MapOutput(anomaly_map=maps, image_scores=self.score_maps(maps))
+
+
+def input_specs(config: SaaConfig, *, image_size: int) -> list[InputSpec]:
+    """SAM's input of the original image (the detector and the saliency read the frame)."""
+    return [sam_input_spec(sam_input_side(config.sam.variant))]
 
 
 def build(config: SaaConfig, *, image_size: int | None = None) -> SaaProducer:

@@ -1,4 +1,4 @@
-"""SAA / SAA+ (clipsam.baselines.saa): the pipeline's steps on hand-built inputs, then end to end with tiny models."""
+"""SAA / SAA+ (clipsam.methods.saa): the pipeline's steps on hand-built inputs, then end to end with tiny models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import cv2
 import pytest
 import torch
 
-from clipsam.baselines import saa
-from clipsam.baselines.saa import (
+from clipsam.methods import saa
+from clipsam.methods.saa import (
     SaaConfig,
     boxes_to_pixels,
     category_properties,

@@ -1,0 +1,163 @@
+"""Stacking config files the one way: `clipsam fit/test --config A --config B` and ``Segmenter.from_config``.
+
+Rules (:func:`merge_configs`), applied left to right:
+
+- mappings merge key by key, at every depth: ``model.refiner_config: {cascade: {num_steps: 1}}``
+  in an ablation file changes that one setting and keeps the base file's ``sam`` and ``prompt``;
+- lists and plain values replace;
+- ``model.method_config`` belongs to ``model.method``: a later layer that switches the method
+  drops the earlier method's settings (they mean nothing to another method); the same for
+  ``model.refiner`` and ``model.refiner_config``, except its ``sam`` (which SAM to run), which the
+  SAM refiners (``ppg_cps``, ``mmr``) share.
+
+On the command line, ``--model.method_config.<key>=<value>`` and
+``--model.refiner_config.<key>=<value>`` (any depth) are merged the same way, their values read
+as YAML (``--model.refiner_config.cascade.num_steps=1`` is the integer 1).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from clipsam.errors import ConfigError
+
+__all__ = ["load_config_files", "merge_configs", "stack_cli_args"]
+
+#: model keys whose value belongs to another key: (owner, settings).
+OWNED = (("method", "method_config"), ("refiner", "refiner_config"))
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+_DEFAULTS = {"method": "april_gan", "refiner": "ppg_cps"}  # clipsam.methods / clipsam.refiners defaults
+
+
+def _model(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if isinstance(model, Mapping) and "init_args" in model:
+        model = model.get("init_args")
+    return model if isinstance(model, Mapping) else {}
+
+
+def _deep_merge(base: Any, layer: Any) -> Any:
+    if isinstance(base, Mapping) and isinstance(layer, Mapping):
+        out = dict(base)
+        for key, value in layer.items():
+            out[key] = _deep_merge(base[key], value) if key in base else value
+        return out
+    return layer
+
+
+def merge_configs(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge config mappings left to right (see the module doc for the rules)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = dict(layer or {})
+        base_model, new_model = _model(merged), _model(layer)
+        if base_model and new_model:
+            pruned = dict(base_model)
+            for owner, settings in OWNED:
+                if owner in new_model and new_model[owner] != base_model.get(owner, _DEFAULTS[owner]):
+                    old = pruned.pop(settings, None)  # another method's / refiner's settings
+                    if owner == "refiner" and isinstance(old, Mapping) and "sam" in old:
+                        pruned[settings] = {"sam": old["sam"]}  # which SAM is shared by the SAM refiners
+            merged = {**merged, "model": pruned}
+        merged = _deep_merge(merged, layer)
+    return merged
+
+
+def load_config_files(files: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+    """Read YAML configs and merge them (interpolations such as ``${oc.env:...}`` kept unresolved).
+
+    Raises:
+        ConfigError: a missing or unreadable file, named.
+    """
+    from omegaconf import OmegaConf
+
+    layers = []
+    for file in files:
+        path = Path(os.path.expanduser(os.fspath(file)))
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass the YAML used with `clipsam fit/test`")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as err:  # omegaconf/yaml parse errors
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (trainer, model, data), got {type(loaded).__name__}")
+        layers.append(loaded)
+    return merge_configs(layers)
+
+
+def _split_option(args: list[str], i: int) -> tuple[str, str | None, int]:
+    """(name, value or None, next index) of the option at ``args[i]`` (``--k=v`` or ``--k v``)."""
+    arg = args[i]
+    if "=" in arg:
+        name, value = arg.split("=", 1)
+        return name, value, i + 1
+    if i + 1 < len(args) and not args[i + 1].startswith("--"):
+        return arg, args[i + 1], i + 2
+    return arg, None, i + 1
+
+
+def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    node = config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def stack_cli_args(args: Sequence[str]) -> list[str]:
+    """Rewrite ``clipsam SUBCOMMAND`` arguments so stacked configs follow :func:`merge_configs`.
+
+    Every ``--config FILE`` and every ``--model.method_config.*`` / ``--model.refiner_config.*``
+    option is merged (in order) into one temporary YAML file passed as a single ``--config``;
+    the other arguments are kept as given. Arguments without any of these come back unchanged.
+    """
+    import yaml
+
+    args = list(args)
+    if not args or args[0] not in SUBCOMMANDS:
+        return args
+    layers: list[dict[str, Any]] = []
+    rest: list[str] = [args[0]]
+    touched = False
+    i = 1
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" or arg.startswith("--config="):
+            name, value, i = _split_option(args, i)
+            if value is None:
+                raise ConfigError("--config needs a YAML file: --config configs/demo.yaml")
+            layers.append(load_config_files([value]))
+            touched = True
+            continue
+        owned = ("--model.method", "--model.refiner", "--model.method_config", "--model.refiner_config")
+        if arg.startswith(("--model.method_config.", "--model.refiner_config.")) or arg.split("=", 1)[0] in owned:
+            name, value, i = _split_option(args, i)
+            if value is None:
+                raise ConfigError(f"{name} needs a value: {name}=<value>")
+            layer: dict[str, Any] = {}
+            _set_dotted(layer, name[2:], yaml.safe_load(value) if value != "" else None)
+            layers.append(layer)
+            touched = True
+            continue
+        rest.append(arg)
+        i += 1
+    if not touched:
+        return args
+    merged = merge_configs(layers)
+    folder = Path(tempfile.mkdtemp(prefix="clipsam-config-"))
+    atexit.register(shutil.rmtree, folder, True)
+    path = folder / "stacked.yaml"
+    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return [rest[0], "--config", str(path), *rest[1:]]
