@@ -23,6 +23,7 @@ __all__ = [
     "check_checkpoint",
     "producer_state",
     "strip_checkpoint",
+    "to_module_keys",
     "upgrade_legacy",
 ]
 
@@ -61,6 +62,13 @@ def upgrade_legacy(checkpoint: dict[str, Any]) -> None:
         return
     for key in [k for k in state if k.startswith(LEGACY_ADAPTER_PREFIX)]:
         state[_LEGACY_TARGET + key[len(LEGACY_ADAPTER_PREFIX) :]] = state.pop(key)
+
+
+def to_module_keys(checkpoint: dict[str, Any]) -> None:
+    """Rename ``producer.*`` to the module's ``pipeline.producer.*`` keys, in place."""
+    state = checkpoint.get("state_dict", {}) or {}
+    for key in [k for k in state if k.startswith(PRODUCER_PREFIX)]:
+        state[PIPELINE_PREFIX + key] = state.pop(key)
 
 
 def producer_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,13 @@ Rules (:func:`merge_configs`), applied left to right:
   ``model.refiner`` and ``model.refiner_config``, except its ``sam`` (which SAM to run), which the
   SAM refiners (``ppg_cps``, ``mmr``) share.
 
+Deprecated sections (``model.clip``, ``model.focal_gamma``, ``model.sam``, ``model.prompt``,
+``model.cascade``, in files or as ``--model.sam.<key>`` options) merge like the others and are
+folded into the new shape at the end (:func:`fold_legacy`), with a one-line note: ``clip`` and
+``focal_gamma`` into APRIL-GAN's ``method_config``, ``sam`` into the SAM refiners'
+``refiner_config`` and ``prompt`` / ``cascade`` into ``ppg_cps``'s; for a method or refiner
+without such settings they are dropped, with a note.
+
 On the command line, ``--model.method_config.<key>=<value>`` and
 ``--model.refiner_config.<key>=<value>`` (any depth) are merged the same way, their values read
 as YAML (``--model.refiner_config.cascade.num_steps=1`` is the integer 1).
@@ -27,7 +34,16 @@ from typing import Any
 
 from clipsam.errors import ConfigError
 
-__all__ = ["load_config_files", "merge_configs", "stack_cli_args"]
+__all__ = ["fold_legacy", "load_config_files", "merge_configs", "stack_cli_args"]
+
+#: deprecated model keys -> (the settings they now live in, the key there; None: the whole mapping)
+LEGACY_KEYS = {
+    "clip": ("method_config", None),
+    "focal_gamma": ("method_config", "focal_gamma"),
+    "sam": ("refiner_config", "sam"),
+    "prompt": ("refiner_config", "prompt"),
+    "cascade": ("refiner_config", "cascade"),
+}
 
 #: model keys whose value belongs to another key: (owner, settings).
 OWNED = (("method", "method_config"), ("refiner", "refiner_config"))
@@ -66,7 +82,48 @@ def merge_configs(layers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                         pruned[settings] = {"sam": old["sam"]}  # which SAM is shared by the SAM refiners
             merged = {**merged, "model": pruned}
         merged = _deep_merge(merged, layer)
-    return merged
+    return fold_legacy(merged)
+
+
+def _takes(owner: str, name: str, key: str | None) -> bool:
+    """Whether method/refiner ``name`` has the deprecated section ``key`` among its settings."""
+    from clipsam import refiners
+    from clipsam.model_config import LEGACY_CLIP_METHOD
+
+    if owner == "method_config":
+        return name == LEGACY_CLIP_METHOD
+    if name not in refiners.REFINERS or name == "none":
+        return False
+    return key == "sam" and refiners.REFINERS[name].uses_sam or (key in ("prompt", "cascade") and name == "ppg_cps")
+
+
+def fold_legacy(config: dict[str, Any]) -> dict[str, Any]:
+    """Move the deprecated model sections into ``method_config`` / ``refiner_config`` (module doc)."""
+    from clipsam.model_config import deprecation_note
+
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(model, Mapping) or "init_args" in model or not any(k in model for k in LEGACY_KEYS):
+        return config
+    model = dict(model)
+    names = {"method_config": model.get("method", _DEFAULTS["method"]), "refiner_config": model.get("refiner", _DEFAULTS["refiner"])}
+    if model.get("refiner") is None and (model.get("evaluation") or {}).get("use_sam") is False:
+        names["refiner_config"] = "none"
+    for old, (settings, key) in LEGACY_KEYS.items():
+        if old not in model:
+            continue
+        value = model.pop(old)
+        if value is None:
+            continue
+        name = names[settings]
+        if not _takes(settings, name, key if key != "focal_gamma" else None):
+            deprecation_note(f"model.{old} ignored: model.{settings.split('_')[0]}={name} has no such settings")
+            continue
+        layer = value if key is None else {key: value}
+        if key is None and not isinstance(value, Mapping):
+            raise ConfigError(f"model.{old} must be a mapping of settings, got {value!r}")
+        model[settings] = _deep_merge(model.get(settings) or {}, layer)
+        deprecation_note(f"model.{old} is deprecated: write it as model.{settings}{'.' + key if key else ''}")
+    return {**config, "model": model}
 
 
 def load_config_files(files: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
@@ -141,8 +198,9 @@ def stack_cli_args(args: Sequence[str]) -> list[str]:
             layers.append(load_config_files([value]))
             touched = True
             continue
-        owned = ("--model.method", "--model.refiner", "--model.method_config", "--model.refiner_config")
-        if arg.startswith(("--model.method_config.", "--model.refiner_config.")) or arg.split("=", 1)[0] in owned:
+        owned = ("--model.method", "--model.refiner", "--model.method_config", "--model.refiner_config", "--model.focal_gamma")
+        legacy = tuple(f"--model.{k}" for k in LEGACY_KEYS)
+        if arg.startswith(("--model.method_config.", "--model.refiner_config.", *(f"{k}." for k in legacy))) or arg.split("=", 1)[0] in owned + legacy:
             name, value, i = _split_option(args, i)
             if value is None:
                 raise ConfigError(f"{name} needs a value: {name}=<value>")

@@ -211,6 +211,7 @@ class ClipSamModule(LightningModule):
         self.check_checkpoint(checkpoint)
         checkpoints.apply_optimizer_config(checkpoint, self.optimizer_config)
         trained = checkpoints.producer_state(checkpoint)
+        checkpoints.to_module_keys(checkpoint)  # so Lightning's own loading finds them too
         if self.pipeline.producer is not None:
             self.pipeline.producer.load_trainable_state_dict(trained)  # WeightsError on any mismatch
         else:

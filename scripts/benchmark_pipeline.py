@@ -5,7 +5,7 @@ building SAM's input, CLIP forward, ``SamRefiner.refine_batch`` (encoder, PPG, c
 per-category metrics) on a synthetic MVTec-layout data set of ``--original-size`` images, with
 random weights at the preset's sizes, for each ``--batch-sizes`` value. Reports images/s over
 the batches after the first (warm-up), and ms per image of each stage from the module's own
-timers (``ClipSamModule._timings``; with ``--stage-sync``, the device is synchronised around each
+timers (``Pipeline.timings``; with ``--stage-sync``, the device is synchronised around each
 SAM stage so GPU stage times are real, at some cost in overlap). Also times one dataset item
 with and without SAM's input (the data-loading cost of encoding the original image).
 
@@ -43,7 +43,8 @@ PRESETS = {
 def _module(preset: dict, args: argparse.Namespace):
     from clipsam.cascade import CascadeConfig
     from clipsam.models.clip import ClipConfig
-    from clipsam.models.sam import SamConfig, SamRefiner, build_sam
+    from clipsam.models.sam import SamConfig, build_sam
+    from clipsam.refiners.ppg_cps import SamRefiner
     from clipsam.module import ClipSamModule, EvalConfig
     from clipsam.prompting import PromptConfig
 
@@ -63,11 +64,15 @@ def _module(preset: dict, args: argparse.Namespace):
     )
     # SAM with random weights at the real sizes (no download); configure_model keeps it.
     kwargs = {"compile_encoder": args.sam_compile} if "compile_encoder" in inspect.signature(SamRefiner).parameters else {}
-    module.refiner = SamRefiner(
-        sam=build_sam(sam_config, pretrained=False), prompt=PromptConfig(), cascade=CascadeConfig(), **kwargs
-    )
-    module.refiner.sync_timings = args.stage_sync
+    refiner = SamRefiner(sam=build_sam(sam_config, pretrained=False), prompt=PromptConfig(), cascade=CascadeConfig(), **kwargs)
+    setattr(getattr(module, "pipeline", module), "refiner", refiner)  # older clipsam: the module holds it
+    refiner.sync_timings = args.stage_sync
     return module
+
+
+def _timings_of(module):
+    pipeline = getattr(module, "pipeline", None)
+    return pipeline.timings if pipeline is not None else module._timings
 
 
 def _timer_callback():
@@ -91,7 +96,7 @@ def _timer_callback():
             self.cpu_ends.append(time.process_time())
             self.sizes.append(len(batch["path"]))
             if batch_idx == 0:
-                self.first_timings = dict(pl_module._timings)
+                self.first_timings = dict(_timings_of(pl_module))
 
     return Timer()
 
@@ -118,7 +123,7 @@ def run(preset_name: str, batch_size: int, root: Path, args: argparse.Namespace)
             limit_test_batches=args.batches + 1,
         )
         trainer.test(module, datamodule=datamodule, verbose=False)
-    timings = module._timings
+    timings = _timings_of(module)
     if len(timer.ends) >= 2:
         images = sum(timer.sizes[1:])
         seconds = timer.ends[-1] - timer.ends[0]

@@ -44,7 +44,8 @@ import torch
 from clipsam.cascade import CascadeConfig
 from clipsam.fusion import DEFAULT_FUSION, fuse_scores
 from clipsam.data.transforms import sam_input_size
-from clipsam.models.sam import EmbeddingCache, SamConfig, SamRefiner, build_sam, weights_identity
+from clipsam.models.sam import EmbeddingCache, SamConfig, build_sam, weights_identity
+from clipsam.refiners.ppg_cps import SamRefiner
 from clipsam.prompting import PromptConfig
 
 DEFAULT_IMAGES = {"tiny": 4, "vit_b": 2}

@@ -54,6 +54,7 @@ from clipsam.models.sam import (
     sam_input_side,
 )
 from clipsam.refiners.base import RefineBatchOutput, Refiner
+from clipsam.settings import from_mapping
 
 __all__ = [
     "CONFIG",
@@ -107,6 +108,8 @@ class MmrConfig:
     sam: SamConfig = dataclasses.field(default_factory=SamConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sam, SamConfig):
+            self.sam = from_mapping(SamConfig, self.sam, key="model.refiner_config.sam")
         self.prompt_sets = list(self.prompt_sets)
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"model.refiner_config.threshold={self.threshold} must be in [0, 1]")

@@ -41,6 +41,7 @@ from clipsam.models.sam import (
 )
 from clipsam.prompting import PromptConfig, generate_point_prompts_batched
 from clipsam.refiners.base import RefineBatchOutput, Refiner
+from clipsam.settings import from_mapping
 
 __all__ = ["CONFIG", "BatchCascade", "PpgCpsConfig", "RefineOutput", "SamRefiner", "build", "input_specs"]
 
@@ -58,6 +59,11 @@ class PpgCpsConfig:
     sam: SamConfig = dataclasses.field(default_factory=SamConfig)
     prompt: PromptConfig = dataclasses.field(default_factory=PromptConfig)
     cascade: CascadeConfig = dataclasses.field(default_factory=CascadeConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("sam", SamConfig), ("prompt", PromptConfig), ("cascade", CascadeConfig)):
+            if not isinstance(getattr(self, name), cls):
+                setattr(self, name, from_mapping(cls, getattr(self, name), key=f"model.refiner_config.{name}"))
 
 
 CONFIG = PpgCpsConfig

@@ -21,7 +21,8 @@ import torch
 
 from clipsam.cascade import CascadeConfig
 from clipsam.data.transforms import build_sam_input
-from clipsam.models.sam import SamConfig, SamRefiner, build_sam
+from clipsam.models.sam import SamConfig, build_sam
+from clipsam.refiners.ppg_cps import SamRefiner
 from clipsam.prompting import PromptConfig, dilate, generate_point_prompts_batched, structuring_element
 
 pytestmark = pytest.mark.gpu

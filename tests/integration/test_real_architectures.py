@@ -30,7 +30,8 @@ def test_vit_l_14_336_at_518_with_four_adapters() -> None:
 
 def test_sam_vit_h_runs_ppg_and_the_cascade_on_a_518_frame() -> None:
     from clipsam.cascade import CascadeConfig
-    from clipsam.models.sam import SamConfig, SamRefiner, build_sam
+    from clipsam.models.sam import SamConfig, build_sam
+    from clipsam.refiners.ppg_cps import SamRefiner
     from clipsam.prompting import PromptConfig
 
     sam = build_sam(SamConfig(variant="vit_h"), pretrained=False)  # random weights, same classes

@@ -61,7 +61,7 @@ def test_umci_on_vit_l_14_336_at_518() -> None:
 
 
 def test_mmr_with_sam_vit_h_on_a_518_frame() -> None:
-    from clipsam.methods.mmr import MmrConfig, MmrRefiner
+    from clipsam.refiners.mmr import MmrConfig, MmrRefiner
     from clipsam.models.sam import SamConfig, build_sam
 
     sam = build_sam(SamConfig(variant="vit_h"), pretrained=False)

@@ -58,7 +58,7 @@ def test_frozen_parts_are_built_lazily_and_only_adapters_train() -> None:
     assert module.clip_model is None, "no backbone is built before configure_model"
     module.configure_model()
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-    assert trainable and all(name.startswith("producer.model.adapters.") for name in trainable)
+    assert trainable and all(name.startswith("pipeline.producer.model.adapters.") for name in trainable)
     optimizer = module.configure_optimizers()
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimised == {id(p) for p in module.clip_model.adapters.parameters()}
@@ -169,7 +169,7 @@ def test_clip_global_is_the_image_score_of_the_method_and_aupro_protocol_is_chec
     module.configure_model()
     images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        result = module._segment({"image": images, "category": ["disk", "fabric"]})
+        result = module.pipeline.segment({"image": images, "category": ["disk", "fabric"]})
         expected = module.clip_model(images, ["disk", "fabric"]).image_scores
     torch.testing.assert_close(result["image_scores"], expected)
     torch.testing.assert_close(result["clip_image_scores"], expected)

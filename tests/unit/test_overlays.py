@@ -30,11 +30,12 @@ def _batch(labels: list[int], start: int) -> tuple[dict, dict]:
 
 
 def test_overlays_prefer_anomalous_images_over_the_whole_run() -> None:
-    module = ClipSamModule(evaluation={"num_overlays": 3})
-    module._trainer = SimpleNamespace(is_global_zero=True)
+    from clipsam.evaluation import EvalConfig, Evaluator
+
+    evaluator = Evaluator(EvalConfig(num_overlays=3), ["x"], device=torch.device("cpu"), with_refiner=True)
     for step, labels in enumerate([[0, 0], [0, 0], [1, 0], [1, 1]]):  # anomalies arrive late
-        module._collect_overlays(*_batch(labels, 2 * step))
-    kept = [(o["path"], o["anomalous"]) for o in module._overlays]
+        evaluator._collect_overlays(*_batch(labels, 2 * step))
+    kept = [(o["path"], o["anomalous"]) for o in evaluator.overlays]
     assert len(kept) == 3 and all(anomalous for _, anomalous in kept)
     assert sorted(p for p, _ in kept) == ["/data/img_4.png", "/data/img_6.png", "/data/img_7.png"]
 

@@ -149,7 +149,9 @@ def test_resume_applies_the_configured_optimiser_settings() -> None:
 
     module = ClipSamModule(optimizer={"lr": 0.01, "betas": [0.9, 0.99], "weight_decay": 0.0})
     checkpoint = {"optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.001, "betas": (0.5, 0.999), "weight_decay": 0.0, "params": [0]}]}]}
-    module._apply_optimizer_config(checkpoint)
+    from clipsam.checkpoints import apply_optimizer_config
+
+    apply_optimizer_config(checkpoint, module.optimizer_config)
     group = checkpoint["optimizer_states"][0]["param_groups"][0]
     assert group["lr"] == 0.01 and group["betas"] == (0.9, 0.99)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipsam.inputs import sam_input_spec
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.mvtec import parse_mvtec
 from clipsam.data.samples import Sample
@@ -148,7 +149,7 @@ def test_sam_input_is_the_original_resized_as_sam_predictor_does(tmp_path: Path)
     path = write_image(tmp_path / "rgb.png", original)
     plain = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False)
     assert "sam_image" not in plain[0], "without sam_side the items stay as before"
-    dataset = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False, sam_side=64)
+    dataset = AnomalyDataset([Sample(path, None, -1, "x", "unknown")], build_transform(16), has_labels=False, inputs=[sam_input_spec(64)])
     item = dataset[0]
     expected = ResizeLongestSide(64).apply_image(original)  # what SamPredictor.set_image encodes
     assert item["sam_size"].tolist() == [38, 64] == list(expected.shape[:2])

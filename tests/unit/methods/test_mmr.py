@@ -1,4 +1,4 @@
-"""MMR refiner of ClipSAM-rec (clipsam.methods.mmr): prompts on a known map, merging, SAM end to end."""
+"""MMR refiner of ClipSAM-rec (clipsam.refiners.mmr): prompts on a known map, merging, SAM end to end."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from clipsam.data.transforms import CLIP_MEAN, CLIP_STD
+from clipsam.inputs import build_sam_input
 from clipsam.errors import ConfigError
-from clipsam.methods import mmr
-from clipsam.methods.mmr import MmrConfig, MmrRefiner, connected_regions, merge_region_probs, region_prompts
+from clipsam.refiners import mmr
+from clipsam.refiners.mmr import MmrConfig, MmrRefiner, connected_regions, merge_region_probs, region_prompts
 from clipsam.models.sam import SamConfig, build_sam_tiny
 
 FRAME = (32, 40)  # (H, W)
@@ -82,9 +82,9 @@ def test_merge_region_probs_mean_then_max():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="model.mmr.prompt_sets"):
+    with pytest.raises(ConfigError, match="model.refiner_config.prompt_sets"):
         MmrConfig(prompt_sets=["points", "mask"])
-    with pytest.raises(ConfigError, match="model.mmr.top_k"):
+    with pytest.raises(ConfigError, match="model.refiner_config.top_k"):
         MmrConfig(top_k=0)
     assert mmr.CONFIG is MmrConfig
 
@@ -99,10 +99,14 @@ def _image(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (3, *FRAME), dtype=torch.uint8, generator=gen)
 
 
-def _normalise(images_uint8: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255.0 - mean) / std
+def _sam_batch(images_uint8: torch.Tensor, side: int = 256) -> dict[str, torch.Tensor]:
+    """The batch keys MMR reads: SAM's input of each ORIGINAL image (here: the frame itself)."""
+    built = [build_sam_input(img.permute(1, 2, 0).numpy(), side) for img in images_uint8]
+    return {
+        "sam_image": torch.stack([b[0] for b in built]),
+        "sam_size": torch.stack([b[1] for b in built]),
+        "original_size": torch.tensor([list(images_uint8.shape[-2:])] * images_uint8.shape[0]),
+    }
 
 
 def test_refine_matches_sam_predictor_on_the_nine_prompt_combinations(tiny_sam):
@@ -111,7 +115,7 @@ def test_refine_matches_sam_predictor_on_the_nine_prompt_combinations(tiny_sam):
     amap = _known_map()
     cfg = MmrConfig(min_area=5, top_k=2)
     refiner = MmrRefiner(sam=tiny_sam, config=cfg)
-    out = refiner.refine_batch({"image": _normalise(image[None])}, amap[None])
+    out = refiner.refine_batch(_sam_batch(image[None]), amap[None])
 
     predictor = SamPredictor(tiny_sam)
     predictor.set_image(image.permute(1, 2, 0).numpy())
@@ -138,25 +142,25 @@ def test_refine_matches_sam_predictor_on_the_nine_prompt_combinations(tiny_sam):
 def test_refine_batch_empty_map_and_one_prompt_set(tiny_sam):
     images = torch.stack([_image(2), _image(3)])
     amaps = torch.stack([torch.full(FRAME, 0.1), _known_map()])
-    full = MmrRefiner(sam=tiny_sam, config=MmrConfig(min_area=5)).refine_batch({"image": _normalise(images)}, amaps)
+    full = MmrRefiner(sam=tiny_sam, config=MmrConfig(min_area=5)).refine_batch(_sam_batch(images), amaps)
     assert not full.mask[0].any() and not full.mask_probs[0].any()  # no region: nothing prompted
     assert full.mask_probs[1].max() > 0
-    boxes_only = MmrRefiner(sam=tiny_sam, config=MmrConfig(min_area=5, prompt_sets=["box"])).refine_batch(
-        {"image": _normalise(images)}, amaps
-    )
+    boxes_only = MmrRefiner(sam=tiny_sam, config=MmrConfig(min_area=5, prompt_sets=["box"])).refine_batch(_sam_batch(images), amaps)
     assert not torch.allclose(boxes_only.mask_probs[1], full.mask_probs[1])  # the prompt sets matter
     with pytest.raises(ValueError, match="do not match"):
-        MmrRefiner(sam=tiny_sam, config=MmrConfig()).refine_batch({"image": _normalise(images)}, amaps[:1])
+        MmrRefiner(sam=tiny_sam, config=MmrConfig()).refine_batch(_sam_batch(images), amaps[:1])
 
 
 def test_build_uses_the_configured_sam():
-    refiner = mmr.build_mmr(sam=SamConfig(variant="tiny", seed=0), mmr={"top_k": 3}, prompt=None, cascade=None)
+    from clipsam.refiners import build_refiner
+
+    refiner = build_refiner("mmr", {"sam": {"variant": "tiny", "seed": 0}, "top_k": 3})
     assert isinstance(refiner, MmrRefiner) and refiner.name == "mmr" and refiner.config.top_k == 3
     reference = build_sam_tiny(seed=0)
     assert all(torch.equal(a, b) for a, b in zip(refiner.sam.state_dict().values(), reference.state_dict().values()))
-    assert mmr.build_mmr(sam=SamConfig(variant="tiny")).config == MmrConfig()
-    with pytest.raises(ConfigError, match="model.mmr has keys"):
-        mmr.build_mmr(sam=SamConfig(variant="tiny"), mmr={"tau": 0.3})
+    assert mmr.build(sam=SamConfig(variant="tiny")).config == MmrConfig()
+    with pytest.raises(ConfigError, match="model.refiner_config.tau"):
+        build_refiner("mmr", {"sam": {"variant": "tiny"}, "tau": 0.3})
     assert not any(p.requires_grad for p in refiner.parameters())
     refiner.train()
     assert not refiner.sam.training

@@ -150,9 +150,9 @@ def test_every_packaged_category_is_complete():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match="model.saa.channel_order"):
+    with pytest.raises(ConfigError, match="model.method_config.channel_order"):
         SaaConfig(channel_order="hsv")
-    with pytest.raises(ConfigError, match="model.saa.fixed_prompts"):
+    with pytest.raises(ConfigError, match="model.method_config.fixed_prompts"):
         SaaConfig(prompt_source="fixed", fixed_prompts=[["", "x"]])
     cfg = SaaConfig(detector={"model": "tiny"}, sam={"variant": "tiny"})
     assert cfg.detector.model == "tiny" and cfg.sam.variant == "tiny"
@@ -249,15 +249,24 @@ def test_saa_vanilla_is_the_pipeline_with_parts_off(tiny_saa):
     assert calls == ["anomaly"]  # no object pass
     probs, boxes, ids = tiny_saa.detector(image, "anomaly")
     kept, scores, _ = filter_boxes(probs, boxes, ids, box_threshold=0.1, text_threshold=0.1, max_area=math.inf)
-    masks = vanilla._masks(saa.encode_frames(vanilla.sam, image[None]), kept, FRAME).cpu()
+    from clipsam.inputs import build_sam_input
+    from clipsam.models.sam import encode_sam_inputs
+
+    sam_image, sam_size = build_sam_input(image.permute(1, 2, 0).numpy(), vanilla.sam.image_encoder.img_size)
+    embedding = encode_sam_inputs(vanilla.sam, sam_image[None], sam_size[None])
+    masks = vanilla._masks(embedding, kept, FRAME, FRAME, tuple(sam_size.tolist())).cpu()
     assert torch.allclose(got, merge_masks(masks, scores, top_k=None))  # every mask, s_i = c_i
     assert vanilla.map_scale == 1.0
 
 
 def test_channel_order_switch_feeds_sam_and_saliency_bgr(tiny_saa, monkeypatch):
     seen = {}
-    real_encode, real_features = saa.encode_frames, saa.saliency_features
-    monkeypatch.setattr(saa, "encode_frames", lambda sam, images: seen.setdefault("sam", images.clone()) is None or real_encode(sam, images))
+    from clipsam.inputs import build_sam_input
+
+    real_encode, real_features = saa.encode_sam_inputs, saa.saliency_features
+    monkeypatch.setattr(
+        saa, "encode_sam_inputs", lambda sam, images, sizes: seen.setdefault("sam", images.clone()) is None or real_encode(sam, images, sizes)
+    )
     monkeypatch.setattr(
         saa, "saliency_features", lambda bb, img, size: seen.setdefault("wrn", img.clone()) is None or real_features(bb, img, size)
     )
@@ -269,16 +278,17 @@ def test_channel_order_switch_feeds_sam_and_saliency_bgr(tiny_saa, monkeypatch):
             config=_tiny_config(channel_order=order),
         )
         producer.anomaly_map(image, "widget")
-        assert torch.equal(seen["sam"][0], expected) and torch.equal(seen["wrn"], expected), order
+        sam_expected = build_sam_input(expected.permute(1, 2, 0).numpy(), tiny_saa.sam.image_encoder.img_size)[0]
+        assert torch.equal(seen["sam"][0], sam_expected) and torch.equal(seen["wrn"], expected), order
 
 
 def test_missing_weights_are_one_clear_error(tmp_path, monkeypatch):
     from clipsam.errors import WeightsError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(WeightsError, match=r"model.saa.detector.model='IDEA-Research/grounding-dino-tiny'.*'tiny'"):
+    with pytest.raises(WeightsError, match=r"model.method_config.detector.model='IDEA-Research/grounding-dino-tiny'.*'tiny'"):
         saa.build_detector(saa.DetectorConfig(cache_dir=str(tmp_path / "empty")))
-    with pytest.raises(WeightsError, match="model.saa.saliency_pretrained to a local checkpoint file"):
+    with pytest.raises(WeightsError, match="model.method_config.saliency_pretrained to a local checkpoint file"):
         saa.build_saliency_backbone(SaaConfig(saliency_pretrained=str(tmp_path / "missing.pth")))
 
 

@@ -146,7 +146,7 @@ def test_zero_init_starts_from_v_and_switches_drop_branches():
     assert {n for n, _ in bare.named_parameters()} == {"value.weight", "value.bias"}
     with pytest.raises(ConfigError, match="num_heads"):
         UmciLayer(token_width=32, embed_dim=12, config=UmciConfig(num_heads=8))
-    with pytest.raises(ConfigError, match="model.umci.scales"):
+    with pytest.raises(ConfigError, match="model.method_config.scales"):
         UmciConfig(scales=[2])
     assert umci.CONFIG is UmciConfig
     assert UmciConfig(clip={"model_name": "clipsam-tiny", "pretrained": None, "layers": [1]}).clip.layers == [1]

@@ -16,13 +16,13 @@ from clipsam.models.sam import (
     SAM_CHECKPOINTS,
     EmbeddingCache,
     SamConfig,
-    SamRefiner,
     build_sam,
     build_sam_tiny,
     resolve_checkpoint,
     weights_identity,
 )
 from clipsam.prompting import PromptConfig
+from clipsam.refiners.ppg_cps import SamRefiner
 
 FRAME = (64, 48)  # non-square on purpose: (H, W)
 

@@ -15,7 +15,8 @@ import torch
 from clipsam.cascade import CascadeConfig, run_cascade
 from clipsam.data.transforms import build_sam_input
 from clipsam.fusion import fuse_scores
-from clipsam.models.sam import SamConfig, SamRefiner, build_sam, frame_to_original
+from clipsam.models.sam import SamConfig, build_sam, frame_to_original
+from clipsam.refiners.ppg_cps import SamRefiner
 from clipsam.prompting import PromptConfig
 from segment_anything import SamPredictor
 
@@ -176,7 +177,7 @@ def test_step3_decodes_rows_with_and_without_a_box_apart(sam, monkeypatch):
     Row 1 is made box-less (as if its step-2 mask were empty); its step 3 must be the decoder on
     points + step-2 logits, the other rows' the decoder with their boxes, as one row at a time.
     """
-    import clipsam.models.sam as sam_module
+    import clipsam.refiners.ppg_cps as sam_module
     from clipsam.models.sam import original_to_input
 
     refiner = _refiner(sam)
