@@ -140,8 +140,9 @@ def export_bundle(
         module = build_module(resolved)
     checkpoint = _checkpoint_for(module, ckpt_path)
     if checkpoint is not None:
-        # Validate the checkpoint against the config without building the frozen models.
-        module.on_load_checkpoint(checkpoint)
+        # Validate the checkpoint against the config without building the frozen models (on a
+        # copy: loading renames the keys to the module's).
+        module.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
     thresholds_data = None
     if evaluation.get("thresholds"):
         thresholds_data = load_thresholds(evaluation["thresholds"])
