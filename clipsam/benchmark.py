@@ -302,10 +302,10 @@ def inprocess_runner(args: list[str], log: Path) -> int:
     """Run the CLI in this process (faster: no interpreter start per command), output to ``log``."""
     import contextlib
 
-    from clipsam.cli import main as cli_main
+    from clipsam.lightning_cli import run
 
     with log.open("w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-        return cli_main(args)
+        return run(args)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

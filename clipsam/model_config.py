@@ -22,7 +22,7 @@ from clipsam import methods, refiners
 from clipsam.errors import ConfigError
 from clipsam.settings import to_plain
 
-__all__ = ["ModelSettings", "OptimizerConfig", "deprecation_note", "resolve_model_settings"]
+__all__ = ["ModelSettings", "OptimizerConfig", "check_precision", "deprecation_note", "resolve_model_settings"]
 
 #: the method whose settings the deprecated ``model.clip`` / ``model.focal_gamma`` held.
 LEGACY_CLIP_METHOD = "april_gan"
@@ -72,6 +72,16 @@ class ModelSettings:
     refiner: str
     refiner_config: Any
     refiner_key: str
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a Trainer precision that would cast the trainable parameters too."""
+    if precision in ("bf16-true", "16-true", "64-true", "transformer-engine", "transformer-engine-float16"):
+        raise ConfigError(
+            f"trainer.precision={precision} would cast the trainable parameters too: use "
+            "trainer.precision=32-true and choose the dtype of the frozen models in the method's and "
+            "the refiner's settings (frozen_dtype, sam.dtype; bfloat16 is the fast path)"
+        )
 
 
 def _plain(value: Any) -> dict[str, Any] | None:

@@ -12,8 +12,7 @@ scores and reports; :mod:`clipsam.checkpoints` says what a checkpoint holds and 
 - ``predict``: the same pipeline; :class:`clipsam.callbacks.PredictionWriter` writes one mask PNG
   and one overlay PNG per image.
 
-Frozen backbones are built in :meth:`configure_model` (not in ``__init__``), so printing or
-validating a config never loads weights.
+Frozen backbones are built in :meth:`configure_model`: validating a config never loads weights.
 """
 
 from __future__ import annotations
@@ -28,11 +27,11 @@ from clipsam import checkpoints
 from clipsam.cascade import CascadeConfig
 from clipsam.errors import ConfigError
 from clipsam.evaluation import EvalConfig, Evaluator, run_info
-from clipsam.methods import DEFAULT_METHOD, METHODS
-from clipsam.model_config import OptimizerConfig, resolve_model_settings
+from clipsam.methods import DEFAULT_METHOD
+from clipsam.model_config import OptimizerConfig, check_precision, resolve_model_settings
 from clipsam.models.clip import ClipConfig
 from clipsam.models.sam import SamConfig
-from clipsam.pipeline import Pipeline
+from clipsam.pipeline import Pipeline, prediction_record
 from clipsam.prompting import PromptConfig
 from clipsam.settings import from_mapping, to_plain
 from clipsam.tiling import TilingConfig
@@ -57,11 +56,8 @@ class ClipSamModule(LightningModule):
         evaluation: fusion, reports, thresholds and predict outputs.
         image_size: the evaluation frame; linked from ``data.image_size`` by the CLI.
         tiling: tiled inference for large images; linked from ``data.tiling`` by the CLI.
-        clip: deprecated: APRIL-GAN's settings, now ``model.method_config``.
-        sam: deprecated: the SAM refiners' ``model.refiner_config.sam``.
-        prompt: deprecated: ``ppg_cps``'s ``model.refiner_config.prompt``.
-        cascade: deprecated: ``ppg_cps``'s ``model.refiner_config.cascade``.
-        focal_gamma: deprecated: APRIL-GAN's ``model.method_config.focal_gamma``.
+        clip, sam, prompt, cascade, focal_gamma: deprecated aliases of APRIL-GAN's
+            ``method_config`` and of the SAM refiners' ``refiner_config`` keys (:mod:`clipsam.model_config`).
     """
 
     def __init__(
@@ -141,12 +137,7 @@ class ClipSamModule(LightningModule):
 
     def check_stage(self, stage: str) -> None:
         """Refuse a stage this method cannot run; called by the CLI before any run folder exists."""
-        if stage == "fit" and not self.trainable:
-            raise ConfigError(
-                f"model.method={self.method} is training-free: there is nothing to fit. Run "
-                f"`clipsam test` with the same config (no --ckpt_path needed), or choose a trained "
-                f"method ({', '.join(n for n, spec in METHODS.items() if spec.trainable)})"
-            )
+        self.pipeline.check_stage(stage)
 
     def score_settings(self) -> dict[str, Any]:
         return self.pipeline.score_settings()
@@ -165,13 +156,7 @@ class ClipSamModule(LightningModule):
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
         self.check_stage(stage)
-        precision = str(self.trainer.precision)
-        if precision in ("bf16-true", "16-true", "64-true", "transformer-engine", "transformer-engine-float16"):
-            raise ConfigError(
-                f"trainer.precision={precision} would cast the trainable parameters too: use "
-                "trainer.precision=32-true and choose the dtype of the frozen models in the method's and "
-                "the refiner's settings (frozen_dtype, sam.dtype; bfloat16 is the fast path)"
-            )
+        check_precision(str(self.trainer.precision))
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_model_inputs"):
             datamodule.set_model_inputs(self.pipeline.input_specs(refiner=stage in _EVAL_STAGES))
@@ -304,21 +289,7 @@ class ClipSamModule(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         if not batch["path"]:  # every file of this batch failed to decode (see PredictionWriter)
             return {"path": [], "skipped": list(batch.get("skipped", []))}
-        result = self.decide(batch, self.inference(batch))
-        return {
-            "skipped": list(batch.get("skipped", [])),
-            "path": list(batch["path"]),
-            "category": list(batch["category"]),
-            "original_size": batch["original_size"].cpu(),
-            "scores": result["scores"].to(torch.float16).cpu(),  # (B, H, W), half to keep memory low
-            "mask": result["mask"].cpu(),
-            "image_scores": result["image_scores"].cpu(),
-            "labels": result["labels"].cpu(),
-            "image_thresholds": result["image_thresholds"],
-            "pixel_thresholds": result["pixel_thresholds"],
-            "threshold_scopes": result["threshold_scopes"],
-            "object_names": result["object_names"],
-        }
+        return prediction_record(batch, self.decide(batch, self.inference(batch)))
 
     def configure_callbacks(self) -> list[Any]:
         from clipsam.callbacks import PredictionWriter

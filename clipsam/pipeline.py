@@ -31,7 +31,7 @@ from clipsam.inputs import InputSpec, build_inputs, collect_specs
 from clipsam.settings import to_plain
 from clipsam.tiling import TilingConfig
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "prediction_record"]
 
 _RESULT_KEYS = ("anomaly_map", "scores", "mask", "image_scores", "clip_image_scores")
 
@@ -111,6 +111,15 @@ class Pipeline(nn.Module):
             "image_size": self.image_size,
             "tiling": to_plain(self.tiling),
         }
+
+    def check_stage(self, stage: str) -> None:
+        """Refuse a stage this method cannot run (``fit`` of a training-free method)."""
+        if stage == "fit" and not self.trainable:
+            raise ConfigError(
+                f"model.method={self.method} is training-free: there is nothing to fit. Run "
+                f"`clipsam test` with the same config (no --ckpt_path needed), or choose a trained "
+                f"method ({', '.join(n for n, spec in methods.METHODS.items() if spec.trainable)})"
+            )
 
     # ------------------------------------------------------------------ building
     def build_producer(self) -> nn.Module:
@@ -311,3 +320,21 @@ class Pipeline(nn.Module):
             "threshold_scopes": scopes,
             "object_names": [producer.object_name(c) for c in categories],
         }
+
+
+def prediction_record(batch: Mapping[str, Any], decided: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``predict`` hands its writer for a decided batch (host tensors, scores in half precision)."""
+    return {
+        "skipped": list(batch.get("skipped", [])),
+        "path": list(batch["path"]),
+        "category": list(batch["category"]),
+        "original_size": batch["original_size"].cpu(),
+        "scores": decided["scores"].to(torch.float16).cpu(),  # (B, H, W), half to keep memory low
+        "mask": decided["mask"].cpu(),
+        "image_scores": decided["image_scores"].cpu(),
+        "labels": decided["labels"].cpu(),
+        "image_thresholds": decided["image_thresholds"],
+        "pixel_thresholds": decided["pixel_thresholds"],
+        "threshold_scopes": decided["threshold_scopes"],
+        "object_names": decided["object_names"],
+    }

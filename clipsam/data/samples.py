@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from clipsam.errors import DatasetError
 
 __all__ = [
+    "save_image",
     "IMAGE_EXTENSIONS",
     "LOSSY_MASK_EXTENSIONS",
     "SIXTEEN_BIT_SCALING",
@@ -418,3 +419,15 @@ def validate_samples(
     if problems:
         more = f" ({len(problems) - 1} more file(s) in {what} have problems)" if len(problems) > 1 else ""
         raise DatasetError(problems[0] + more)
+
+
+def save_image(array: np.ndarray, path: Path) -> Path:
+    """Write ``array`` (uint8 (H, W) or (H, W, 3)) to ``path``; the suffix picks the codec.
+
+    JPEG is written at quality 95; PNG, BMP and TIFF are lossless. Parent folders are created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+    fmt = codec[path.suffix.lower()]
+    Image.fromarray(array).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return path

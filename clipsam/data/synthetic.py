@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from clipsam.data.samples import save_image  # re-exported: where it always was
 from clipsam.errors import DatasetError
 
 __all__ = [
@@ -531,18 +532,6 @@ def generate_synthetic(
 # Every other dataset format: small synthetic layouts written by each format's own writer
 # --------------------------------------------------------------------------------------------
 _PARTS = ("train_good", "test_good", "test_anomalous")
-
-
-def save_image(array: np.ndarray, path: Path) -> Path:
-    """Write ``array`` (uint8 (H, W) or (H, W, 3)) to ``path``; the suffix picks the codec.
-
-    JPEG is written at quality 95; PNG, BMP and TIFF are lossless. Parent folders are created.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    codec = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
-    fmt = codec[path.suffix.lower()]
-    Image.fromarray(array).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return path
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,19 @@ lower than on datasets with tight masks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
 import numpy as np
 
 from clipsam.data.formats import DatasetFormat, register
 from clipsam.data.formats.common import check_root, image_files, resolve_categories
-from clipsam.data.samples import Sample
-from clipsam.data.synthetic import SynthSource, save_image
+from clipsam.data.samples import Sample, save_image
 from clipsam.errors import DatasetError
+
+if TYPE_CHECKING:  # the synthetic writers get a source; formats never import the generator
+    from clipsam.data.synthetic import SynthSource
 
 __all__ = ["DAGM_CATEGORIES"]
 

@@ -18,15 +18,19 @@ The MVTec-like conversions of AnomalyCLIP/AdaCLIP (``<cat>/test/{good,defect}``,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pathlib import Path
 
 import numpy as np
 
 from clipsam.data.formats import DatasetFormat, register
 from clipsam.data.formats.common import check_root, image_files, parse_mvtec_like, resolve_categories
-from clipsam.data.samples import Sample, read_mask
-from clipsam.data.synthetic import SynthSource, save_image
+from clipsam.data.samples import Sample, read_mask, save_image
 from clipsam.errors import DatasetError
+
+if TYPE_CHECKING:  # the synthetic writers get a source; formats never import the generator
+    from clipsam.data.synthetic import SynthSource
 
 __all__ = ["KSDD2_CATEGORIES", "KSDD_CATEGORIES"]
 

@@ -31,6 +31,8 @@ The MVTec-like conversions of AdaCLIP/AnomalyCLIP (``<cat>/test/{good,<defect>}`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +42,11 @@ import numpy as np
 
 from clipsam.data.formats import DatasetFormat, register
 from clipsam.data.formats.common import check_root, image_files, parse_mvtec_like, resolve_categories
-from clipsam.data.samples import Sample
-from clipsam.data.synthetic import SynthSource, save_image
+from clipsam.data.samples import Sample, save_image
 from clipsam.errors import DatasetError
+
+if TYPE_CHECKING:  # the synthetic writers get a source; formats never import the generator
+    from clipsam.data.synthetic import SynthSource
 
 __all__ = ["MEDICAL_THRESHOLD"]
 

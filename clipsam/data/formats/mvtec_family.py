@@ -30,6 +30,8 @@ structural separately and their mean (scripts/zero_shot_suite.py runs both subse
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from pathlib import Path
 
@@ -37,8 +39,10 @@ import numpy as np
 
 from clipsam.data.formats import DatasetFormat, register
 from clipsam.data.formats.common import parse_mvtec_like
-from clipsam.data.samples import Sample
-from clipsam.data.synthetic import SynthSource, save_image
+from clipsam.data.samples import Sample, save_image
+
+if TYPE_CHECKING:  # the synthetic writers get a source; formats never import the generator
+    from clipsam.data.synthetic import SynthSource
 
 __all__ = [
     "BTAD_CATEGORIES",

@@ -21,6 +21,8 @@ folder is the first of realiad_1024, realiad_512, realiad_256, realiad_raw prese
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 import logging
 from pathlib import Path
@@ -29,9 +31,11 @@ import numpy as np
 
 from clipsam.data.formats import DatasetFormat, register
 from clipsam.data.formats.common import check_root, resolve_categories
-from clipsam.data.samples import Sample
-from clipsam.data.synthetic import SynthSource, save_image
+from clipsam.data.samples import Sample, save_image
 from clipsam.errors import DatasetError
+
+if TYPE_CHECKING:  # the synthetic writers get a source; formats never import the generator
+    from clipsam.data.synthetic import SynthSource
 
 __all__ = ["REALIAD_CATEGORIES", "REALIAD_SUBSETS"]
 
