@@ -1,4 +1,4 @@
-"""CPS: Cascaded Prompts for SAM over a mask-decoder callable (METHOD.md, Eq. 8-12).
+"""CPS: Cascaded Prompts for SAM over a mask-decoder callable (the paper, Eq. 8-12).
 
 Three calls of SAM's light mask decoder on one image embedding:
 

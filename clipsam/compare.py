@@ -51,7 +51,7 @@ PIXEL_METRICS = ("pixel_auroc", "pixel_f1_max", "pixel_ap")
 OPTIONAL_METRICS = ("pixel_aupro", "image_auroc", "image_f1_max", "image_ap")
 
 PAPER_SOURCE = (
-    "arXiv 2510.11028, zero-shot pixel-level results table (as restated in METHOD.md, 'Reported results'); "
+    "arXiv 2510.11028, zero-shot pixel-level results table (the paper's reported numbers); "
     "the column is the TEST dataset (MVTec = trained on VisA, tested on MVTec-AD)"
 )
 # Percent. None: not reported. Keys are the paper's row names; :func:`paper_row` maps clipsam rows.
@@ -439,7 +439,7 @@ def print_comparison(comparison: Comparison, *, per_category: bool = True, conso
         show(
             f"clipsam compare, test dataset {dataset}: mean over categories (percent; paper in parentheses)",
             *summary_table(comparison, dataset),
-            caption="paper: arXiv 2510.11028 as in METHOD.md; '!': not comparable, see below",
+            caption="paper: arXiv 2510.11028; '!': not comparable, see below",
         )
     for note in _notes(comparison):
         console.print(f"[bold yellow]! {note}[/]")

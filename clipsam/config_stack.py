@@ -183,12 +183,13 @@ def stack_cli_args(args: Sequence[str]) -> list[str]:
     import yaml
 
     args = list(args)
-    if not args or args[0] not in SUBCOMMANDS:
-        return args
+    if not args or (args[0] not in SUBCOMMANDS and not args[0].startswith("--")):
+        return args  # another command (data, compare, ...), or --help of the whole CLI
+    start = 1 if args[0] in SUBCOMMANDS else 0  # without a subcommand: ClipSamCLI(run=False)
     layers: list[dict[str, Any]] = []
-    rest: list[str] = [args[0]]
+    rest: list[str] = args[:start]
     touched = False
-    i = 1
+    i = start
     while i < len(args):
         arg = args[i]
         if arg == "--config" or arg.startswith("--config="):
@@ -218,4 +219,4 @@ def stack_cli_args(args: Sequence[str]) -> list[str]:
     atexit.register(shutil.rmtree, folder, True)
     path = folder / "stacked.yaml"
     path.write_text(yaml.safe_dump(merged, sort_keys=False))
-    return [rest[0], "--config", str(path), *rest[1:]]
+    return [*rest[:start], "--config", str(path), *rest[start:]]

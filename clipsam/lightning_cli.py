@@ -163,6 +163,17 @@ class ClipSamCLI(LightningCLI):
     PredictionWriter's, with its own ``INCOMPLETE`` marker): no logger run folder, no W&B run.
     """
 
+    def __init__(self, *pos: Any, args: Any = None, **kwargs: Any) -> None:
+        # Stacked --config files merge key by key (clipsam.config_stack) before Lightning parses.
+        from clipsam.config_stack import stack_cli_args
+
+        given = list(sys.argv[1:]) if args is None else args
+        if isinstance(given, list):
+            stacked = stack_cli_args(given)
+            if stacked != given:
+                args = stacked
+        super().__init__(*pos, args=args, **kwargs)
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault(
@@ -314,13 +325,9 @@ class _NoTips(logging.Filter):
 
 def build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
     """The CLI for ``args`` (None: ``sys.argv``), run unless ``run`` is False."""
-    from clipsam.config_stack import stack_cli_args
     from clipsam.data.datamodule import AnomalyDataModule
     from clipsam.module import ClipSamModule
 
-    given = list(sys.argv[1:] if args is None else args)
-    stacked = stack_cli_args(given)
-    args = None if args is None and stacked == given else stacked
     _silence_expected_warnings()
     try:
         return ClipSamCLI(

@@ -1,6 +1,6 @@
 """Segmentation losses of the CLIP stage (pure torch).
 
-The per-layer loss of APRIL-GAN (METHOD.md, "The protocol the baselines share"): focal loss
+The per-layer loss of APRIL-GAN (the protocol the paper shares with APRIL-GAN and AnomalyCLIP): focal loss
 (gamma 2) on the two-channel (normal, anomalous) softmax plus a binary dice loss on the
 anomalous channel, summed over the tapped layers.
 

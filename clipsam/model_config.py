@@ -79,8 +79,8 @@ def check_precision(precision: str) -> None:
     if precision in ("bf16-true", "16-true", "64-true", "transformer-engine", "transformer-engine-float16"):
         raise ConfigError(
             f"trainer.precision={precision} would cast the trainable parameters too: use "
-            "trainer.precision=32-true and choose the dtype of the frozen models in the method's and "
-            "the refiner's settings (frozen_dtype, sam.dtype; bfloat16 is the fast path)"
+            "trainer.precision=32-true and choose the dtype of the frozen models with "
+            "model.method_config.frozen_dtype and model.refiner_config.sam.dtype (bfloat16 is the fast path)"
         )
 
 

@@ -1,4 +1,4 @@
-"""PPG: Co-Feature Point Prompt Generation (METHOD.md, Eq. 1-7).
+"""PPG: Co-Feature Point Prompt Generation (the paper, Eq. 1-7).
 
 CLIP says where the anomaly is, SAM's own features say which nearby pixels surely are
 background. Given the CLIP anomaly map ``Map_a`` and the SAM image-encoder features ``F``:

@@ -1,6 +1,6 @@
 """Text prompt ensemble for the CLIP stage (pure Python).
 
-The ensemble is the one APRIL-GAN, AnomalyCLIP and the paper share (METHOD.md, "The protocol
+The ensemble is the one APRIL-GAN, AnomalyCLIP and the paper share (the paper, "The protocol
 the baselines share"): every state word of a class ("normal" or "anomalous") filled with the
 object name, then put into each of the 35 CLIP photo templates. The text encoder averages the
 L2-normalised embeddings of one class and normalises the mean again (see

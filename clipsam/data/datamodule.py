@@ -7,7 +7,7 @@ One config serves zero-shot evaluation::
       test:  {format: visa,  root: ${oc.env:VISA_ROOT,data/visa}}       # test/validate: target
       image_size: 518
 
-Per METHOD.md the fit stage trains on the auxiliary dataset's TEST split (only it has anomalies
+As in the paper, the fit stage trains on the auxiliary dataset's TEST split (only it has anomalies
 and masks), so :class:`DatasetSpec` defaults to ``split="test"`` for both stages. ``predict``
 reads a plain folder of the user's images (``predict_dir``).
 

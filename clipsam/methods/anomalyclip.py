@@ -1,6 +1,6 @@
 """AnomalyCLIP (Zhou et al., ICLR 2024): object-agnostic learnable prompts + DPAM.
 
-As restated in ../shared/BASELINES.md section 2 (from zqhang/AnomalyCLIP with its Apr 2025
+Restated from its public reference code (from zqhang/AnomalyCLIP with its Apr 2025
 fixes; written anew for open_clip 3.x, whose blocks are batch-first):
 
 1. the frame is squash-resized (bicubic) to ``input_size`` (518 for ViT-L-14-336); the 24 x 24

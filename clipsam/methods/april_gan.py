@@ -7,7 +7,7 @@ A frozen open_clip ViT with one trained linear adapter per tapped layer
 - :meth:`AprilGan.forward` returns ``Map_a`` (B, H, W) and the image scores, with the per-layer
   probabilities in ``extras["layer_probs"]`` (B, L, 2, H, W) for the loss;
 - :meth:`AprilGan.loss` is focal + dice per tapped layer, summed over layers
-  (:func:`clipsam.losses.anomaly_loss`, METHOD.md);
+  (:func:`clipsam.losses.anomaly_loss`);
 - the trainable state is the adapters only (``model.adapters.*``).
 
 Its settings are :class:`AprilGanConfig` (``model.method_config``): the keys of

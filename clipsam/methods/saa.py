@@ -1,6 +1,6 @@
 """SAA and SAA+ (Cao et al., arXiv 2305.10724): training-free Grounding DINO + SAM anomaly maps.
 
-Restated from ../shared/BASELINES.md section 4 and the public reference code
+Restated from the public reference code
 (caoyunkang/Segment-Any-Anomaly, ``SAA/model.py``); our own code. Per frame image:
 
 1. **Text-guided box proposals.** Grounding DINO (Hugging Face ``GroundingDinoForObjectDetection``)

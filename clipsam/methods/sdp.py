@@ -1,6 +1,6 @@
 """SDP and SDP+ (CLIP-AD, Chen et al., arXiv 2311.00453): staged v-v path, feature surgery.
 
-As restated in ../shared/BASELINES.md section 5 (from ByChelsea/CLIP-AD; written anew for
+Restated from its public reference code (from ByChelsea/CLIP-AD; written anew for
 open_clip 3.x, whose blocks are batch-first):
 
 SDP (training-free), at ``input_size`` (240 for ViT-B-16-plus-240, a 15 x 15 grid):

@@ -3,7 +3,7 @@
 ClipSAM (arXiv 2401.12665) released no code and its method section was not available here. Its
 abstract says UMCI "makes the text features and the features of several CLIP layers interact, at
 the row/column (strip) level and at the multi-scale level"; this module is the reconstruction of
-../shared/BASELINES.md section 3, every choice a config key. Report it as "ClipSAM-rec".
+every choice a config key. Report it as "ClipSAM-rec".
 
 Per tapped layer l of the frozen CLIP visual tower (patch tokens ``X_l``, (B, N, C)):
 
@@ -68,7 +68,7 @@ class UmciConfig:
     Attributes:
         clip: the frozen backbone, tapped layers, prompts, smoothing, image score and logit
             scale (the keys of ``model.clip``; its adapters are not used).
-        num_heads: heads of the strip cross-attention (BASELINES.md: 8); must divide D.
+        num_heads: heads of the strip cross-attention (the reconstruction's choice: 8); must divide D.
         strip: switch the strip (row/column) interaction on.
         scale: switch the multi-scale interaction on.
         scales: average-pooling kernel sizes of the multi-scale branch (odd, stride 1,

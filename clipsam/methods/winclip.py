@@ -1,6 +1,6 @@
 """WinCLIP zero-shot (Jeong et al., CVPR 2023): training-free window scores, harmonic aggregation.
 
-As restated in ../shared/BASELINES.md section 1 (anomalib's re-implementation is the default;
+Restated from its public reference code (anomalib's re-implementation is the default;
 written anew here for open_clip 3.x, whose transformer is batch-first):
 
 1. the ORIGINAL image is squash-resized to ``input_size`` (240 for ViT-B-16-plus-240, a 15 x 15

@@ -1,6 +1,6 @@
 """CLIP stage: a frozen open_clip model, linear adapters on tapped layers, the anomaly map.
 
-METHOD.md, "CLIP localises" and "The protocol the baselines share" (APRIL-GAN's recipe, read
+the paper's CLIP stage and the protocol it shares with APRIL-GAN and AnomalyCLIP (APRIL-GAN's recipe, read
 from its released train.py / test.py):
 
 1. the frozen visual tower runs on the frame image; the residual-stream tokens after the

@@ -81,13 +81,13 @@ class MmrConfig:
     """Settings of the MMR refiner (``model.refiner_config``; ClipSAM-rec's choices).
 
     Attributes:
-        threshold: tau, ``S_a = Map_a >= tau`` on the [0, 1] map (BASELINES.md: 0.5).
+        threshold: tau, ``S_a = Map_a >= tau`` on the [0, 1] map (the reconstruction's choice: 0.5).
         min_area: components of ``S_a`` with fewer pixels (in the frame) are dropped.
             Our choice: 16 pixels (a 4 x 4 patch), so single-pixel noise gets no prompt.
         max_regions: at most this many components are prompted, highest ``Map_a`` peak first
             (bounds SAM calls on noisy maps); 0 means no cap.
         top_k: k, the number of highest-``Map_a`` pixels of a component used as positive points
-            (BASELINES.md: 1).
+            (the reconstruction's choice: 1).
         prompt_sets: the prompt combinations, one SAM call each: ``"points"`` (the top-k
             points), ``"box"`` (the component's bounding box), ``"points_box"`` (both).
         multimask_output: SAM's 3-mask output per call (True: 3 masks per call, 9 per region).

@@ -106,7 +106,7 @@ def run_args(tmp_path: Path, *, max_epochs: int = 1, extra: Sequence[str] = ()) 
         "--data.num_workers=0",
         f"--trainer.max_epochs={max_epochs}",
         "--trainer.enable_progress_bar=false",
-        "--model.sam.embedding_cache_dir=",
+        "--model.refiner_config.sam.embedding_cache_dir=",
         f"--model.evaluation.predict_dir={tmp_path / 'predict_out'}",
         *extra,
     ]

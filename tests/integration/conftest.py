@@ -49,7 +49,7 @@ def fast_args(tmp_path: Path) -> list[str]:
         "--data.num_workers=0",
         "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false",
-        f"--model.sam.embedding_cache_dir={tmp_path / 'emb_cache'}",
+        f"--model.refiner_config.sam.embedding_cache_dir={tmp_path / 'emb_cache'}",
         f"--model.evaluation.predict_dir={tmp_path / 'predict_out'}",
     ]
 

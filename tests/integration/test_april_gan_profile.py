@@ -36,7 +36,7 @@ def test_profile_stacks_on_the_paper_config(direction: str, monkeypatch: pytest.
     paper, paper_data = _instantiate(f"configs/{direction}.yaml")
     module, data = _instantiate(f"configs/{direction}.yaml", f"configs/methods/april_gan_{direction}.yaml")
 
-    clip = module.clip_config
+    clip = module.method_config
     assert (clip.model_name, clip.pretrained, clip.layers) == ("ViT-L-14-336", "openai", [6, 12, 18, 24])
     assert clip.quick_gelu is False and clip.object_name == "raw" and clip.upsample == "logits"
     assert clip.layer_combine == "sum" and clip.smoothing_sigma == 0.0 and clip.image_score == "clip_global"
@@ -49,7 +49,7 @@ def test_profile_stacks_on_the_paper_config(direction: str, monkeypatch: pytest.
     assert module.optimizer_config.lr == 1e-3 and tuple(module.optimizer_config.betas) == (0.5, 0.999)
 
     # The paper config keeps the paper's settings and takes the fidelity fixes.
-    pc = paper.clip_config
+    pc = paper.method_config
     assert paper_data.batch_size == 16 and paper.refiner_name == "ppg_cps"
     assert pc.quick_gelu is None and pc.object_name == "category" and pc.layer_combine == "mean"
     assert pc.upsample == "logits" and pc.image_score == "clip_global" and pc.frozen_dtype == "float32"
@@ -82,7 +82,7 @@ def test_profile_runs_clipsam_test_on_generated_data(direction: str, in_tmp_cwd:
     )
     report = json.loads((Path(run.trainer.log_dir) / "test_results.json").read_text())
     assert report["config"]["image_score"] == "clip_global"
-    assert report["config"]["clip"]["object_name"] == "raw"
+    assert report["config"]["method_config"]["object_name"] == "raw"
     assert report["clip_only"] is None  # the CLIP stage is the method
     per_category = report["results"]["per_category"]
     assert sorted(per_category) == ["capsule", "mesh"]

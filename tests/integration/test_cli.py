@@ -56,10 +56,12 @@ def test_every_ablation_instantiates_on_a_base_config(ablation: str, monkeypatch
     if "kernel_shape" in text:
         shape = text.split("kernel_shape:")[1].split()[0]
         size = int(text.split("kernel_size:")[1].split()[0])
-        assert module.prompt_config.kernel_shape == shape
-        assert module.prompt_config.kernel_size == size
+        assert module.refiner_config.prompt.kernel_shape == shape
+        assert module.refiner_config.prompt.kernel_size == size
     if "num_steps" in text:
-        assert module.cascade_config.num_steps == int(text.split("num_steps:")[1].split()[0])
+        assert module.refiner_config.cascade.num_steps == int(text.split("num_steps:")[1].split()[0])
+    if module.refiner_name != "none":  # the ablation changed one key and kept the base config's SAM
+        assert module.refiner_config.sam.variant == "vit_h"
     if "refiner: none" in text:
         assert module.refiner_name == "none"
     assert module.clip_model is None, "frozen backbones must not be built at instantiation"

@@ -57,9 +57,18 @@ def broken_copy(tmp_path: Path, synth_root: Path) -> Path:
 # ---------------------------------------------------------------------------- config errors
 def test_unknown_config_key_is_reported_by_lightningcli(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *fast_args(in_tmp_cwd), "--model.clip.bogus_key=1"])
+        main(["fit", *fast_args(in_tmp_cwd), "--model.bogus_key=1"])
     assert exit_info.value.code == 2
     assert "bogus_key" in capsys.readouterr().err
+    assert not (in_tmp_cwd / "runs").exists()
+
+
+@pytest.mark.parametrize("option", ["--model.method_config.bogus_key=1", "--model.clip.bogus_key=1", "--model.refiner_config.prompt.bogus_key=1"])
+def test_unknown_method_or_refiner_setting_is_one_line_naming_it(option: str, in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", *fast_args(in_tmp_cwd), option]) == 2
+    err = capsys.readouterr().err
+    named = "model.refiner_config.prompt.bogus_key" if "refiner" in option else "model.method_config.bogus_key"
+    assert f"clipsam: error: {named}: not a setting" in err and "Traceback" not in err
     assert not (in_tmp_cwd / "runs").exists()
 
 
@@ -226,4 +235,4 @@ def test_reports_never_overwrite_without_a_versioned_logger(in_tmp_cwd: Path, ad
 
 def test_true_half_precision_is_refused_with_the_fast_path_named(in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _run_expecting_error(["fit", *fast_args(in_tmp_cwd), "--trainer.precision=bf16-true"], capsys)
-    assert "trainer.precision=32-true" in err and "model.clip.frozen_dtype" in err
+    assert "trainer.precision=32-true" in err and "model.method_config.frozen_dtype" in err

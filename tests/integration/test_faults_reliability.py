@@ -130,9 +130,9 @@ def test_checkpoints_on_other_frozen_weights_are_refused(
     other = in_tmp_cwd / "other_weights.ckpt"
     torch.save(saved, other)
     line = _error(["test", *fast_args(in_tmp_cwd), "--ckpt_path", str(other)], capsys)
-    assert "laion2b_s32b_b82k" in line and "None" in line and "model.clip.pretrained" in line
+    assert "laion2b_s32b_b82k" in line and "None" in line and "model.method_config.pretrained" in line  # --model.clip is folded into it (with a note)
     line = _error(["test", *fast_args(in_tmp_cwd), "--model.clip.seed=7", "--ckpt_path", str(trained)], capsys)
-    assert "model.clip.seed=0" in line and "seed is 7" in line
+    assert "model.method_config.seed=0" in line and "seed is 7" in line
     _nothing_written(in_tmp_cwd)
 
 
