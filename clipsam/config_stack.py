@@ -34,7 +34,7 @@ from typing import Any
 
 from clipsam.errors import ConfigError
 
-__all__ = ["fold_legacy", "load_config_files", "merge_configs", "stack_cli_args"]
+__all__ = ["fill_settings", "fold_legacy", "load_config_files", "merge_configs", "stack_cli_args"]
 
 #: deprecated model keys -> (the settings they now live in, the key there; None: the whole mapping)
 LEGACY_KEYS = {
@@ -126,6 +126,45 @@ def fold_legacy(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "model": model}
 
 
+def _has_interpolation(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(_has_interpolation(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_interpolation(v) for v in value)
+    return isinstance(value, str) and "${" in value
+
+
+def fill_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """Write every setting of the configured method and refiner, defaults included, validated.
+
+    So ``--print_config`` and a run's ``config.yaml`` list the full settings, and a wrong key fails
+    here, before Lightning starts. Settings holding an unresolved ``${...}`` are validated later,
+    when the module is built.
+
+    Raises:
+        ConfigError: an unknown method/refiner or setting, named as ``model.method_config.<key>``.
+    """
+    from clipsam import methods, refiners
+    from clipsam.settings import to_plain
+
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(model, Mapping) or "init_args" in model:
+        return config
+    model = dict(model)
+    method = model.get("method") or _DEFAULTS["method"]
+    if not _has_interpolation(model.get("method_config")):
+        model["method_config"] = to_plain(methods.method_config(method, model.get("method_config")))
+    refiner = model.get("refiner")
+    if refiner is None:
+        use_sam = (model.get("evaluation") or {}).get("use_sam", True)
+        refiner = _DEFAULTS["refiner"] if use_sam is not False else "none"
+    if refiner == "none" or refiners.get_refiner(refiner).module == "":
+        model.pop("refiner_config", None)
+    elif not _has_interpolation(model.get("refiner_config")):
+        model["refiner_config"] = to_plain(refiners.refiner_config(refiner, model.get("refiner_config")))
+    return {**config, "model": model}
+
+
 def load_config_files(files: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
     """Read YAML configs and merge them (interpolations such as ``${oc.env:...}`` kept unresolved).
 
@@ -214,7 +253,7 @@ def stack_cli_args(args: Sequence[str]) -> list[str]:
         i += 1
     if not touched:
         return args
-    merged = merge_configs(layers)
+    merged = fill_settings(merge_configs(layers))
     folder = Path(tempfile.mkdtemp(prefix="clipsam-config-"))
     atexit.register(shutil.rmtree, folder, True)
     path = folder / "stacked.yaml"

@@ -121,7 +121,13 @@ class _HelpFormatter(DefaultHelpFormatter):
     """jsonargparse's formatter without raw Sphinx markup in the help of each key."""
 
     def _get_help_string(self, action: Any) -> str:
-        return clean_help(super()._get_help_string(action))
+        text = clean_help(super()._get_help_string(action))
+        dest = str(getattr(action, "dest", ""))
+        if dest.endswith("model.method_config") or dest.endswith("model.refiner_config"):
+            from clipsam.settings_help import settings_listing
+
+            text += "\n" + settings_listing("method" if dest.endswith("method_config") else "refiner")
+        return text
 
     def _format_text(self, text: str) -> str:
         return super()._format_text(clean_help(text))
