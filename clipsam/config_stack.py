@@ -34,7 +34,7 @@ from typing import Any
 
 from clipsam.errors import ConfigError
 
-__all__ = ["fill_settings", "fold_legacy", "load_config_files", "merge_configs", "stack_cli_args"]
+__all__ = ["fill_settings", "fold_legacy", "load_config_files", "merge_configs", "set_dotted", "stack_cli_args"]
 
 #: deprecated model keys -> (the settings they now live in, the key there; None: the whole mapping)
 LEGACY_KEYS = {
@@ -201,7 +201,8 @@ def _split_option(args: list[str], i: int) -> tuple[str, str | None, int]:
     return arg, None, i + 1
 
 
-def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """``config[a][b][c] = value`` for ``dotted="a.b.c"`` (missing or non-mapping levels become mappings)."""
     node = config
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -245,7 +246,7 @@ def stack_cli_args(args: Sequence[str]) -> list[str]:
             if value is None:
                 raise ConfigError(f"{name} needs a value: {name}=<value>")
             layer: dict[str, Any] = {}
-            _set_dotted(layer, name[2:], yaml.safe_load(value) if value != "" else None)
+            set_dotted(layer, name[2:], yaml.safe_load(value) if value != "" else None)
             layers.append(layer)
             touched = True
             continue

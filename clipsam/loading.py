@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clipsam.config_stack import set_dotted  # re-exported: the API's and export's dotted overrides
 from clipsam.errors import ConfigError, WeightsError
 
 __all__ = [
@@ -58,18 +59,6 @@ def load_config(config: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
         return OmegaConf.to_container(OmegaConf.create(merged), resolve=True)  # type: ignore[return-value]
     except Exception as err:  # an interpolation that does not resolve
         raise ConfigError(f"cannot resolve the config: {err}") from err
-
-
-def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    """``config[a][b][c] = value`` for ``key="a.b.c"`` (missing levels created)."""
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[parts[-1]] = value
 
 
 def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -127,8 +127,6 @@ def resolve_model_settings(
             a setting given twice (in its section and in its deprecated alias).
     """
     name = str(method)
-    spec = methods.get_method(name)
-    del spec
     method_values = _plain(method_config)
     method_key = "model.method_config"
     if clip is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "build_open_clip",
     "check_vit",
     "encode_sentences",
+    "pil_input_specs",
     "resize_images",
     "resize_positional_embedding",
     "value_value_attention",
@@ -172,6 +173,17 @@ def check_vit(clip_model: nn.Module, section: str, model_name: str) -> nn.Module
     if not getattr(visual.transformer, "batch_first", True):
         raise ConfigError(f"{section}.model_name={model_name!r}: a sequence-first transformer is not supported.")
     return visual
+
+
+def pil_input_specs(input_size: int | None, *, image_size: int) -> list[Any]:
+    """The CLIP-AD / AnomalyCLIP input: PIL's (antialiased) bicubic resize of the ORIGINAL image to
+    ``input_size``, squashed, CLIP-normalised; none besides the frame when that is the frame."""
+    from clipsam.inputs import InputSpec
+
+    size = int(input_size or image_size)
+    if size == int(image_size):
+        return []  # exactly the evaluation frame
+    return [InputSpec(key="method_image", size=size, resize="pil_bicubic", normalize="clip")]
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from clipsam.errors import ConfigError
 from clipsam.inputs import InputSpec
 from clipsam.losses import dice_loss, focal_loss
-from clipsam.methods._openclip import DTYPES, FrozenClipMixin, build_open_clip, check_vit, resize_images, vv_residual
+from clipsam.methods._openclip import DTYPES, FrozenClipMixin, build_open_clip, check_vit, pil_input_specs, resize_images, vv_residual
 from clipsam.methods.base import MapOutput, MapProducer
 from clipsam.models.clip import gaussian_blur
 
@@ -374,12 +374,8 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
 
 
 def input_specs(config: AnomalyClipConfig, *, image_size: int) -> list[InputSpec]:
-    """The reference's input: PIL's (antialiased) bicubic resize of the ORIGINAL image to
-    ``input_size``, squashed, CLIP-normalised (none besides the frame when that is the frame)."""
-    size = int(config.input_size or image_size)
-    if size == int(image_size):
-        return []  # exactly the evaluation frame
-    return [InputSpec(key="method_image", size=size, resize="pil_bicubic", normalize="clip")]
+    """The reference's input (:func:`clipsam.methods._openclip.pil_input_specs`)."""
+    return pil_input_specs(config.input_size, image_size=image_size)
 
 
 def build(config: AnomalyClipConfig, *, image_size: int) -> AnomalyClip:

@@ -65,6 +65,7 @@ from clipsam.methods._openclip import (
     build_open_clip,
     check_vit,
     encode_sentences,
+    pil_input_specs,
     resize_images,
     vv_residual,
 )
@@ -543,12 +544,8 @@ class SdpPlus(Sdp):
 
 
 def input_specs(config: SdpConfig, *, image_size: int) -> list[InputSpec]:
-    """The reference's input: PIL's (antialiased) bicubic resize of the ORIGINAL image to
-    ``input_size``, squashed, CLIP-normalised (none besides the frame when that is the frame)."""
-    size = int(config.input_size or image_size)
-    if size == int(image_size):
-        return []  # exactly the evaluation frame
-    return [InputSpec(key="method_image", size=size, resize="pil_bicubic", normalize="clip")]
+    """The reference's input (:func:`clipsam.methods._openclip.pil_input_specs`)."""
+    return pil_input_specs(config.input_size, image_size=image_size)
 
 
 def _build(cls: type[Sdp], config: SdpConfig, image_size: int) -> Sdp:
