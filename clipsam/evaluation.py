@@ -131,10 +131,20 @@ class Evaluator:
         with_refiner: whether a refiner runs; then, with ``report_clip_baseline`` and a fusion
             other than ``clip``, the producer's map is also scored (the CLIP-only baseline).
         keep_overlays: whether this process keeps overlays (rank 0).
+        category_image_scores: the pipeline's per-category image score
+            (:meth:`clipsam.pipeline.Pipeline.category_image_scores`), used for the image
+            metrics; None keeps the per-image scores.
     """
 
     def __init__(
-        self, config: EvalConfig, categories: list[str], *, device: torch.device, with_refiner: bool, keep_overlays: bool = True
+        self,
+        config: EvalConfig,
+        categories: list[str],
+        *,
+        device: torch.device,
+        with_refiner: bool,
+        keep_overlays: bool = True,
+        category_image_scores: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     ) -> None:
         from clipsam.metrics.collection import PerCategoryMetrics
 
@@ -150,6 +160,7 @@ class Evaluator:
             pr_curve_points=config.pr_curve_points,
             threshold_method=config.threshold_method,
             target_fpr=config.target_fpr,
+            category_image_scores=category_image_scores,
             **kwargs,
         ).to(device)
         self.clip_metrics = None
@@ -173,6 +184,7 @@ class Evaluator:
                 "labels": batch["label"],
                 "sample_ids": batch["index"],
                 "has_mask": batch["has_mask"],
+                **({"image_score_parts": result["image_score_parts"]} if "image_score_parts" in result else {}),
             }
         )
         common = {
@@ -182,7 +194,9 @@ class Evaluator:
             "sample_ids": host["sample_ids"],
             "has_mask": host["has_mask"],
         }
-        self.metrics.update(host["scores"], image_scores=host["image_scores"], **common)
+        self.metrics.update(
+            host["scores"], image_scores=host["image_scores"], image_score_parts=host.get("image_score_parts"), **common
+        )
         if self.clip_metrics is not None:
             self.clip_metrics.update(host["anomaly_map"], image_scores=host["clip_image_scores"], **common)
         self._collect_overlays(batch, result)

@@ -266,12 +266,18 @@ class FrozenClipMixin:
         return self.visual.conv1.weight.device
 
     def _per_category_text(
-        self, categories: Sequence[str], object_name_mode: str, encode_object: Callable[[str, torch.device], Tensor]
+        self,
+        categories: Sequence[str],
+        object_name_mode: str,
+        encode_object: Callable[[str, torch.device], Tensor],
+        *,
+        variant: str = "",
     ) -> Tensor:
         """Stack ``encode_object(object_name, device)`` over the categories, once per object name.
 
-        Results are kept in ``self._text_cache`` (object name -> tensor) and recomputed when the
-        model moved to another device.
+        Results are kept in ``self._text_cache`` (object name, or ``"<object name>|<variant>"``
+        for text built with other settings, -> tensor) and recomputed when the model moved to
+        another device.
         """
         from clipsam.prompts import object_name_for
 
@@ -280,9 +286,10 @@ class FrozenClipMixin:
         out = []
         for category in categories:
             object_name = object_name_for(category, object_name_mode)
-            cached = cache.get(object_name)
+            key = f"{object_name}|{variant}" if variant else object_name
+            cached = cache.get(key)
             if cached is None or cached.device != device:
-                cached = cache[object_name] = encode_object(object_name, device)
+                cached = cache[key] = encode_object(object_name, device)
             out.append(cached)
         return torch.stack(out)
 

@@ -17,12 +17,15 @@ SDP (training-free), at ``input_size`` (240 for ViT-B-16-plus-240, a 15 x 15 gri
 3. feature surgery per tap (:func:`feature_surgery`), summed over the taps; the anomalous
    channel without the class token, reshaped to the grid, bilinear to ``input_size``, Gaussian
    (sigma 8);
-4. image score: the reference sums, per category, the min-max normalised text score
-   ``softmax(100 F_cls . t)[a]`` (F_cls = the last tap's class embedding) and the min-max
-   normalised map maximum. That needs every image of a category, so per batch the producer
-   returns ``image_score`` = ``"mean"`` of the two raw scores (default), ``"text"`` or
-   ``"map_max"``; both raw scores are in ``extras`` and :func:`category_minmax_image_scores`
-   computes the reference's score over a whole category.
+4. image score (``image_score: category_minmax``, the reference's): per category, the min-max
+   normalised text score ``softmax(100 F_cls . t)[a]`` (F_cls = the last tap's class embedding)
+   plus the min-max normalised map maximum (CLIP-AD ``util/metrics.py``), halved to [0, 1]
+   (:func:`category_minmax_image_scores`). That needs every image of a category: the producer
+   returns both raw scores as ``extras["image_score_parts"]`` and :meth:`Sdp.category_image_scores`
+   combines them when ``clipsam test`` has seen the whole category. A single image (predict,
+   :class:`clipsam.Segmenter`, decision thresholds) gets the per-image stand-in, the mean of the
+   text score and the map maximum; ``"mean"``, ``"text"`` and ``"map_max"`` use that per-image
+   score for the metrics as well.
 
 SDP+: four ``Linear(width -> embed)`` on the ORIGINAL path's tap tokens (no ln_post/proj,
 class token dropped); ``map_l = softmax(100 cos(linear_l(o), t))[a]``, the logits bilinear
@@ -36,10 +39,20 @@ in [-T, T] (T taps); SDP+ adds L maps in [0, 1]. ``anomaly_map`` is the raw map 
 onto [0, 1] (``(raw + T) / (2T)``, SDP+ ``(raw + T) / (2T + L)``): strictly increasing and the
 same for every image, so every pixel metric (AUROC, AP, F1-max, AUPRO) equals the reference's.
 
-``reference_aliasing``: CLIP-AD's code adds block b+1's attention output IN PLACE to the
-tensor it stored as o_b's tap, so its "original" tap tokens (and the class token swapped into
-the v-v taps) at every tap but the last are ``o_b + attn_{b+1}(ln_1(o_b))`` rather than o_b.
-``False`` (default) implements the method as described; ``True`` reproduces the code.
+``reference_aliasing`` (default True, the reference's): CLIP-AD's code adds block b+1's
+attention output IN PLACE to the tensor it stored as o_b's tap, so its "original" tap tokens (and
+the class token swapped into the v-v taps) at every tap but the last are
+``o_b + attn_{b+1}(ln_1(o_b))`` rather than o_b. ``False`` implements the method as the paper
+describes it (SDP+ map 0.074 apart on the tiny parity model).
+
+``text_fp16`` (default True, the reference's): CLIP-AD casts each DBSCAN class vector to float16
+and normalises it in float16; without that rounding the class vectors differ by 2e-4, the text
+score by 3e-3 and the SDP+ map by 6e-3 on the tiny parity model.
+
+SDP+ training (CLIP-AD ``train.py``): the class vectors come from the TRAINING dataset's DBSCAN
+settings (``fit_dbscan_eps`` / ``fit_dbscan_min_samples``: 0.5 / 15 for MVTec-AD, 1.5 / 25 for
+VisA), the test's from ``dbscan_eps`` / ``dbscan_min_samples``; ground-truth masks are resized to
+the input size and binarised at 0.5 (:meth:`SdpPlus.loss`).
 
 Dimension symbols: B batch, T taps, N = 1 + h * w tokens, C token width, D embedding width,
 S the model's input side.
@@ -147,6 +160,7 @@ TEMPLATES: tuple[str, ...] = (
 """SDP's 22 templates, in CLIP-AD's order."""
 
 _KEY = "model.method_config"
+IMAGE_SCORES = ("category_minmax", "mean", "text", "map_max")
 
 
 @dataclass
@@ -164,13 +178,20 @@ class SdpConfig:
         dbscan_eps: DBSCAN radius on the unit text embeddings (reference: 0.5 MVTec, 1.5 VisA).
         dbscan_min_samples: DBSCAN core size (reference: 15 MVTec, 25 VisA).
         smoothing_sigma: Gaussian sigma in pixels of the input size (8; 0 disables).
-        image_score: ``"mean"`` of the text score and the raw map maximum (per-batch stand-in
-            of the reference's per-category min-max sum), ``"text"`` or ``"map_max"``.
+        fit_dbscan_eps: DBSCAN radius of the class vectors while training (SDP+; the training
+            dataset's setting in the reference); ``None``: ``dbscan_eps``.
+        fit_dbscan_min_samples: DBSCAN core size while training; ``None``: ``dbscan_min_samples``.
+        image_score: ``"category_minmax"`` (the reference's: per category, min-max of the text
+            score plus min-max of the map maximum; module doc, step 4), ``"mean"`` of the text
+            score and the unit map maximum per image, ``"text"`` or ``"map_max"``.
         text_logit_scale: Scale of the image (class-token) text logits (100).
         object_name: The prompts' class name (:func:`clipsam.prompts.object_name_for`): ``"raw"``
             (the category as on disk, ``metal_nut``, ``pcb1``: CLIP-AD's), ``"category"`` or
             ``"generic"``.
-        reference_aliasing: Reproduce CLIP-AD's in-place aliasing of the tap tokens (module doc).
+        reference_aliasing: Reproduce CLIP-AD's in-place aliasing of the tap tokens (module doc;
+            True, the reference's; False, the paper's description).
+        text_fp16: Round each class vector to float16 and normalise it in float16, as CLIP-AD's
+            prompt ensemble does (True, the reference's).
         frozen_dtype: dtype of the frozen open_clip weights.
         seed: Seed of random weights (and of SDP+'s linear layers).
     """
@@ -183,11 +204,14 @@ class SdpConfig:
     stage_starts: list[int] | None = None
     dbscan_eps: float = 0.5
     dbscan_min_samples: int = 15
+    fit_dbscan_eps: float | None = None
+    fit_dbscan_min_samples: int | None = None
     smoothing_sigma: float = 8.0
-    image_score: Literal["mean", "text", "map_max"] = "mean"
+    image_score: Literal["category_minmax", "mean", "text", "map_max"] = "category_minmax"
     text_logit_scale: float = 100.0
     object_name: Literal["category", "raw", "generic"] = "raw"
-    reference_aliasing: bool = False
+    reference_aliasing: bool = True
+    text_fp16: bool = True
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
 
@@ -202,12 +226,14 @@ class SdpConfig:
                     f"{_KEY}.stage_starts={self.stage_starts} must contain 1 (the v-v path starts at block 1); "
                     "null gives the reference's L/4 stages."
                 )
-        if self.dbscan_eps <= 0 or self.dbscan_min_samples < 1:
-            raise ConfigError(f"{_KEY}.dbscan_eps must be > 0 and dbscan_min_samples >= 1.")
+        for eps_key, samples_key in (("dbscan_eps", "dbscan_min_samples"), ("fit_dbscan_eps", "fit_dbscan_min_samples")):
+            eps, samples = getattr(self, eps_key), getattr(self, samples_key)
+            if (eps is not None and eps <= 0) or (samples is not None and samples < 1):
+                raise ConfigError(f"{_KEY}.{eps_key}={eps} must be > 0 and {_KEY}.{samples_key}={samples} >= 1.")
         if self.smoothing_sigma < 0:
             raise ConfigError(f"{_KEY}.smoothing_sigma={self.smoothing_sigma} must be >= 0 (0 disables).")
         for key, value, choices in (
-            ("image_score", self.image_score, ("mean", "text", "map_max")),
+            ("image_score", self.image_score, IMAGE_SCORES),
             ("object_name", self.object_name, OBJECT_NAME_MODES),
             ("frozen_dtype", self.frozen_dtype, tuple(DTYPES)),
         ):
@@ -246,7 +272,7 @@ def build_prompts(object_name: str) -> dict[str, list[str]]:
     }
 
 
-def dbscan_class_vector(embeddings: Tensor, *, eps: float, min_samples: int) -> Tensor:
+def dbscan_class_vector(embeddings: Tensor, *, eps: float, min_samples: int, fp16: bool = False) -> Tensor:
     """Class vector = L2-normalised mean of the largest DBSCAN cluster of the prompt embeddings.
 
     Ties go to the lowest cluster label (as ``np.argmax`` of the counts). When DBSCAN finds no
@@ -257,6 +283,8 @@ def dbscan_class_vector(embeddings: Tensor, *, eps: float, min_samples: int) -> 
         embeddings: (P, D) L2-normalised prompt embeddings of one class.
         eps: DBSCAN radius (Euclidean).
         min_samples: DBSCAN core-point size.
+        fp16: cast the cluster mean to float16 and divide it by its float16 norm, as CLIP-AD's
+            prompt ensemble does (the result is float16-representable).
 
     Returns:
         (D,) float32, unit norm.
@@ -276,8 +304,11 @@ def dbscan_class_vector(embeddings: Tensor, *, eps: float, min_samples: int) -> 
         chosen = data
     else:
         chosen = data[labels == int(np.argmax(np.bincount(clustered)))]
-    vector = torch.from_numpy(chosen.mean(axis=0)).to(embeddings.device)
-    return F.normalize(vector, dim=0)
+    mean = torch.from_numpy(chosen.mean(axis=0))  # (D,) float32, CPU (the rounding below is CPU's)
+    if fp16:
+        half = mean.half()
+        return (half / half.norm()).float().to(embeddings.device)
+    return F.normalize(mean, dim=0).to(embeddings.device)
 
 
 def feature_surgery(features: Tensor, text: Tensor) -> Tensor:
@@ -415,18 +446,45 @@ class Sdp(FrozenClipMixin, MapProducer):
         self.dtype = DTYPES[config.frozen_dtype]
         self._freeze_clip(self.dtype)
 
+    def dbscan_settings(self) -> tuple[float, int]:
+        """(eps, min_samples) of the class vectors now: the fit settings in train mode (SDP+)."""
+        eps, samples = self.config.dbscan_eps, self.config.dbscan_min_samples
+        if self.training:
+            eps = self.config.fit_dbscan_eps if self.config.fit_dbscan_eps is not None else eps
+            samples = self.config.fit_dbscan_min_samples if self.config.fit_dbscan_min_samples is not None else samples
+        return float(eps), int(samples)
+
     def text_features(self, categories: Sequence[str]) -> Tensor:
         """(B, D, 2) float32 unit class vectors (normal, anomalous) from the DBSCAN-cleaned ensemble."""
+        eps, samples = self.dbscan_settings()
 
         def encode(object_name: str, device: torch.device) -> Tensor:
             prompts = build_prompts(object_name)
             vectors = []
             for key in ("normal", "anomalous"):
                 emb = F.normalize(encode_sentences(self.clip, self.tokenizer, prompts[key], device), dim=-1)
-                vectors.append(dbscan_class_vector(emb, eps=self.config.dbscan_eps, min_samples=self.config.dbscan_min_samples))
+                vectors.append(dbscan_class_vector(emb, eps=eps, min_samples=samples, fp16=self.config.text_fp16))
             return torch.stack(vectors, dim=1)
 
-        return self._per_category_text(categories, self.config.object_name, encode)
+        # Vectors of other DBSCAN settings than the test's are cached under their own key.
+        test_settings = (float(self.config.dbscan_eps), int(self.config.dbscan_min_samples))
+        variant = "" if (eps, samples) == test_settings else f"dbscan={eps}/{samples}"
+        return self._per_category_text(categories, self.config.object_name, encode, variant=variant)
+
+    def category_image_scores(self, parts: Tensor) -> Tensor | None:
+        """The reference's image scores of ONE category's images from their ``image_score_parts``.
+
+        Args:
+            parts: (M, 2) float, ``extras["image_score_parts"]`` (text score, raw map maximum) of
+                all M test images of the category.
+
+        Returns:
+            (M,) in [0, 1] with ``image_score: category_minmax``
+            (:func:`category_minmax_image_scores`), else None (the per-image scores stand).
+        """
+        if self.config.image_score != "category_minmax":
+            return None
+        return category_minmax_image_scores(parts[:, 0], parts[:, 1], ["category"] * parts.shape[0])
 
     def _features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
@@ -460,9 +518,14 @@ class Sdp(FrozenClipMixin, MapProducer):
             scores = text_score
         elif self.config.image_score == "map_max":
             scores = unit_max
-        else:
+        else:  # "mean"; also category_minmax's per-image stand-in
             scores = (text_score + unit_max) / 2
-        extras.update(image_score_text=text_score, image_score_map_max=map_max, raw_map=smooth)
+        extras.update(
+            image_score_text=text_score,
+            image_score_map_max=map_max,
+            image_score_parts=torch.stack([text_score, map_max], dim=1),  # (B, 2)
+            raw_map=smooth,
+        )
         return MapOutput(anomaly_map=unit.clamp(0.0, 1.0), image_scores=scores.clamp(0.0, 1.0), extras=extras)
 
     def _check(self, images: Tensor, categories: Sequence[str]) -> None:
@@ -476,8 +539,8 @@ class Sdp(FrozenClipMixin, MapProducer):
 
         Returns:
             :class:`MapOutput`: ``anomaly_map`` (B, H, W) in [0, 1], ``image_scores`` (B,); extras
-            ``image_score_text`` / ``image_score_map_max`` (B,) (for
-            :func:`category_minmax_image_scores`) and ``raw_map`` (B, S, S), the reference's map.
+            ``image_score_text`` / ``image_score_map_max`` (B,), ``image_score_parts`` (B, 2) (both,
+            for :meth:`category_image_scores`) and ``raw_map`` (B, S, S), the reference's map.
         """
         self._check(images, categories)
         text = self.text_features(categories)
@@ -529,7 +592,8 @@ class SdpPlus(Sdp):
 
         Args:
             output: This producer's output for ``batch["image"]``.
-            batch: Needs ``mask`` (B, H, W), resized to the input size when the frame differs.
+            batch: Needs ``mask`` (B, H, W): resized to the input size (antialiased bilinear, as
+                PIL) when the frame differs, then binarised at 0.5 as the reference does.
 
         Returns:
             ``{"loss", "focal", "dice"}`` 0-d float32.
@@ -537,7 +601,9 @@ class SdpPlus(Sdp):
         probs = output.extras["layer_probs"]  # (B, L, 2, S, S)
         masks = batch["mask"].float()
         if masks.shape[-2:] != probs.shape[-2:]:
-            masks = F.interpolate(masks[:, None], size=probs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            # The reference's masks are resized to the input size, then binarised at 0.5.
+            masks = F.interpolate(masks[:, None], size=probs.shape[-2:], mode="bilinear", align_corners=False, antialias=True)[:, 0]
+        masks = (masks > 0.5).float()
         focal = sum(focal_loss(probs[:, i], masks, gamma=self.config.focal_gamma) for i in range(probs.shape[1]))
         dice = sum(dice_loss(probs[:, i, 1], masks) for i in range(probs.shape[1]))
         return {"loss": focal + dice, "focal": focal.detach(), "dice": dice.detach()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,14 @@ def _cat_small(state: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
     if not chunks:
         return np.zeros(0, dtype=np.int64)
     return torch.cat([c.reshape(-1).cpu() for c in chunks]).numpy()
+
+
+def _cat_rows(state: list[torch.Tensor] | torch.Tensor) -> np.ndarray:
+    """Concatenate (B, P) row chunks to an (M, P) array."""
+    chunks = _chunks(state)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float64)
+    return torch.cat([c.cpu() for c in chunks]).numpy()
 
 
 def _first_occurrence(sample_ids: np.ndarray) -> np.ndarray:
@@ -81,6 +89,11 @@ class PerCategoryMetrics(Metric):
             (:func:`clipsam.thresholds.compute_thresholds`). Keeps every category's maps alive
             until the end of :meth:`compute` (peak memory about twice the stored maps).
         target_fpr: the false-positive rate of ``threshold_method="fpr"``.
+        category_image_scores: when set, ``update`` takes (B, P) ``image_score_parts`` and the
+            image metrics of each category use ``category_image_scores(parts of all its images)``
+            (a reference that scores images relative to their category, e.g. SDP's per-category
+            min-max); None from it keeps the per-image scores. Decision thresholds always use the
+            per-image ``image_scores`` (what a single image gets at predict time).
         **kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``compute_on_cpu``).
     """
 
@@ -100,6 +113,7 @@ class PerCategoryMetrics(Metric):
         pr_curve_points: int = 0,
         threshold_method: str | None = None,
         target_fpr: float = 0.01,
+        category_image_scores: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -120,9 +134,12 @@ class PerCategoryMetrics(Metric):
         self.pr_curve_points = int(pr_curve_points)
         self.threshold_method = threshold_method
         self.target_fpr = float(target_fpr)
+        self.category_image_scores = category_image_scores
         # one row per image
         for name in ("image_scores", "labels", "category_ids", "sample_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        if category_image_scores is not None:
+            self.add_state("image_score_parts", default=[], dist_reduce_fx="cat")
         # one row per image with a mask (only when pixel metrics are wanted)
         for name in ("maps", "masks", "map_category_ids", "map_sample_ids"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
@@ -140,6 +157,7 @@ class PerCategoryMetrics(Metric):
         category_ids: torch.Tensor,
         sample_ids: torch.Tensor,
         has_mask: torch.Tensor,
+        image_score_parts: torch.Tensor | None = None,
     ) -> None:
         """Add one batch.
 
@@ -151,6 +169,7 @@ class PerCategoryMetrics(Metric):
             category_ids: (B,) int64 indices into ``categories``.
             sample_ids: (B,) int64 dataset indices, unique per image (used to de-duplicate).
             has_mask: (B,) bool, True where ``masks`` is a real ground truth.
+            image_score_parts: (B, P) float, needed with ``category_image_scores``.
         """
         b = image_scores.shape[0] if image_scores.ndim else -1
         if image_scores.ndim != 1 or any(t.shape != (b,) for t in (labels, category_ids, sample_ids, has_mask)):
@@ -163,6 +182,13 @@ class PerCategoryMetrics(Metric):
                 f"category_ids must be in [0, {len(self.categories)}), got {category_ids.tolist()} "
                 f"(categories: {self.categories})"
             )
+        if self.category_image_scores is not None:
+            if image_score_parts is None or image_score_parts.ndim != 2 or image_score_parts.shape[0] != b:
+                raise ValueError(
+                    "this metric scores images per category: pass image_score_parts (B, P) with "
+                    f"B={b}, got {None if image_score_parts is None else tuple(image_score_parts.shape)}"
+                )
+            self.image_score_parts.append(image_score_parts.detach().to(torch.float64))
         self.image_scores.append(image_scores.detach().to(torch.float64))
         self.labels.append(labels.detach().to(torch.int64))
         self.category_ids.append(category_ids.detach().to(torch.int64))
@@ -219,6 +245,7 @@ class PerCategoryMetrics(Metric):
         cat_ids = cat_ids[keep]
         scores = _cat_small(self.image_scores)[keep]
         labels = _cat_small(self.labels)[keep]
+        parts = _cat_rows(self.image_score_parts)[keep] if self.category_image_scores is not None else None
 
         if self._store_maps:
             map_cats = _cat_small(self.map_category_ids)
@@ -253,9 +280,15 @@ class PerCategoryMetrics(Metric):
                             groups[name] = {"maps": maps, "masks": masks, "map_labels": map_labels}
                         del maps, masks
                 if self.image:
+                    metric_scores = scores
+                    if parts is not None:
+                        combined = self.category_image_scores(torch.from_numpy(parts[sel]))
+                        if combined is not None:
+                            metric_scores = scores.copy()
+                            metric_scores[sel] = np.asarray(combined, dtype=np.float64)
                     known = sel & (labels >= 0)
                     if known.any():
-                        values = image_metrics(scores[known], labels[known])
+                        values = image_metrics(metric_scores[known], labels[known])
                         out.update({f"image_{k}": values[k] for k in ("auroc", "f1_max", "ap")})
             for w in caught:
                 if issubclass(w.category, MetricUndefinedWarning):

@@ -7,10 +7,12 @@ linear layers and the astronaut photo at 240. clipsam runs methods ``sdp`` / ``s
 configs/methods/sdp_mvtec.yaml / sdp_plus_mvtec.yaml as the base and the README's values
 (MVTec DBSCAN 0.5 / 15, sigma 8, ``reference_aliasing: true``, ``seed: 1``), in a 240 frame.
 
-Text: the reference casts each DBSCAN class vector to float16; clipsam keeps float32. clipsam's
-own class vectors are checked against the reference's float32 cluster mean (and its DBSCAN labels
-against the reference's); everything downstream is checked with the reference's ``text_features``
-put into clipsam's per-object text cache, as the README's tolerances assume ("ref text").
+Text: the reference casts each DBSCAN class vector to float16 and normalises it in float16;
+clipsam's profile does the same (``text_fp16: true``), so its own class vectors are checked
+against the reference's ``text_features`` and the whole default computation (clipsam's own text,
+nothing injected) against the reference's maps and scores. The step-by-step checks put the
+reference's ``text_features`` into clipsam's per-object text cache ("ref text"), as the README's
+tolerances assume; ``text_fp16: false`` gives the float32 cluster mean, normalised.
 """
 
 from __future__ import annotations
@@ -60,14 +62,17 @@ README_SETTINGS = {
     "dbscan_eps": 0.5,
     "dbscan_min_samples": 15,
     "smoothing_sigma": 8.0,
-    "image_score": "mean",
+    "image_score": "category_minmax",
     "text_logit_scale": 100.0,
     "object_name": "raw",
     "reference_aliasing": True,
+    "text_fp16": True,
     "frozen_dtype": "float32",
     "seed": 1,
 }
 README_PLUS_SETTINGS = {"logit_scale": 100.0, "focal_gamma": 2.0}
+# Settings the shipped configs (and the method's defaults) must already hold: not overridden here.
+PROFILE_KEYS = ("reference_aliasing", "text_fp16", "image_score", "object_name", "layers", "input_size")
 
 
 def _linear_name(reference_name: str) -> str:
@@ -94,7 +99,7 @@ def make_producer(gold, tmp_path_factory: pytest.TempPathFactory) -> Callable[[s
 
     def make(method: str):
         base = yaml_section(SDP_YAML if method == "sdp" else PLUS_YAML, "model", "method_config")
-        overrides = dict(README_SETTINGS)
+        overrides = {key: value for key, value in README_SETTINGS.items() if key not in PROFILE_KEYS}
         expected = dict(README_SETTINGS)
         if method == "sdp_plus":
             overrides.update(README_PLUS_SETTINGS)
@@ -147,9 +152,10 @@ def test_weights_stages_and_linear_init(gold, sdp, plus) -> None:
         check_equal(SOURCE, f"linear_init {name} (seed 1)", state[_linear_name(name)], value)
 
 
-def test_dbscan_labels_and_own_text(gold, sdp, own_text) -> None:
-    """clipsam's prompt embeddings cluster as the reference's, and its class vectors are the
-    reference's float32 cluster means, normalised (not its float16 cast)."""
+def test_dbscan_labels_and_own_text(gold, sdp, own_text, make_producer) -> None:
+    """clipsam's prompt embeddings cluster as the reference's; its class vectors are the
+    reference's float16 ones (``text_fp16``, the default), or with ``text_fp16: false`` the
+    float32 cluster means, normalised."""
     from sklearn.cluster import DBSCAN
 
     from clipsam.methods._openclip import encode_sentences
@@ -161,7 +167,24 @@ def test_dbscan_labels_and_own_text(gold, sdp, own_text) -> None:
         emb = F.normalize(encode_sentences(sdp.clip, sdp.tokenizer, prompts[key], torch.device("cpu")), dim=-1)
         labels = DBSCAN(eps=gold["dbscan_eps"], min_samples=gold["dbscan_min_samples"]).fit(emb.numpy()).labels_
         check_equal(SOURCE, f"{golden_key} (sklearn on clipsam's embeddings)", torch.as_tensor(labels).long(), gold[golden_key])
-    check_close(SOURCE, "own text vs normalised text_cluster_mean", own_text, F.normalize(gold["text_cluster_mean"], dim=0), ATOL_TEXT)
+    check_close(SOURCE, "own text (text_fp16) vs text_features", own_text, gold["text_features"], ATOL_TEXT)
+    float32 = make_producer("sdp")
+    float32.config.text_fp16 = False
+    with torch.no_grad():
+        unrounded = float32.text_features([OBJECT])[0]
+    check_close(SOURCE, "own text (text_fp16 false) vs normalised text_cluster_mean", unrounded, F.normalize(gold["text_cluster_mean"], dim=0), ATOL_TEXT)
+
+
+def test_default_profile_with_own_text(gold, make_producer) -> None:
+    """The shipped profile end to end, clipsam's own text (nothing injected): SDP and SDP+ maps
+    and raw scores at the "ref text" tolerances (5bcc1b0's defaults: SDP+ map 0.074 apart)."""
+    for name, map_key, atol in (("sdp", "sdp", ATOL_SDP_MAP), ("sdp_plus", "plus", ATOL_PLUS_MAP)):
+        producer = make_producer(name).eval()
+        with torch.no_grad():
+            out = producer(gold["input"], [OBJECT])
+        check_close(SOURCE, f"{map_key}_map (own text, default profile)", out.extras["raw_map"][0], gold[f"{map_key}_map"], atol)
+        check_close(SOURCE, f"{map_key}_text_score (own text)", out.extras["image_score_text"][0], gold[f"{map_key}_text_score"], ATOL_SCORE)
+        check_close(SOURCE, f"{map_key}_map_max (own text)", out.extras["image_score_map_max"][0], gold[f"{map_key}_map_max"], ATOL_SCORE)
 
 
 def test_surgery_and_ori_tokens(gold, features) -> None:

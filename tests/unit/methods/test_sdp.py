@@ -156,3 +156,85 @@ def test_real_architecture_random_weights(builder, cfg):
     assert out.anomaly_map.shape == (1, 240, 240)
     if cfg is S.SdpPlusConfig:
         assert model.linears[0].in_features == 896 and model.linears[0].out_features == 640
+
+
+def test_defaults_are_the_reference_profile():
+    """CLIP-AD's code: in-place tap aliasing, float16 class vectors, per-category min-max image
+    score, the category name verbatim (5bcc1b0 had aliasing off, float32 text, a per-batch mean)."""
+    config = S.SdpConfig()
+    assert (config.reference_aliasing, config.text_fp16, config.image_score, config.object_name) == (
+        True, True, "category_minmax", "raw")
+    assert (config.fit_dbscan_eps, config.fit_dbscan_min_samples) == (None, None)
+
+
+def test_text_fp16_rounds_the_cluster_mean_in_float16():
+    g = torch.Generator().manual_seed(0)
+    data = F.normalize(torch.randn(40, 16, generator=g) * 0.05 + torch.ones(16), dim=-1)
+    mean = data.mean(0)
+    half = mean.half()
+    expected = (half / half.norm()).float()
+    got = S.dbscan_class_vector(data, eps=1.0, min_samples=2, fp16=True)
+    assert torch.equal(got, expected)  # the reference's cast, bit for bit
+    assert torch.equal(got.half().float(), got)  # float16-representable
+    unrounded = S.dbscan_class_vector(data, eps=1.0, min_samples=2, fp16=False)
+    assert not torch.equal(got, unrounded)
+    torch.testing.assert_close(unrounded, F.normalize(mean, dim=0))
+
+
+def test_fit_uses_the_training_dataset_dbscan_settings(monkeypatch):
+    """SDP+ fit builds its class vectors with fit_dbscan_* (CLIP-AD train.py: the TRAINING
+    dataset's name), test with dbscan_*; the two are cached apart."""
+    model = S.build_plus(S.SdpPlusConfig(**{**TINY, "fit_dbscan_eps": 0.7, "fit_dbscan_min_samples": 3}), image_size=64)
+    seen = []
+    real = S.dbscan_class_vector
+
+    def spy(embeddings, *, eps, min_samples, fp16=False):
+        seen.append((eps, min_samples))
+        return real(embeddings, eps=eps, min_samples=min_samples, fp16=fp16)
+
+    monkeypatch.setattr(S, "dbscan_class_vector", spy)
+    model.train()
+    assert model.dbscan_settings() == (0.7, 3)
+    model.text_features(["bottle"])
+    model.eval()
+    assert model.dbscan_settings() == (1.5, 5)
+    model.text_features(["bottle"])
+    model.train()
+    model.text_features(["bottle"])  # cached: no new DBSCAN
+    assert seen == [(0.7, 3), (0.7, 3), (1.5, 5), (1.5, 5)]
+
+
+def test_loss_binarises_the_resized_mask():
+    """CLIP-AD resizes the mask to the input size as PIL does (antialiased bilinear) and
+    thresholds it at 0.5 (5bcc1b0: torch bilinear without antialiasing)."""
+    from clipsam.losses import dice_loss, focal_loss
+
+    model = S.build_plus(S.SdpPlusConfig(**{**TINY, "input_size": 48}), image_size=80)
+    out = model(torch.randn(1, 3, 80, 80, generator=torch.Generator().manual_seed(4)), ["screw"])
+    mask = torch.zeros(1, 80, 80)
+    mask[0, 10:47, 21:60] = 1  # edges fall between input pixels: the resize gives fractions
+    mask[0, 50:70, 14] = 1  # a one-pixel scratch: kept by point sampling, thinned by PIL's filter
+    small = F.interpolate(mask[:, None], size=(48, 48), mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    assert ((small > 0) & (small < 1)).any()
+    binary = (small > 0.5).float()
+    probs = out.extras["layer_probs"]
+    expected = sum(focal_loss(probs[:, i], binary) + dice_loss(probs[:, i, 1], binary) for i in range(4))
+    got = model.loss(out, {"mask": mask})["loss"]
+    torch.testing.assert_close(got, expected)
+    plain = F.interpolate(mask[:, None], size=(48, 48), mode="bilinear", align_corners=False)[:, 0]
+    assert not torch.equal(plain > 0.5, small > 0.5)
+    old = sum(focal_loss(probs[:, i], plain) + dice_loss(probs[:, i, 1], plain) for i in range(4))
+    assert abs(float((got - old).detach())) > 1e-6
+
+
+def test_category_image_scores_follow_the_setting():
+    model = S.build(S.SdpConfig(**TINY), image_size=64)
+    out = model(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6)), ["a"] * 3)
+    parts = out.extras["image_score_parts"]
+    assert parts.shape == (3, 2)
+    torch.testing.assert_close(parts[:, 0], out.extras["image_score_text"])
+    torch.testing.assert_close(parts[:, 1], out.extras["image_score_map_max"])
+    expected = S.category_minmax_image_scores(parts[:, 0], parts[:, 1], ["a"] * 3)
+    torch.testing.assert_close(model.category_image_scores(parts), expected)
+    model.config.image_score = "mean"
+    assert model.category_image_scores(parts) is None

@@ -210,3 +210,38 @@ def test_bad_updates_raise():
         m = PerCategoryMetrics(CATEGORIES)
         feed(m, data)
         m.compute()
+
+
+def test_category_image_scores_feed_the_image_metrics_not_the_thresholds():
+    """A per-category image score (SDP's min-max sum) replaces the per-image scores in the image
+    metrics, computed over each category's de-duplicated images; thresholds keep the per-image
+    scores. Expected values: sklearn on the combination computed by hand."""
+    from sklearn.metrics import roc_auc_score
+
+    data = make_data(seed=3)
+    n = data["labels"].shape[0]
+    g = torch.Generator().manual_seed(5)
+    parts = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0], dtype=torch.float64)
+
+    def minmax_sum(p: torch.Tensor) -> torch.Tensor:
+        lo, hi = p.min(0).values, p.max(0).values
+        return ((p - lo) / (hi - lo)).sum(1) / 2
+
+    plain = PerCategoryMetrics(CATEGORIES, threshold_method="f1")
+    feed(plain, data)
+    metric = PerCategoryMetrics(CATEGORIES, category_image_scores=minmax_sum, threshold_method="f1")
+    feed(metric, {**data, "image_score_parts": parts})
+    # the last batch again (DistributedSampler padding): de-duplicated, so nothing changes
+    metric.update(**{k: v[-2:] for k, v in {**data, "image_score_parts": parts}.items()})
+    result, reference = metric.compute(), plain.compute()
+    for c, name in enumerate(CATEGORIES):
+        sel = (data["category_ids"] == c).numpy()
+        p = parts[sel]
+        lo, hi = p.min(0).values, p.max(0).values
+        by_hand = (((p - lo) / (hi - lo)).sum(1) / 2).numpy()
+        expected_auroc = roc_auc_score(data["labels"].numpy()[sel], by_hand)
+        assert result["per_category"][name]["image_auroc"] == pytest.approx(expected_auroc, abs=1e-12)
+        assert result["per_category"][name]["pixel_auroc"] == reference["per_category"][name]["pixel_auroc"]
+    assert result["thresholds"]["image"] == reference["thresholds"]["image"]
+    with pytest.raises(ValueError, match="image_score_parts"):
+        metric.update(**{k: v[:2] for k, v in data.items()})
