@@ -14,14 +14,25 @@ fixes; written anew for open_clip 3.x, whose blocks are batch-first):
    softmax(v v^T / sqrt(d)) v with the frozen block's own in/out projections; at block 6 the
    v-v path starts as ``s = x_5 + VV(ln_1(x_5))``, then ``s += VV_l(ln_1(o_{l-1}))`` with the
    ORIGINAL path's tokens as input and no FFN;
-4. patch features = ln_post(s at block 24) @ proj; global feature = the original path's class
-   token @ proj WITHOUT ln_post;
-5. map = softmax(cos(patch, t) / 0.07)[a], bilinear (align_corners False) to ``input_size``,
-   Gaussian sigma 4, then bilinear to the frame; image score = softmax(cos(global, t) / 0.07)[a].
+4. patch features = ln_post(s at each segmentation layer) @ proj; global feature = the original
+   path's class token @ proj WITHOUT ln_post;
+5. map = sum over the segmentation layers of softmax(cos(patch, t) / 0.07)[a], each bilinear
+   (align_corners False) to ``input_size``, then Gaussian sigma 4 (``test.py``); image score =
+   softmax(cos(global, t) / 0.07)[a]. ``anomaly_map`` is that sum divided by the number of layers
+   (to [0, 1]; the same ranking), bilinear to the frame.
 
-Training (only the prompts): loss = 4 x [focal(2-channel map) + dice(p_a, gt) + dice(p_n, 1 - gt)]
-+ CE(global logits / 0.07, image label) (:meth:`AnomalyClip.loss`); the single segmentation
-layer with lambda 4 is the fixed code's form (the original's 4 taps were all equal to layer 24).
+``segmentation_layers``: the shipped ``train.sh`` / ``test.sh`` pass ``--features_list 24`` (one
+layer, the default here); the scripts' Python default is [6, 12, 18, 24] (four layers summed).
+Both run; the run report records which (``model.method_config.segmentation_layers``).
+
+``deep_prompt_fp16`` (default True, the reference's): the reference casts each deep prompt to
+float16 where it splices it into the text tower (everything else runs in float32 on CPU and
+with its released settings); the forward rounds the prompts, the backward rounds each sentence's
+gradient before the sentences are summed.
+
+Training (only the prompts): loss = 4 x sum over the segmentation layers of [focal(2-channel map)
++ dice(p_a, gt) + dice(p_n, 1 - gt)] + CE(global logits / 0.07, image label) (``train.py``;
+:meth:`AnomalyClip.loss`).
 Reference training: 15 epochs, batch 8, Adam lr 1e-3 betas (0.5, 0.999), seed 111, on the
 auxiliary dataset's test split; these live in the optimizer / trainer / data sections.
 
@@ -54,6 +65,7 @@ __all__ = [
     "anomalyclip_loss",
     "build",
     "dpam_forward",
+    "dpam_forward_layers",
     "encode_learned_text",
 ]
 
@@ -78,7 +90,12 @@ class AnomalyClipConfig:
         deep_prompt_depth: Deep prompts go into text blocks 2..depth (9: blocks 2-9); 1 disables.
         deep_prompt_length: Tokens replaced after [SOS] in those blocks (4).
         dpam_start: First vision block (1-based) of the v-v path (6 of 24: DPAM_layer=20).
-        segmentation_layer: Vision block whose v-v tokens give the map (``None``: the last, 24).
+        segmentation_layers: Vision blocks whose v-v maps are summed (``None``: the last block
+            only, as the shipped train.sh / test.sh; ``[6, 12, 18, 24]`` is the scripts' Python
+            default).
+        segmentation_layer: Deprecated: one block, the same as ``segmentation_layers: [N]``.
+        deep_prompt_fp16: Round the deep prompts through float16 where they enter the text
+            tower, as the reference does (True).
         object_word: The object-agnostic class word ("object").
         anomalous_state: State of the anomalous prompt, ``{}`` = the word ("damaged {}").
         temperature: T of ``softmax(cos / T)`` for maps, image scores and the CE loss (0.07).
@@ -99,7 +116,9 @@ class AnomalyClipConfig:
     deep_prompt_depth: int = 9
     deep_prompt_length: int = 4
     dpam_start: int = 6
+    segmentation_layers: list[int] | None = None
     segmentation_layer: int | None = None
+    deep_prompt_fp16: bool = True
     object_word: str = "object"
     anomalous_state: str = "damaged {}"
     temperature: float = 0.07
@@ -110,6 +129,18 @@ class AnomalyClipConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.segmentation_layer is not None:
+            if self.segmentation_layers is not None and list(self.segmentation_layers) != [int(self.segmentation_layer)]:
+                raise ConfigError(
+                    f"{_KEY}.segmentation_layer={self.segmentation_layer} and segmentation_layers="
+                    f"{self.segmentation_layers} disagree: keep segmentation_layers only."
+                )
+            self.segmentation_layers = [int(self.segmentation_layer)]
+            self.segmentation_layer = None
+        if self.segmentation_layers is not None:
+            self.segmentation_layers = [int(v) for v in self.segmentation_layers]
+            if not self.segmentation_layers or any(b <= a for a, b in zip(self.segmentation_layers, self.segmentation_layers[1:])):
+                raise ConfigError(f"{_KEY}.segmentation_layers={self.segmentation_layers}: give increasing 1-based blocks, e.g. [24].")
         if self.n_ctx < 1:
             raise ConfigError(f"{_KEY}.n_ctx={self.n_ctx} must be >= 1.")
         if self.deep_prompt_depth < 1 or self.deep_prompt_length < 1:
@@ -138,7 +169,7 @@ CONFIG = AnomalyClipConfig
 
 # ---------------------------------------------------------------------- pure pieces
 def dpam_forward(visual: nn.Module, images: Tensor, start: int, segmentation_layer: int) -> tuple[Tensor, Tensor]:
-    """The dual path of DPAM through an open_clip ``VisionTransformer``.
+    """The dual path of DPAM through an open_clip ``VisionTransformer``, one segmentation layer.
 
     Original path: ``o_l = block_l(o_{l-1})`` through all blocks. v-v path from block ``start``:
     ``s = o_{start-1} + VV_start(ln_1(o_{start-1}))``, then ``s += VV_l(ln_1(o_{l-1}))``.
@@ -153,23 +184,38 @@ def dpam_forward(visual: nn.Module, images: Tensor, start: int, segmentation_lay
         ``(patch_features, global_feature)``: ``ln_post(s) @ proj`` (B, N, D) with the class
         token first, and ``o_L[:, 0] @ proj`` (B, D), no ln_post.
     """
+    patches, global_feature = dpam_forward_layers(visual, images, start, [segmentation_layer])
+    return patches[0], global_feature
+
+
+def dpam_forward_layers(visual: nn.Module, images: Tensor, start: int, layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+    """:func:`dpam_forward` with the v-v tokens of several blocks (``layers``, 1-based, >= start).
+
+    Returns:
+        ``([ln_post(s_l) @ proj for l in layers], o_L[:, 0] @ proj)``: (B, N, D) each, and (B, D).
+    """
     x = visual._embeds(images)
     s: Tensor | None = None
-    seg: Tensor | None = None
+    taps: dict[int, Tensor] = {}
+    last = max(layers)
     for index, block in enumerate(visual.transformer.resblocks, start=1):
-        if start <= index <= segmentation_layer:
+        if start <= index <= last:
             residual = vv_residual(block, x)
             s = x + residual if s is None else s + residual
-            if index == segmentation_layer:
-                seg = s
+            if index in layers:
+                taps[index] = s
         x = block(x)
-    assert seg is not None
-    patch = visual.ln_post(seg) @ visual.proj
-    return patch, x[:, 0] @ visual.proj
+    patches = [visual.ln_post(taps[layer]) @ visual.proj for layer in layers]
+    return patches, x[:, 0] @ visual.proj
 
 
 def encode_learned_text(
-    clip_model: nn.Module, embeddings: Tensor, tokens: Tensor, deep_prompts: Sequence[Tensor] = ()
+    clip_model: nn.Module,
+    embeddings: Tensor,
+    tokens: Tensor,
+    deep_prompts: Sequence[Tensor] = (),
+    *,
+    deep_prompt_fp16: bool = False,
 ) -> Tensor:
     """open_clip's text tower on given token embeddings, with deep prompts.
 
@@ -182,6 +228,9 @@ def encode_learned_text(
         embeddings: (P, context, W) token embeddings (learned ones spliced in), no positions yet.
         tokens: (P, context) int64 token ids (the EOT position is found from them).
         deep_prompts: Up to ``blocks - 1`` tensors (L_d, W).
+        deep_prompt_fp16: Splice the deep prompts in as float16 values (the reference's cast): the
+            forward rounds them, the backward rounds each sentence's gradient to float16 before
+            the sentences' gradients are summed.
 
     Returns:
         (P, D) text features, not normalised.
@@ -193,8 +242,10 @@ def encode_learned_text(
     count = x.shape[0]
     for index, block in enumerate(clip_model.transformer.resblocks):
         if 1 <= index <= len(deep_prompts):
-            deep = deep_prompts[index - 1].to(dtype)
-            x = torch.cat([x[:, :1], deep.unsqueeze(0).expand(count, -1, -1), x[:, 1 + deep.shape[0] :]], dim=1)
+            deep = deep_prompts[index - 1]
+            deep = deep.half() if deep_prompt_fp16 else deep.to(dtype)
+            spliced = deep.unsqueeze(0).expand(count, -1, -1).to(dtype)  # per-sentence cast back
+            x = torch.cat([x[:, :1], spliced, x[:, 1 + deep.shape[0] :]], dim=1)
         x = block(x, attn_mask=clip_model.attn_mask)
     x = clip_model.ln_final(x)
     pooled = text_global_pool(x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None))
@@ -213,10 +264,11 @@ def anomalyclip_loss(
     map_weight: float = 4.0,
     focal_gamma: float = 2.0,
 ) -> dict[str, Tensor]:
-    """``lambda [focal(probs) + dice(p_a, gt) + dice(p_n, 1 - gt)] + CE(image_logits, label)``.
+    """``lambda sum_l [focal(probs_l) + dice(p_a, gt) + dice(p_n, 1 - gt)] + CE(image_logits, label)``.
 
     Args:
-        probs: (B, 2, S, S) softmax over (normal, anomalous).
+        probs: (B, 2, S, S) softmax over (normal, anomalous), or (B, L, 2, S, S) one per
+            segmentation layer (the map terms are summed over the layers, ``train.py``).
         masks: (B, S, S) ground truth, > 0.5 anomalous.
         image_logits: (B, 2) global logits already divided by the temperature.
         labels: (B,) image labels, 1 anomalous.
@@ -227,8 +279,9 @@ def anomalyclip_loss(
         ``{"loss", "focal", "dice", "image_ce"}`` 0-d float32 (only ``loss`` carries gradients).
     """
     gt = (masks > 0.5).float()
-    focal = focal_loss(probs, gt, gamma=focal_gamma)
-    dice = dice_loss(probs[:, 1], gt) + dice_loss(probs[:, 0], 1.0 - gt)
+    layers = probs.unbind(1) if probs.dim() == 5 else (probs,)
+    focal = sum(focal_loss(p, gt, gamma=focal_gamma) for p in layers)
+    dice = sum(dice_loss(p[:, 1], gt) + dice_loss(p[:, 0], 1.0 - gt) for p in layers)
     image_ce = F.cross_entropy(image_logits.float(), labels.long())
     loss = map_weight * (focal + dice) + image_ce
     return {"loss": loss, "focal": focal.detach(), "dice": dice.detach(), "image_ce": image_ce.detach()}
@@ -303,11 +356,11 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
         self.visual = check_vit(clip_model, _KEY, config.model_name)
         self.input_size = int(input_size)
         depth = len(self.visual.transformer.resblocks)
-        self.segmentation_layer = int(config.segmentation_layer or depth)
-        if not config.dpam_start <= self.segmentation_layer <= depth:
+        self.segmentation_layers = list(config.segmentation_layers or [depth])
+        if not config.dpam_start <= self.segmentation_layers[0] or self.segmentation_layers[-1] > depth:
             raise ConfigError(
-                f"{_KEY}: need dpam_start ({config.dpam_start}) <= segmentation_layer "
-                f"({self.segmentation_layer}) <= {depth} blocks of {config.model_name}."
+                f"{_KEY}: need dpam_start ({config.dpam_start}) <= segmentation_layers "
+                f"{self.segmentation_layers} <= {depth} blocks of {config.model_name}."
             )
         self.grid = self._patch_grid(_KEY)
         self.dtype = DTYPES[config.frozen_dtype]
@@ -322,7 +375,13 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
         """(D, 2) float32 unit text features (normal, anomalous); differentiable w.r.t. the prompts."""
         device = self.prompts.ctx_normal.device
         with torch.autocast(device.type, enabled=False):
-            feats = encode_learned_text(self.clip, self.prompts.embeddings(), self.prompts.tokens, list(self.prompts.deep))
+            feats = encode_learned_text(
+                self.clip,
+                self.prompts.embeddings(),
+                self.prompts.tokens,
+                list(self.prompts.deep),
+                deep_prompt_fp16=self.config.deep_prompt_fp16,
+            )
         return F.normalize(feats.float(), dim=-1).t()
 
     def forward(self, images: Tensor, categories: Sequence[str]) -> MapOutput:
@@ -330,7 +389,9 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
 
         Returns:
             :class:`MapOutput`: ``anomaly_map`` (B, H, W) in [0, 1], ``image_scores`` (B,);
-            extras ``probs`` (B, 2, S, S) (unsmoothed) and ``image_logits`` (B, 2) for :meth:`loss`.
+            extras ``layer_probs`` (B, L, 2, S, S) per segmentation layer (unsmoothed; ``probs`` the
+            last one's), ``image_logits`` (B, 2) for :meth:`loss`, and ``raw_map`` (B, S, S), the
+            reference's map (the smoothed sum over the L layers).
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -339,32 +400,42 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
         height, width = self.output_size(images)
         resized = resize_images(images.float(), self.input_size).to(self.dtype)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-            patch, global_feat = dpam_forward(self.visual, resized, self.config.dpam_start, self.segmentation_layer)
+            patches, global_feat = dpam_forward_layers(self.visual, resized, self.config.dpam_start, self.segmentation_layers)
         text = self.text_features()  # (D, 2)
         with torch.autocast(images.device.type, enabled=False):
-            patch = F.normalize(patch.float()[:, 1:], dim=-1)  # (B, h*w, D)
-            probs = (patch @ text / self.config.temperature).softmax(-1)  # (B, h*w, 2)
-            probs = probs.transpose(1, 2).reshape(-1, 2, self.grid, self.grid)
-            probs = F.interpolate(probs, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
+            layer_probs = []
+            for patch in patches:
+                patch = F.normalize(patch.float()[:, 1:], dim=-1)  # (B, h*w, D)
+                probs = (patch @ text / self.config.temperature).softmax(-1)  # (B, h*w, 2)
+                probs = probs.transpose(1, 2).reshape(-1, 2, self.grid, self.grid)
+                layer_probs.append(F.interpolate(probs, size=(self.input_size,) * 2, mode="bilinear", align_corners=False))
             image_logits = F.normalize(global_feat.float(), dim=-1) @ text / self.config.temperature  # (B, 2)
-            anomaly_map = gaussian_blur(probs[:, 1], self.config.smoothing_sigma)
+            raw_map = gaussian_blur(sum(p[:, 1] for p in layer_probs), self.config.smoothing_sigma)  # [0, L]
+            anomaly_map = raw_map / len(layer_probs)
             if anomaly_map.shape[-2:] != (height, width):
                 anomaly_map = F.interpolate(anomaly_map[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return MapOutput(
             anomaly_map=anomaly_map.clamp(0.0, 1.0),
             image_scores=image_logits.softmax(-1)[:, 1],
-            extras={"probs": probs, "image_logits": image_logits},
+            extras={
+                "probs": layer_probs[-1],
+                "layer_probs": torch.stack(layer_probs, dim=1),
+                "image_logits": image_logits,
+                "raw_map": raw_map,
+            },
         )
 
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """:func:`anomalyclip_loss` at the input size; needs ``batch["mask"]`` (B, H, W) and ``batch["label"]`` (B,)."""
-        probs = output.extras["probs"]
+        """:func:`anomalyclip_loss` per segmentation layer, at the input size, the map terms summed
+        over the layers and the image CE once (``train.py``); needs ``batch["mask"]`` (B, H, W)
+        and ``batch["label"]`` (B,)."""
+        layer_probs = output.extras["layer_probs"]  # (B, L, 2, S, S)
         masks = batch["mask"].float()
-        if masks.shape[-2:] != probs.shape[-2:]:
-            masks = F.interpolate(masks[:, None], size=probs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        labels = torch.as_tensor(batch["label"], device=probs.device)
+        if masks.shape[-2:] != layer_probs.shape[-2:]:
+            masks = F.interpolate(masks[:, None], size=layer_probs.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        labels = torch.as_tensor(batch["label"], device=layer_probs.device)
         return anomalyclip_loss(
-            probs,
+            layer_probs,
             masks,
             output.extras["image_logits"],
             labels,

@@ -47,7 +47,8 @@ README_SETTINGS = {
     "deep_prompt_depth": 9,
     "deep_prompt_length": 4,
     "dpam_start": 6,
-    "segmentation_layer": 24,
+    "segmentation_layers": [24],
+    "deep_prompt_fp16": True,
     "temperature": 0.07,
     "smoothing_sigma": 4.0,
     "map_loss_weight": 4.0,
@@ -97,6 +98,7 @@ def full_state_dict(gold) -> dict[str, torch.Tensor]:
 def make_producer(gold, full_state_dict, tmp_path_factory: pytest.TempPathFactory) -> Callable[[], Any]:
     """Builds a fresh AnomalyCLIP producer with the golden weights and prompts."""
     from clipsam.methods import build_producer, method_config
+    from clipsam.settings import to_plain
 
     model_name = write_local_dir(
         tmp_path_factory.mktemp("anomalyclip_local_dir"), gold["open_clip_config_json"], full_state_dict
@@ -108,7 +110,7 @@ def make_producer(gold, full_state_dict, tmp_path_factory: pytest.TempPathFactor
     run = gold["settings"]  # the reference run's own values
     pairs = {
         "input_size / image_size": (config.input_size, run["image_size"]),
-        "segmentation_layer / features_list (test.sh)": ([config.segmentation_layer], list(run["features_list_test_sh"])),
+        "segmentation_layers / features_list (test.sh)": (config.segmentation_layers, list(run["features_list_test_sh"])),
         "smoothing_sigma / sigma": (config.smoothing_sigma, run["sigma"]),
         "temperature": (config.temperature, run["temperature"]),
         "map_loss_weight / lambda": (config.map_loss_weight, run["lambda"]),
@@ -119,8 +121,9 @@ def make_producer(gold, full_state_dict, tmp_path_factory: pytest.TempPathFactor
     differing = {key: value for key, value in pairs.items() if value[0] != value[1]}
     assert not differing, f"{SOURCE}: clipsam settings differ from the reference run's (clipsam, reference): {differing}"
 
-    def make():
-        producer = build_producer("anomalyclip", config, image_size=FRAME)
+    def make(**overrides):
+        chosen = method_config("anomalyclip", {**to_plain(config), **overrides}) if overrides else config
+        producer = build_producer("anomalyclip", chosen, image_size=FRAME)
         init = gold["prompt_init"]
         with torch.no_grad():
             producer.prompts.ctx_normal.copy_(init["ctx_pos"][0, 0])
@@ -179,21 +182,17 @@ def test_forward_map_and_score(gold, producer) -> None:
     check_close(SOURCE, "image_score", out.image_scores, gold["image_score"], ATOL)
 
 
-def test_map4_composed(gold, producer, dpam_taps) -> None:
-    """test.py's default features_list [6, 12, 18, 24]: the sum of the four layer maps, composed
-    from clipsam's pieces as the README describes (clipsam itself has one segmentation layer)."""
-    from clipsam.models.clip import gaussian_blur
-
-    grid = FRAME // 14
+def test_map4_python_default_layers(gold, make_producer) -> None:
+    """test.py's Python default features_list [6, 12, 18, 24], run by clipsam itself with
+    ``segmentation_layers: [6, 12, 18, 24]``: the four layer maps summed (map4_raw), then the
+    Gaussian (map4, the reference's raw scale; clipsam's anomaly_map is it divided by 4)."""
+    producer = make_producer(segmentation_layers=list(TAPS)).eval()
     with torch.no_grad():
-        text = producer.text_features()  # (D, 2)
-        total = torch.zeros(1, FRAME, FRAME)
-        for layer in TAPS:
-            patch = F.normalize(dpam_taps[layer][0][:, 1:].float(), dim=-1)
-            probs = (patch @ text / 0.07).softmax(-1)[..., 1].reshape(-1, 1, grid, grid)
-            total += F.interpolate(probs, size=(FRAME, FRAME), mode="bilinear", align_corners=False)[:, 0]
-    check_close(SOURCE, "map4_raw (composed)", total, gold["map4_raw"], ATOL_MAP4)
-    check_close(SOURCE, "map4 (composed, gaussian_blur sigma 4)", gaussian_blur(total, 4.0), gold["map4"], ATOL_MAP4)
+        out = producer(gold["image"], ["bottle"])
+    check_close(SOURCE, "map4_raw (layer_probs summed)", out.extras["layer_probs"][:, :, 1].sum(1), gold["map4_raw"], ATOL_MAP4)
+    check_close(SOURCE, "map4 (extras raw_map)", out.extras["raw_map"], gold["map4"], ATOL_MAP4)
+    check_close(SOURCE, "map4 / 4 (anomaly_map)", out.anomaly_map, gold["map4"] / 4, ATOL_MAP4)
+    check_close(SOURCE, "image_score (features_list [6, 12, 18, 24])", out.image_scores, gold["image_score"], ATOL)
 
 
 def test_file_path(gold, producer, tmp_path: Path) -> None:

@@ -130,8 +130,13 @@ def test_resizes_to_input_size():
 def test_config_errors():
     with pytest.raises(ConfigError, match="deep_prompt_depth"):
         A.build(A.AnomalyClipConfig(**{**TINY, "deep_prompt_depth": 9}), image_size=64)
-    with pytest.raises(ConfigError, match="segmentation_layer"):
-        A.build(A.AnomalyClipConfig(**{**TINY, "dpam_start": 4, "segmentation_layer": 3}), image_size=64)
+    with pytest.raises(ConfigError, match="segmentation_layers"):
+        A.build(A.AnomalyClipConfig(**{**TINY, "dpam_start": 4, "segmentation_layers": [3]}), image_size=64)
+    with pytest.raises(ConfigError, match="segmentation_layers"):
+        A.build(A.AnomalyClipConfig(**{**TINY, "segmentation_layers": [4, 2]}), image_size=64)
+    with pytest.raises(ConfigError, match="disagree"):
+        A.AnomalyClipConfig(segmentation_layer=24, segmentation_layers=[6, 24])
+    assert A.AnomalyClipConfig(segmentation_layer=12).segmentation_layers == [12]  # the old key still works
     with pytest.raises(ConfigError, match="text context"):
         A.build(A.AnomalyClipConfig(**{**TINY, "n_ctx": 40}), image_size=64)
 
@@ -139,7 +144,68 @@ def test_config_errors():
 @pytest.mark.slow
 def test_real_architecture_random_weights():
     model = A.build(A.AnomalyClipConfig(pretrained=None), image_size=518)
-    assert model.grid == 37 and model.segmentation_layer == 24
+    assert model.grid == 37 and model.segmentation_layers == [24]
     assert model.prompts.ctx_normal.shape == (12, 768) and len(model.prompts.deep) == 8
     out = model(torch.randn(1, 3, 518, 518), ["bottle"])
     assert out.anomaly_map.shape == (1, 518, 518)
+
+
+def test_defaults_are_the_shipped_scripts():
+    """train.sh / test.sh: one segmentation layer (the last); the deep prompts cast to float16."""
+    config = A.AnomalyClipConfig()
+    assert config.segmentation_layers is None and config.deep_prompt_fp16 is True
+    assert A.build(A.AnomalyClipConfig(**TINY), image_size=64).segmentation_layers == [4]
+
+
+def test_several_segmentation_layers_sum_their_maps_and_losses():
+    """[2, 4]: raw map = Gaussian(sum of the layers' p_a), anomaly_map = raw / 2; the loss is
+    lambda x the per-layer map terms summed, plus the image CE once (train.py)."""
+    from clipsam.losses import dice_loss
+    from clipsam.models.clip import gaussian_blur
+
+    model = A.build(A.AnomalyClipConfig(**{**TINY, "segmentation_layers": [2, 4]}), image_size=64)
+    single = A.build(A.AnomalyClipConfig(**TINY), image_size=64)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model(images, ["x", "x"])
+        last = single(images, ["x", "x"])
+    layer_probs = out.extras["layer_probs"]
+    assert layer_probs.shape == (2, 2, 2, 64, 64)
+    torch.testing.assert_close(layer_probs[:, 1], last.extras["probs"])  # layer 4 = the single-layer model's
+    raw = gaussian_blur(layer_probs[:, 0, 1] + layer_probs[:, 1, 1], model.config.smoothing_sigma)
+    torch.testing.assert_close(out.extras["raw_map"], raw)
+    torch.testing.assert_close(out.anomaly_map, (raw / 2).clamp(0, 1))
+    torch.testing.assert_close(out.image_scores, last.image_scores)
+
+    masks = torch.zeros(2, 64, 64)
+    masks[0, 10:30, 20:40] = 1
+    batch = {"mask": masks, "label": torch.tensor([1, 0])}
+    losses = model.loss(out, batch)
+    gt = masks
+    map_terms = sum(
+        focal_loss(layer_probs[:, i], gt) + dice_loss(layer_probs[:, i, 1], gt) + dice_loss(layer_probs[:, i, 0], 1 - gt)
+        for i in range(2)
+    )
+    image_ce = torch.nn.functional.cross_entropy(out.extras["image_logits"], batch["label"])
+    torch.testing.assert_close(losses["loss"], 4.0 * map_terms + image_ce)
+
+
+def test_deep_prompt_fp16_rounds_the_spliced_prompts():
+    """Forward: the same as feeding float16-rounded prompts in float32; backward: each sentence's
+    gradient rounded to float16 before the two sentences are summed."""
+    model = A.build(A.AnomalyClipConfig(**TINY), image_size=64)
+    prompts = model.prompts
+    deep = [p.detach().clone() * 7.3 + 0.01 for p in prompts.deep]  # values float16 cannot hold
+    rounded = [d.half().float() for d in deep]
+    assert any(not torch.equal(d, r) for d, r in zip(deep, rounded))
+    args = (model.clip, prompts.embeddings().detach(), prompts.tokens)
+    with torch.no_grad():
+        cast = A.encode_learned_text(*args, deep, deep_prompt_fp16=True)
+        by_hand = A.encode_learned_text(*args, rounded, deep_prompt_fp16=False)
+        plain = A.encode_learned_text(*args, deep, deep_prompt_fp16=False)
+    torch.testing.assert_close(cast, by_hand, rtol=0, atol=0)
+    assert not torch.equal(cast, plain)
+    leaf = deep[0].clone().requires_grad_(True)
+    A.encode_learned_text(*args, [leaf, *deep[1:]], deep_prompt_fp16=True).sum().backward()
+    grad = leaf.grad
+    assert torch.equal(grad.half().float(), grad)  # the gradient passed through float16
