@@ -32,14 +32,19 @@ SAM encodes the ORIGINAL image as ``SamPredictor.set_image`` does (:func:`input_
 box proposals are normalised, so they map to the original's pixels exactly, and the masks come
 back to the frame with ``Sam.postprocess_masks``.
 
-Differences from the reference, each a documented choice: the detector and the saliency run on
-the frame image (``data.image_size``) that every clipsam method sees, not the original resolution; the map is
-divided by the constant ``exp(rescore_exponent)`` (``s_i <= exp(rescore_exponent)`` because the
-saliency is in [0, 1]; 1 without saliency) so it lies in [0, 1] -- a constant factor changes no
-ranking, like the reference's per-category min-max which changes no per-category metric; the
-reference feeds SAM and the WRN a BGR image (``channel_order: bgr`` reproduces that; default
-RGB); when a category with several objects has fewer than two object masks the single-object
-saliency is used (the reference fails there).
+The reference's own choices are the defaults: SAM and the WRN get a BGR image
+(``channel_order: bgr``; ``rgb`` is clipsam's option), the object word keeps the trailing comma
+of the reference's property strings (``object_comma``), and the shipped configs score in a
+400 x 400 frame as the reference evaluates (``data.image_size: 400``). Differences that remain,
+each documented: the detector and the saliency read the frame image (the squashed original at
+``data.image_size``), not the original resolution; the map is divided by the constant
+``exp(rescore_exponent)`` (``s_i <= exp(rescore_exponent)`` because the saliency is in [0, 1]; 1
+without saliency) so it lies in [0, 1] -- a constant factor changes no ranking, like the
+reference's per-category min-max, which changes no per-category metric (AUROC, AP, F1-max and the
+threshold-sampled AUPRO are invariant to a per-category affine map); ground-truth masks are
+resized as for every method (bilinear, then > 0.5; the reference: nearest-neighbour); when a
+category with several objects has fewer than two object masks the single-object saliency is
+used (the reference fails there).
 
 Per-category inputs are package data (``clipsam/methods/data/{mvtec_ad,visa}.json``); a
 category found in none of ``property_tables`` uses the general prompts with the fallback
@@ -153,7 +158,7 @@ class SaaConfig:
         fallback_max_masks: k_mask of a category in no table.
         fallback_max_defect_area: theta of a category in no table.
         object_comma: append "," to the object word, as the reference's property strings do
-            (its parser keeps the comma, e.g. "carpet,").
+            (its parser keeps the comma, e.g. "carpet,"); True, the reference's.
         area_filter: the object pass and the area limits (off in SAA vanilla).
         saliency: the saliency rescoring (off in SAA vanilla: ``s_i = c_i``).
         top_k: keep only the ``k_mask`` best masks (off in SAA vanilla: every mask).
@@ -162,8 +167,9 @@ class SaaConfig:
         saliency_single_size: image side for the single-object saliency (256).
         saliency_multi_size: image side for the multi-object saliency (1024).
         saliency_chunk: locations per block of the similarity computation (bounds memory).
-        channel_order: ``"rgb"`` or ``"bgr"``: the channel order SAM and the saliency backbone
-            get (the reference gives them BGR; the detector always gets RGB).
+        channel_order: ``"bgr"`` or ``"rgb"``: the channel order SAM and the saliency backbone
+            get (``"bgr"``, the reference's: it reads images with OpenCV and hands them on
+            unchanged; the detector always gets RGB).
         image_score: reduction of the map to the image score (reference: max).
     """
 
@@ -180,7 +186,7 @@ class SaaConfig:
     fallback_objects: int = 1
     fallback_max_masks: int = 5
     fallback_max_defect_area: float = 1.0
-    object_comma: bool = False
+    object_comma: bool = True
     area_filter: bool = True
     saliency: bool = True
     top_k: bool = True
@@ -189,7 +195,7 @@ class SaaConfig:
     saliency_single_size: int = 256
     saliency_multi_size: int = 1024
     saliency_chunk: int = 1024
-    channel_order: Literal["rgb", "bgr"] = "rgb"
+    channel_order: Literal["rgb", "bgr"] = "bgr"
     image_score: Literal["max", "mean", "topk_mean"] = "max"
 
     def __post_init__(self) -> None:

@@ -195,14 +195,16 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def test_saa_plus_end_to_end_matches_its_steps(tiny_saa):
-    """The producer's map = the steps composed by hand, with SAM's masks from SamPredictor."""
+    """The producer's map = the steps composed by hand, with SAM's masks from SamPredictor; the
+    reference's defaults: object word with its comma, SAM and the saliency fed BGR."""
     from segment_anything import SamPredictor
 
     image = _image(0)
     cfg = tiny_saa.config
     det = tiny_saa.detector
     thresholds = dict(box_threshold=0.1, text_threshold=0.1, decode=det.decode)
-    probs, boxes, ids = det(image, "widget")  # the object pass: the fallback object word, n_obj 1
+    assert (cfg.object_comma, cfg.channel_order) == (True, "bgr")
+    probs, boxes, ids = det(image, "widget,")  # the object pass: the fallback object word, n_obj 1
     objects, _, _ = filter_boxes(probs, boxes, ids, max_area=1.0, **thresholds)
     largest = float((objects[:, 2] * objects[:, 3]).max()) if len(objects) else 1.0
     probs, boxes, ids = det(image, "defect")
@@ -210,12 +212,12 @@ def test_saa_plus_end_to_end_matches_its_steps(tiny_saa):
     assert len(defects) > 1  # measured: the tiny random detector keeps several boxes
 
     predictor = SamPredictor(tiny_saa.sam)
-    predictor.set_image(image.permute(1, 2, 0).numpy())
+    predictor.set_image(image.flip(0).permute(1, 2, 0).numpy())  # BGR, as the reference's cv2 image
     masks = torch.stack([
         torch.from_numpy(predictor.predict(box=box.numpy(), multimask_output=False)[0][0])
         for box in boxes_to_pixels(defects, FRAME)
     ])
-    feats = saa.saliency_features(tiny_saa.saliency_backbone, image, 64)
+    feats = saa.saliency_features(tiny_saa.saliency_backbone, image.flip(0), 64)
     sal = self_similarity_saliency(feats, top_n=400).numpy()
 
     sal = torch.from_numpy(cv2.resize(sal, (FRAME[1], FRAME[0]), interpolation=cv2.INTER_LINEAR))
@@ -252,7 +254,8 @@ def test_saa_vanilla_is_the_pipeline_with_parts_off(tiny_saa):
     from clipsam.inputs import build_sam_input
     from clipsam.models.sam import encode_sam_inputs
 
-    sam_image, sam_size = build_sam_input(image.permute(1, 2, 0).numpy(), vanilla.sam.image_encoder.img_size)
+    # SAM gets BGR (the reference's cv2 image; channel_order's default)
+    sam_image, sam_size = build_sam_input(image.flip(0).permute(1, 2, 0).numpy(), vanilla.sam.image_encoder.img_size)
     embedding = encode_sam_inputs(vanilla.sam, sam_image[None], sam_size[None])
     masks = vanilla._masks(embedding, kept, FRAME, FRAME, tuple(sam_size.tolist())).cpu()
     assert torch.allclose(got, merge_masks(masks, scores, top_k=None))  # every mask, s_i = c_i
