@@ -250,6 +250,7 @@ class ClipSamModule(LightningModule):
             device=self.device,
             with_refiner=self.pipeline.refiner is not None,
             keep_overlays=self.trainer.is_global_zero,
+            category_image_scores=self.pipeline.category_image_scores(),
         )
         self.pipeline.timings = {}
 

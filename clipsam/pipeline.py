@@ -18,7 +18,7 @@ Dimension symbols: B batch, H x W the evaluation frame (``image_size`` x ``image
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -198,7 +198,9 @@ class Pipeline(nn.Module):
         Returns:
             dict with ``anomaly_map`` (B, H, W) the producer's map in [0, 1] (Map_a), ``scores``
             (B, H, W) fused pixel scores in [0, 1], ``mask`` (B, H, W) bool final mask,
-            ``image_scores`` (B,) and ``clip_image_scores`` (B,) (the producer's own).
+            ``image_scores`` (B,) and ``clip_image_scores`` (B,) (the producer's own); without a
+            refiner also ``image_score_parts`` (B, P) when the producer returns them (for
+            :meth:`category_image_scores`).
         """
         from clipsam.fusion import fuse_scores
 
@@ -209,13 +211,16 @@ class Pipeline(nn.Module):
         anomaly_map = out.anomaly_map.float()  # (B, H, W) Map_a
         producer_scores = out.image_scores.float()  # (B,)
         if self.refiner is None:
-            return {
+            result = {
                 "anomaly_map": anomaly_map,
                 "scores": anomaly_map,
                 "mask": anomaly_map >= self.mask_threshold,
                 "image_scores": producer_scores,
                 "clip_image_scores": producer_scores,
             }
+            if "image_score_parts" in out.extras:  # (B, P), for category_image_scores
+                result["image_score_parts"] = out.extras["image_score_parts"].float()
+            return result
         refined = self.refiner.refine_batch(batch, anomaly_map)  # reads the inputs it declared
         for key, seconds in refined.timings.items():
             self._add_time(key, seconds)
@@ -251,21 +256,40 @@ class Pipeline(nn.Module):
         categories = [c for c in batch["category"] for _ in positions]
         chunk = max(1, images.shape[0])
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in _RESULT_KEYS}
+        score_parts: list[torch.Tensor] = []
         for start in range(0, tiles.shape[0], chunk):
             tile_batch: dict[str, Any] = {"image": tiles[start : start + chunk], "category": categories[start : start + chunk]}
             tile_batch.update(self._tile_inputs(tile_batch["image"]))
             out = self.segment(tile_batch)
             for key in parts:
                 parts[key].append(out[key])
+            if "image_score_parts" in out:
+                score_parts.append(out["image_score_parts"])
         size = tuple(images.shape[-2:])
         joined = {key: torch.cat(values) for key, values in parts.items()}
+        extra = {}
+        if score_parts:  # an image's parts: the maximum over its tiles, as its score
+            stacked = torch.cat(score_parts)
+            extra["image_score_parts"] = stacked.view(-1, per_image, stacked.shape[-1]).amax(1)
         return {
+            **extra,
             "anomaly_map": stitch_tiles(joined["anomaly_map"], positions, size),
             "scores": stitch_tiles(joined["scores"], positions, size),
             "mask": stitch_tiles(joined["mask"], positions, size, reduce="any"),
             "image_scores": joined["image_scores"].view(-1, per_image).amax(1),
             "clip_image_scores": joined["clip_image_scores"].view(-1, per_image).amax(1),
         }
+
+    def category_image_scores(self) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """The producer's per-category image score (:meth:`MapProducer.category_image_scores`)
+        for ``clipsam test``'s image metrics, or None: without a refiner only (with one, the
+        image score is the fused map's) and only when the method defines one."""
+        from clipsam.methods.base import MapProducer
+
+        producer = self.build_producer()
+        if self.refiner_name != "none" or type(producer).category_image_scores is MapProducer.category_image_scores:
+            return None
+        return producer.category_image_scores
 
     def decide(
         self,

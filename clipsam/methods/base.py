@@ -110,6 +110,23 @@ class MapProducer(nn.Module):
         """
         return self.score_maps(scores)
 
+    def category_image_scores(self, parts: Tensor) -> Tensor | None:
+        """Image scores computed over a whole category (the protocol of some references).
+
+        A producer whose reference scores an image relative to the other test images of its
+        category (SDP: per-category min-max) returns (B, P) ``extras["image_score_parts"]`` and
+        overrides this; ``clipsam test`` calls it once per category with the parts of all its
+        images and uses the result for the image metrics. Per-image uses (predict, Segmenter,
+        thresholds) keep ``MapOutput.image_scores``.
+
+        Args:
+            parts: (M, P) the ``image_score_parts`` of one category's M images.
+
+        Returns:
+            (M,) image scores, or None (default): the per-image scores stand.
+        """
+        return None
+
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The trained parameters only (what a checkpoint stores), keyed by parameter name."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
