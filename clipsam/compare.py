@@ -116,6 +116,8 @@ class RunResult:
         name: row label chosen by the caller (``clipsam benchmark`` names rows after its grid);
             None: ``method`` or ``method + refiner``.
         with_paper: show the paper's numbers beside this run (False for ablation rows).
+        choices: the open choices the scores depend on (``run.choices`` of the report: image
+            score, fusion, the refiner's PPG / cascade settings), ``key -> value``.
     """
 
     path: Path
@@ -132,6 +134,7 @@ class RunResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     name: str | None = None
     with_paper: bool = True
+    choices: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -179,6 +182,7 @@ def load_run(path: str | Path) -> RunResult:
         data = dict((run.get("data") or {}).get("test") or {})
         train_spec = (run.get("data") or {}).get("train") or {}
         train = train_spec.get("format")
+        choices = dict(run.get("choices") or {})
     else:
         notes.append("old report without a 'run' block: data and protocol unknown")
         evaluation = config.get("evaluation") or {}
@@ -186,7 +190,7 @@ def load_run(path: str | Path) -> RunResult:
         refiner = str(config.get("refiner") or ("ppg_cps" if evaluation.get("use_sam", True) else "none"))
         fusion = str(evaluation.get("fusion", "none")) if refiner != "none" else "none"
         image_size = config.get("image_size")
-        protocol, data, train = {}, {}, None
+        protocol, data, train, choices = {}, {}, None, {}
     data = {**data, "images": {c: v.get("num_images") for c, v in per_category.items() if isinstance(v, dict)}}
     return RunResult(
         path=path,
@@ -205,6 +209,7 @@ def load_run(path: str | Path) -> RunResult:
             if isinstance(values, dict)
         },
         notes=notes,
+        choices=choices,
     )
 
 
@@ -339,11 +344,12 @@ def comparison_csv_rows(comparison: Comparison) -> tuple[list[str], list[list[An
     """Long format: one line per row x dataset x category ("mean" first), values in percent.
 
     Columns: label, method, refiner, fusion, dataset, train, image_size, category, every metric,
-    ``paper_<metric>`` for the pixel metrics, flags, run (the JSON path).
+    ``paper_<metric>`` for the pixel metrics, flags, choices (``key=value; ...``), run (the JSON
+    path).
     """
     header = [
         "label", "method", "refiner", "fusion", "dataset", "train", "image_size", "category",
-        *comparison.metrics, *(f"paper_{m}" for m in PIXEL_METRICS), "flags", "run",
+        *comparison.metrics, *(f"paper_{m}" for m in PIXEL_METRICS), "flags", "choices", "run",
     ]  # fmt: skip
     lines: list[list[Any]] = []
     for row in comparison.rows:
@@ -358,7 +364,7 @@ def comparison_csv_rows(comparison: Comparison) -> tuple[list[str], list[list[An
                     [
                         row.label, row.method, row.refiner, run.fusion, dataset, run.train, run.image_size, category,
                         *(None if values.get(m) is None else round(100.0 * values[m], 4) for m in comparison.metrics),
-                        *paper, "; ".join(row.flags.get(dataset, [])), str(run.path),
+                        *paper, "; ".join(row.flags.get(dataset, [])), _choices_text(run), str(run.path),
                     ]
                 )  # fmt: skip
     return header, lines
@@ -397,6 +403,22 @@ def category_table(comparison: Comparison, dataset: str) -> tuple[list[str], lis
     return header, lines
 
 
+def _choices_text(run: RunResult) -> str:
+    return "; ".join(f"{key}={value}" for key, value in sorted(run.choices.items()))
+
+
+def choices_table(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
+    """The open choices behind each row's numbers (one line per row and dataset that has any)."""
+    header = ["method", "dataset", "clipsam's choices (config keys under model.)"]
+    lines = []
+    for row in comparison.rows:
+        for dataset in comparison.datasets:
+            run = row.runs.get(dataset)
+            if run is not None and run.choices:
+                lines.append([row.label, dataset, _choices_text(run)])
+    return header, lines
+
+
 def _markdown_table(header: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(cells) + " |" for cells in lines]
@@ -415,6 +437,9 @@ def comparison_markdown(comparison: Comparison) -> str:
     notes = _notes(comparison)
     if notes:
         parts += ["", "**Not comparable (flagged `!`):**", "", *(f"- {n}" for n in notes)]
+    header, choice_lines = choices_table(comparison)
+    if choice_lines:
+        parts += ["", "## Settings the papers leave open (clipsam's choices)", "", _markdown_table(header, choice_lines)]
     for dataset in comparison.datasets:
         parts += ["", f"## {dataset}: pixel AUROC / F1-max / AP per category", "", _markdown_table(*category_table(comparison, dataset))]
     return "\n".join(parts) + "\n"
@@ -443,6 +468,9 @@ def print_comparison(comparison: Comparison, *, per_category: bool = True, conso
         )
     for note in _notes(comparison):
         console.print(f"[bold yellow]! {note}[/]")
+    header, choice_lines = choices_table(comparison)
+    if choice_lines:
+        show("settings the papers leave open (clipsam's choices)", header, choice_lines)
     if per_category:
         for dataset in comparison.datasets:
             show(f"{dataset}: pixel AUROC / F1-max / AP per category", *category_table(comparison, dataset))

@@ -292,10 +292,31 @@ class Evaluator:
         self.overlays = []
 
 
+def run_choices(pipeline: Any, eval_config: EvalConfig) -> dict[str, Any]:
+    """The settings a run's scores depend on beyond the method's name, flat ``key: value``.
+
+    The method's image score (``method_config.image_score``) and, with a refiner, the fusion
+    and the refiner's open choices (:func:`clipsam.refiners.refiner_choices`, keyed
+    ``refiner_config.<key>``).
+    """
+    from clipsam import refiners
+
+    choices: dict[str, Any] = {}
+    image_score = getattr(pipeline.method_config, "image_score", None)
+    if image_score is not None:
+        choices["method_config.image_score"] = image_score
+    if pipeline.refiner_name != "none":
+        choices["evaluation.fusion"] = eval_config.fusion
+        for key, value in refiners.refiner_choices(pipeline.refiner_name, pipeline.refiner_config).items():
+            choices[f"refiner_config.{key}"] = value
+    return choices
+
+
 def run_info(pipeline: Any, eval_config: EvalConfig, trainer: Any) -> dict[str, Any]:
     """What makes test results comparable (``"run"`` in test_results.json; read by ``clipsam compare``).
 
-    ``protocol`` holds every setting that changes how the same maps become metrics; ``data``
+    ``protocol`` holds every setting that changes how the same maps become metrics; ``choices``
+    the open choices the scores depend on (:func:`run_choices`); ``data``
     the dataset specs (``train`` is the auxiliary dataset of trained methods); ``frame`` the
     evaluation frame the maps and masks were scored in, and ``inputs`` what the method and the
     refiner read, built from the original image.
@@ -317,10 +338,13 @@ def run_info(pipeline: Any, eval_config: EvalConfig, trainer: Any) -> dict[str, 
         "frame": list(canvas) if canvas is not None else [pipeline.image_size, pipeline.image_size],
         "inputs": [to_plain(s) for s in pipeline.input_specs(refiner=pipeline.refiner_name != "none")],
         "fusion": eval_config.fusion if pipeline.refiner_name != "none" else "none",
+        # Choices a paper leaves open and clipsam takes (each a config key), shown by compare.
+        "choices": run_choices(pipeline, eval_config),
         # How maps become metrics: runs that differ here are not comparable.
         "protocol": {
             "metrics": "clipsam.metrics.collection.PerCategoryMetrics",
             "metric_score_dtype": eval_config.metric_score_dtype,
+            **({"aupro_protocol": eval_config.aupro_protocol} if eval_config.aupro else {}),
         },
         "data": {"train": spec("train_spec"), "test": spec("test_spec")},
         "checkpoint": getattr(trainer, "ckpt_path", None) if trainer is not None else None,

@@ -99,6 +99,17 @@ def refiner_inputs(name: str, config: Any) -> list[Any]:
     return list(inputs(config)) if inputs is not None else []
 
 
+def refiner_choices(name: str, config: Any) -> dict[str, Any]:
+    """The settings refiner ``name`` records in every run report (``run.choices``, shown by
+    ``clipsam compare``): its module's optional ``open_choices(config)`` hook, for the choices a
+    paper leaves open and clipsam takes; {} without one."""
+    spec = get_refiner(name)
+    if not spec.module:
+        return {}
+    hook = optional_attr(spec.module, "open_choices", what=f"model.refiner={name!r}")
+    return dict(hook(config)) if hook is not None else {}
+
+
 def build_refiner(name: str, config: Any = None, *, use_embedding_cache: bool = True) -> Any:
     """Build refiner ``name`` from its settings; None for ``"none"``.
 

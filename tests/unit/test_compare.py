@@ -150,3 +150,21 @@ def test_paper_rows() -> None:
     assert paper_row("april_gan", "ppg_cps") == "this method"
     assert paper_row("winclip", "none") == "WinCLIP"
     assert paper_row("sdp", "none") is None  # SDP is not in the paper's table
+
+
+def test_the_open_choices_of_each_run_are_shown(tmp_path: Path) -> None:
+    """run.choices (the settings a paper leaves open, recorded by clipsam test) reach the
+    Markdown settings table and the CSV's choices column; old reports show none."""
+    run_dir = _report(tmp_path / "ours", method="april_gan", refiner="ppg_cps", test=VISA, per_category={"pcb1": _metrics(0.9, 0.5, 0.4)})
+    path = run_dir / "test_results.json"
+    payload = json.loads(path.read_text())
+    payload["run"]["choices"] = {"refiner_config.prompt.threshold": 0.5, "evaluation.fusion": "clip_boost"}
+    path.write_text(json.dumps(payload))
+    plain = _report(tmp_path / "plain", method="winclip", refiner="none", test=VISA, per_category={"pcb1": _metrics(0.8, 0.4, 0.3)})
+    comparison = build_comparison(collect_runs([str(run_dir), str(plain)]))
+    markdown = comparison_markdown(comparison)
+    assert "evaluation.fusion=clip_boost; refiner_config.prompt.threshold=0.5" in markdown
+    header, lines = comparison_csv_rows(comparison)
+    column = header.index("choices")
+    by_label = {line[0]: line[column] for line in lines}
+    assert by_label == {"april_gan + ppg_cps": "evaluation.fusion=clip_boost; refiner_config.prompt.threshold=0.5", "winclip": ""}
