@@ -35,7 +35,7 @@ TAPS = (6, 12, 18, 24)
 ATOL = 1e-5  # text, tokens, global feature, map, score, losses, logits
 ATOL_MAP4 = 2e-5
 ATOL_GRAD_CTX = 1e-3
-REL_GRAD_DEEP = 2e-3  # per deep prompt: max abs diff <= 2e-3 x max abs golden gradient
+REL_GRAD_DEEP = 1e-3  # per deep prompt: max abs diff <= 1e-3 x max abs golden gradient (measured <= 3.5e-4 with deep_prompt_fp16)
 ATOL_AFTER_STEP = 1e-6
 ATOL_INPUT = 1e-6  # file path: read_image + FrameTransform(518) vs `image` (measured 2.4e-7)
 
@@ -251,7 +251,7 @@ def test_one_training_step(gold, make_producer) -> None:
         name = _deep_name(index)
         expected = gold["train_grads"][name]
         bound = REL_GRAD_DEEP * float(expected.abs().max())
-        check_close(SOURCE, f"train_grads {name} (2e-3 x max |grad|)", grads[name], expected, bound)
+        check_close(SOURCE, f"train_grads {name} (1e-3 x max |grad|)", grads[name], expected, bound)
 
     optimizer.step()
     for name, value in _prompt_params(producer).items():
