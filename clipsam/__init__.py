@@ -4,6 +4,13 @@ Implements "Enhancing Zero-Shot Anomaly Detection: CLIP-SAM Collaboration with C
 (arXiv 2510.11028) as a PyTorch Lightning framework.
 """
 
+import os as _os
+
+# albumentations asks PyPI for its latest version when it is first imported (a network call at
+# import time, and a warning when offline). clipsam never wants that; a user's own setting wins.
+_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+del _os
+
 __version__ = "0.1.0"
 
 __all__ = ["Segmenter", "SegmentResult", "__version__"]

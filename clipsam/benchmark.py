@@ -30,6 +30,13 @@ differ only in their refiner, and test-time ablations, share one fit. A cell is 
 overrides and the fit's hash) is unchanged: it is not rerun. A changed cell is rerun into a fresh
 ``attempt_N`` folder; nothing is overwritten.
 
+**Interrupted.** While a cell's test runs, ``cell.json`` names its attempt as *running*, never as
+results. Ctrl+C, SIGTERM or SIGHUP stop the running command with the benchmark and leave
+``INCOMPLETE`` in its attempt folder; ``clipsam compare`` skips such folders and attempts their
+``cell.json`` does not name (superseded or unfinished), so a rerun never shows up twice. A test
+that finished after the benchmark itself was killed (``kill -9``) is recorded by the next run
+instead of being run again.
+
 Layout under ``root``::
 
     fits/<method>-<direction>-<hash>/attempt_N/checkpoints/last.ckpt, fit.json, fit_N.log
@@ -40,16 +47,18 @@ Layout under ``root``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fnmatch
 import hashlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +66,17 @@ import yaml
 
 from clipsam.errors import ConfigError
 
-__all__ = ["Cell", "Grid", "inprocess_runner", "load_grid", "main", "plan_cells", "run_benchmark", "subprocess_runner"]
+__all__ = [
+    "Cell",
+    "Grid",
+    "inprocess_runner",
+    "load_grid",
+    "main",
+    "plan_cells",
+    "run_benchmark",
+    "select_cells",
+    "subprocess_runner",
+]
 
 Runner = Callable[[list[str], Path], int]
 """(clipsam CLI arguments, log file) -> exit status."""
@@ -357,7 +376,14 @@ def _run_step(
         ConfigError: the command failed (with the last lines of its log) or wrote no ``what``.
     """
     start, since = time.perf_counter(), time.time() - 1.0
-    code = runner(args, log)
+    try:
+        code = runner(args, log)
+    except KeyboardInterrupt:
+        _mark_interrupted(attempt, stage)
+        raise
+    if code == 130:  # the command was interrupted (Ctrl+C reached it first): stop the benchmark too
+        _mark_interrupted(attempt, stage)
+        raise KeyboardInterrupt
     if code != 0:
         tail = log.read_text().strip().splitlines()[-8:] if log.is_file() else []
         raise ConfigError(
@@ -368,6 +394,23 @@ def _run_step(
     if found is None:
         raise ConfigError(f"benchmark cell {cell.name}: `clipsam {stage}` wrote no {what} under {attempt}; see {log}")
     return found, time.perf_counter() - start
+
+
+INCOMPLETE_MARKER = "INCOMPLETE"  # clipsam.runs.INCOMPLETE_MARKER (not imported: runs pulls in Lightning)
+
+
+def _mark_interrupted(attempt: Path, stage: str) -> None:
+    """The benchmark stopped while ``clipsam <stage>`` ran in ``attempt``: whatever the command
+    wrote there is not a finished cell (``clipsam compare`` skips folders holding this marker)."""
+    if not attempt.is_dir():
+        return
+    try:
+        (attempt / INCOMPLETE_MARKER).write_text(
+            f"clipsam benchmark was interrupted during `clipsam {stage}` of this attempt; its files are not a "
+            "finished cell. Run the benchmark again to redo it.\n"
+        )
+    except OSError:
+        pass  # a full or read-only disk: the command's own marker (if any) stays
 
 
 def _ensure_fit(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], None]) -> Path:
@@ -399,15 +442,50 @@ def cell_results(grid: Grid, cell: Cell) -> Path | None:
     return results if results is not None and results.is_file() else None
 
 
+def _adopt_finished_attempt(grid: Grid, cell: Cell) -> Path | None:
+    """An attempt whose test finished after the benchmark itself was stopped (killed between the
+    command's end and ``cell.json``): recorded now instead of being run again.
+
+    Only the attempt ``cell.json`` names as running, with the cell's current hash, holding a
+    ``test_results.json`` and no ``INCOMPLETE`` marker, is adopted.
+    """
+    directory = _cell_dir(grid, cell)
+    state = _read_json(directory / "cell.json")
+    running = state.get("running")
+    if not running or state.get("hash") != cell.test_hash():
+        return None
+    attempt = Path(running)
+    results = attempt / "test_results.json"
+    if not results.is_file() or (attempt / INCOMPLETE_MARKER).exists():
+        return None
+    _write_json(
+        directory / "cell.json",
+        {"hash": cell.test_hash(), "results": str(results), "checkpoint": state.get("checkpoint"),
+         "seconds": None, "adopted": True},
+    )  # fmt: skip
+    return results
+
+
 def _run_cell(grid: Grid, cell: Cell, runner: Runner, say: Callable[[str], None]) -> Path:
     done = cell_results(grid, cell)
     if done is not None:
         say(f"cell {cell.name}: finished earlier, not rerun ({done})")
         return done
+    adopted = _adopt_finished_attempt(grid, cell)
+    if adopted is not None:
+        say(f"cell {cell.name}: its test finished after the benchmark stopped; recorded, not rerun ({adopted})")
+        return adopted
     say(f"cell {cell.name}:")
     ckpt = _ensure_fit(grid, cell, runner, say) if cell.trainable else None
     directory = _cell_dir(grid, cell)
     attempt = _next_attempt(directory)
+    # Until the test ends, cell.json names the attempt as running (never as results), so neither
+    # a rerun nor `clipsam compare` takes what an interrupted command left as a finished cell.
+    _write_json(
+        directory / "cell.json",
+        {"hash": cell.test_hash(), "results": None, "running": str(attempt),
+         "checkpoint": None if ckpt is None else str(ckpt)},
+    )  # fmt: skip
     args = _command("test", cell.test_configs, cell.test_overrides, attempt, wandb=grid.wandb, run_name=cell.name)
     if ckpt is not None:
         args += ["--ckpt_path", str(ckpt)]
@@ -436,6 +514,18 @@ def _prepare_data(grid: Grid, say: Callable[[str], None]) -> None:
     generate_synthetic(root, seed=0)
 
 
+def select_cells(cells: Sequence[Cell], only: Sequence[str]) -> list[Cell]:
+    """The cells whose name (method/direction/ablation) matches one of the ``only`` globs (all without).
+
+    Raises:
+        ConfigError: the globs match no cell (the message lists the cells).
+    """
+    chosen = [c for c in cells if not only or any(fnmatch.fnmatch(c.name, pattern) for pattern in only)]
+    if not chosen:
+        raise ConfigError(f"--only {list(only)} matches no cell; cells: {[c.name for c in cells]}")
+    return chosen
+
+
 def run_benchmark(
     grid: Grid,
     *,
@@ -453,9 +543,7 @@ def run_benchmark(
 
     say = say or (lambda line: print(line, flush=True))
     cells = plan_cells(grid)
-    chosen = [c for c in cells if not only or any(fnmatch.fnmatch(c.name, pattern) for pattern in only)]
-    if not chosen:
-        raise ConfigError(f"--only {list(only)} matches no cell; cells: {[c.name for c in cells]}")
+    chosen = select_cells(cells, only)
     grid.root.mkdir(parents=True, exist_ok=True)
     _prepare_data(grid, say)
     first_ablation = grid.ablations[0].name
@@ -494,10 +582,34 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     grid = load_grid(args.config)
     if args.dry_run:
-        for cell in plan_cells(grid):
+        for cell in select_cells(plan_cells(grid), args.only):
             done = cell_results(grid, cell)
             steps = f"fit {cell.fit_hash()[:8]} (shared by cells with this id) + test" if cell.trainable else "test only"
             print(f"{cell.name}: {steps}, " + (f"finished ({done})" if done else "to run"))
         return 0
-    run_benchmark(grid, only=args.only, runner=inprocess_runner if args.in_process else subprocess_runner)
+    with _terminate_as_interrupt():
+        run_benchmark(grid, only=args.only, runner=inprocess_runner if args.in_process else subprocess_runner)
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM / SIGHUP stop the benchmark like Ctrl+C: the running command is stopped with it
+    (never left running on its own) and its attempt is marked ``INCOMPLETE``."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is None:
+            continue
+        try:
+            previous[number] = signal.signal(number, interrupt)
+        except ValueError:  # not the main thread: leave the handlers alone
+            pass
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -195,13 +195,18 @@ class PredictionWriter(BasePredictionWriter):
         """File name for an input image: its path below the predict folder, '/' -> '__'.
 
         ``good/000.png`` and ``hole/000.png`` become ``good__000`` and ``hole__000``; names that
-        still collide (or come from outside the folder) get a numeric suffix.
+        still collide (or come from outside the folder) get a numeric suffix. A single image
+        given as ``data.predict_dir`` (``photos/astronaut.png``) keeps its own name
+        (``astronaut``).
         """
         source = Path(path)
         root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
+        base = Path(os.path.expanduser(os.fspath(root))).resolve() if root else None
         try:
-            relative = source.resolve().relative_to(Path(root).expanduser().resolve()) if root else Path(source.name)
+            relative = source.resolve().relative_to(base) if base is not None and base.is_dir() else Path(source.name)
         except ValueError:
+            relative = Path(source.name)
+        if not relative.stem:  # never an empty (hidden) output name
             relative = Path(source.name)
         # Unique across processes too: each image is predicted by one process only.
         name = output_name("__".join((*relative.parent.parts, relative.stem)))

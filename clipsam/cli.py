@@ -17,12 +17,66 @@ traceback, and the process exits with status 2.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
 from clipsam.lightning_cli import ClipSamCLI, VersionedSaveConfigCallback, _build_cli, build_cli, clean_help, run
 
-__all__ = ["ClipSamCLI", "VersionedSaveConfigCallback", "_build_cli", "build_cli", "clean_help", "main"]
+__all__ = ["COMMANDS", "ClipSamCLI", "VersionedSaveConfigCallback", "_build_cli", "build_cli", "clean_help", "main", "top_level_help"]
+
+#: Every ``clipsam`` command with its one-line summary (``clipsam --help``), in the order shown.
+COMMANDS: dict[str, str] = {
+    "fit": "train the CLIP adapters on data.train (writes checkpoints/last.ckpt)",
+    "test": "evaluate on data.test: per-category metrics, thresholds.json, overlays",
+    "validate": "the same evaluation as test (validate_results.*)",
+    "predict": "segment your own images (a folder or one file): masks, overlays, predictions.csv",
+    "compare": "the test results of several runs in one table, beside the paper's numbers",
+    "benchmark": "run a grid of fit/test cells (resumable), then compare them",
+    "data": "datasets on disk: synth (generated), download (MVTec-AD, VisA, ...), list (formats)",
+    "export": "export a model: a bundle folder for clipsam.Segmenter, or ONNX graphs",
+}
+
+#: Commands clipsam runs itself (the others are Lightning's CLI): command -> (module, function).
+_OWN_COMMANDS = {
+    "data": ("clipsam.data.cli", "data_main"),
+    "compare": ("clipsam.compare", "main"),
+    "benchmark": ("clipsam.benchmark", "main"),
+    "export": ("clipsam.export", "export_main"),
+}
+
+
+def top_level_help() -> str:
+    """What ``clipsam --help`` prints: every command with its one-line summary."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = [
+        "usage: clipsam COMMAND [options]",
+        "",
+        "Zero-shot industrial anomaly segmentation: CLIP adapters + a cascaded SAM (PyTorch Lightning).",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}{summary}" for name, summary in COMMANDS.items()),
+        "",
+        "options:",
+        "  -h, --help     this list",
+        "  -V, --version  clipsam's version",
+        "",
+        "`clipsam COMMAND --help` lists the options of one command (e.g. `clipsam test --help`,",
+        "`clipsam data synth --help`, `clipsam export --help`).",
+        "",
+        "examples:",
+        "  clipsam fit  --config configs/demo.yaml",
+        "  clipsam test --config configs/demo.yaml --ckpt_path runs/demo/version_0/checkpoints/last.ckpt",
+        "  clipsam predict --config configs/demo.yaml --ckpt_path ... --data.predict_dir photos/",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _unknown_command(name: str) -> str:
+    """One line for a command that does not exist, with the closest of all commands."""
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.5)
+    hint = f": did you mean `clipsam {close[0]}`?" if close else ""
+    return f"unknown command {name!r}{hint} (`clipsam --help` lists every command: {', '.join(COMMANDS)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,17 +91,20 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"clipsam {__version__}")
         return 0
+    if not args or args[0] in ("-h", "--help"):
+        print(top_level_help(), end="")
+        if not args:
+            print("clipsam: error: no command given: choose one of the commands above", file=sys.stderr)
+            return 2
+        raise SystemExit(0)  # as argparse's --help
+    if not args[0].startswith("-") and args[0] not in COMMANDS:
+        print(f"clipsam: error: {_unknown_command(args[0])}", file=sys.stderr)
+        return 2
     runs.refuse_unsafe_torch_load_override()
-    commands = {
-        "data": ("clipsam.data.cli", "data_main"),
-        "compare": ("clipsam.compare", "main"),
-        "benchmark": ("clipsam.benchmark", "main"),
-        "export": ("clipsam.export", "export_main"),
-    }
-    if args and args[0] in commands:
+    if args[0] in _OWN_COMMANDS:
         import importlib
 
-        module, name = commands[args[0]]
+        module, name = _OWN_COMMANDS[args[0]]
         return run(args[1:], getattr(importlib.import_module(module), name))
     # No explicit args from the console script: LightningCLI reads sys.argv itself.
     return run(None if argv is None else args)

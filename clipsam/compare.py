@@ -34,6 +34,7 @@ from clipsam.metric_names import COLUMN_TITLES
 __all__ = [
     "PAPER_RESULTS",
     "PAPER_SOURCE",
+    "PAPER_TEST_SETS",
     "Comparison",
     "RunResult",
     "build_comparison",
@@ -42,6 +43,7 @@ __all__ = [
     "comparison_markdown",
     "load_run",
     "main",
+    "paper_data_problem",
     "paper_row",
 ]
 
@@ -91,6 +93,53 @@ _PAPER_ROWS = {
     # ClipSAM number is shown beside it for reference, never as its result.
     ("umci", "mmr"): "ClipSAM",
 }
+
+
+#: The test sets the paper's numbers are on: test-data format -> (name, categories, test images).
+#: A run gets the paper's number beside it only when its recorded test data is exactly this set
+#: (every category, every test image): a subset or generated data in the same layout does not.
+PAPER_TEST_SETS: dict[str, tuple[str, frozenset[str], int]] = {
+    "mvtec": (
+        "MVTec-AD",
+        frozenset({
+            "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
+            "tile", "toothbrush", "transistor", "wood", "zipper",
+        }),
+        1725,
+    ),
+    "visa": (
+        "VisA",
+        frozenset({
+            "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
+            "pcb4", "pipe_fryum",
+        }),
+        2162,
+    ),
+}  # fmt: skip
+
+
+def paper_data_problem(run: RunResult) -> str | None:
+    """Why the paper's numbers do not apply to ``run``'s test data (None: the full real test set).
+
+    Read from the run's recorded data identity (``run.data.test`` of the report: format, split,
+    subset, and the number of test images per category).
+    """
+    spec = PAPER_TEST_SETS.get(run.dataset)
+    if spec is None:
+        return f"the paper reports no {run.dataset} numbers"
+    name, categories, total = spec
+    images = {c: n for c, n in (run.data.get("images") or {}).items() if isinstance(n, int)}
+    if not images:
+        return "its test data is not recorded (an old report)"
+    count = sum(images.values())
+    what = f"{len(images)} {'category' if len(images) == 1 else 'categories'}, {count} images"
+    if run.data.get("split") not in (None, "test"):
+        return f"split {run.data.get('split')!r}, not {name}'s test split"
+    if run.data.get("subset"):
+        return f"a subset of the test data ({what})"
+    if set(images) != categories or count != total:
+        return f"{what} ({', '.join(sorted(images)[:4])}{', ...' if len(images) > 4 else ''}), not {name}'s test set ({len(categories)} categories, {total} images)"
+    return None
 
 
 def paper_row(method: str, refiner: str) -> str | None:
@@ -213,26 +262,73 @@ def load_run(path: str | Path) -> RunResult:
     )
 
 
-def collect_runs(patterns: Iterable[str]) -> list[RunResult]:
+INCOMPLETE_MARKER = "INCOMPLETE"  # clipsam.runs.INCOMPLETE_MARKER (not imported: runs pulls in Lightning)
+
+
+def _unfinished(report: Path) -> str | None:
+    """Why the run of ``report`` is not a finished result (None: it is).
+
+    - its folder holds ``INCOMPLETE`` (the run, or the benchmark running it, did not end normally);
+    - it is an attempt of a ``clipsam benchmark`` cell (``<cell>/attempt_N/``, ``<cell>/cell.json``)
+      that the cell's ``cell.json`` does not name as its results (superseded, or still running).
+    """
+    marker = report.parent / INCOMPLETE_MARKER
+    if marker.is_file():
+        try:
+            reason = marker.read_text().strip().splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            reason = "no reason recorded"
+        return f"the run did not finish ({INCOMPLETE_MARKER}: {reason})"
+    cell = report.parent.parent / "cell.json"
+    if report.parent.name.startswith("attempt_") and cell.is_file():
+        try:
+            state = json.loads(cell.read_text())
+        except (OSError, ValueError):
+            return None
+        named = state.get("results") if isinstance(state, dict) else None
+        if not named or Path(named).resolve() != report.resolve():
+            return f"a benchmark attempt its cell does not record as finished ({cell})"
+    return None
+
+
+def collect_runs(patterns: Iterable[str], *, skipped: list[str] | None = None) -> list[RunResult]:
     """Runs named by ``patterns``: files, run folders, globs, or folders searched recursively.
 
+    Unfinished runs (:func:`_unfinished`) found by a search or a glob are left out (their reasons
+    appended to ``skipped``); named one by one, such a run is refused.
+
     Raises:
-        ConfigError: a pattern matches no report.
+        ConfigError: a pattern matches no report; a run named directly did not finish.
     """
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True)) or [pattern]
+        named = len(matches) == 1 and not glob.has_magic(pattern)
         found: list[Path] = []
+        left_out: list[str] = []
         for match in map(Path, matches):
-            if match.is_file():
-                found.append(match)
-            elif (match / RESULTS_FILE).is_file():
-                found.append(match / RESULTS_FILE)
+            if match.is_file() or (match / RESULTS_FILE).is_file():
+                report = match if match.is_file() else match / RESULTS_FILE
+                problem = _unfinished(report)
+                if problem is not None and named:
+                    raise ConfigError(f"{report}: {problem}: pass a finished run, or run it again")
+                if problem is not None:
+                    left_out.append(f"{report}: {problem}")
+                    continue
+                found.append(report)
             elif match.is_dir():
-                found.extend(sorted(match.rglob(RESULTS_FILE)))
+                for report in sorted(match.rglob(RESULTS_FILE)):
+                    problem = _unfinished(report)
+                    if problem is None:
+                        found.append(report)
+                    else:
+                        left_out.append(f"{report}: {problem}")
         if not found:
-            raise ConfigError(f"{pattern}: matches no {RESULTS_FILE}; pass run folders written by `clipsam test`")
+            why = f" that finished (left out: {'; '.join(left_out)})" if left_out else ""
+            raise ConfigError(f"{pattern}: matches no {RESULTS_FILE}{why}; pass run folders written by `clipsam test`")
         files.extend(found)
+        if skipped is not None:
+            skipped.extend(left_out)
     unique = list(dict.fromkeys(p.resolve() for p in files))
     return [load_run(p) for p in unique]
 
@@ -261,6 +357,18 @@ class Comparison:
     def flagged(self) -> list[tuple[str, str, str]]:
         """(row label, dataset, reason) for every flag."""
         return [(r.label, d, f) for r in self.rows for d, fs in r.flags.items() for f in fs]
+
+    @property
+    def without_paper(self) -> list[tuple[str, str, str]]:
+        """(row label, dataset, why) for every run of a paper row whose data is not the paper's."""
+        out = []
+        for row in self.rows:
+            for dataset, run in row.runs.items():
+                if row.paper is not None and dataset in PAPER_TEST_SETS:
+                    problem = paper_data_problem(run)
+                    if problem is not None:
+                        out.append((row.label, dataset, problem))
+        return out
 
 
 def _majority(values: Sequence[Any]) -> Any:
@@ -335,9 +443,20 @@ def _pct(value: float | None) -> str:
 
 
 def _paper(row: Row, dataset: str, metric: str) -> float | None:
-    if row.paper is None:
+    run = row.runs.get(dataset)
+    if row.paper is None or run is None or paper_data_problem(run) is not None:
         return None
     return PAPER_RESULTS[row.paper].get(dataset, {}).get(metric)
+
+
+def _paper_note(comparison: Comparison) -> str | None:
+    """One sentence saying which runs get no paper number and why (None: every run that could has one)."""
+    missing = comparison.without_paper
+    if not missing:
+        return None
+    sets = "; ".join(f"{name}: {len(cats)} categories, {total} test images" for name, cats, total in PAPER_TEST_SETS.values())
+    runs = "; ".join(f"{label} on {dataset}: {why}" for label, dataset, why in missing)
+    return f"no paper number beside runs on other data than the paper's full test sets ({sets}): {runs}"
 
 
 def comparison_csv_rows(comparison: Comparison) -> tuple[list[str], list[list[Any]]]:
@@ -432,6 +551,9 @@ def _notes(comparison: Comparison) -> list[str]:
 def comparison_markdown(comparison: Comparison) -> str:
     """The main table, the per-category tables and the flags, as Markdown."""
     parts = ["Mean over categories, percent; the paper's reported value in parentheses.", "", f"Paper numbers: {PAPER_SOURCE}."]
+    paper_note = _paper_note(comparison)
+    if paper_note:
+        parts += ["", f"Note: {paper_note}."]
     for dataset in comparison.datasets:
         parts += ["", f"## Test dataset {dataset}", "", _markdown_table(*summary_table(comparison, dataset))]
     notes = _notes(comparison)
@@ -447,10 +569,11 @@ def comparison_markdown(comparison: Comparison) -> str:
 
 def print_comparison(comparison: Comparison, *, per_category: bool = True, console: Any = None) -> None:
     """The same tables on the console (rich)."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    from clipsam.io import rich_console
+
+    console = console or rich_console()
 
     def show(title: str, header: list[str], lines: list[list[str]], caption: str | None = None) -> None:
         table = Table(title=title, caption=caption)
@@ -466,6 +589,9 @@ def print_comparison(comparison: Comparison, *, per_category: bool = True, conso
             *summary_table(comparison, dataset),
             caption="paper: arXiv 2510.11028; '!': not comparable, see below",
         )
+    paper_note = _paper_note(comparison)
+    if paper_note:
+        console.print(f"note: {paper_note}", markup=False, highlight=False)
     for note in _notes(comparison):
         console.print(f"[bold yellow]! {note}[/]")
     header, choice_lines = choices_table(comparison)
@@ -535,9 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """``clipsam compare``; errors raise :class:`ConfigError` (the CLI prints them, exit 2)."""
     args = build_parser().parse_args(list(argv))
-    comparison = build_comparison(collect_runs(args.runs))
+    skipped: list[str] = []
+    comparison = build_comparison(collect_runs(args.runs, skipped=skipped))
     write_outputs(comparison, csv_path=args.csv, markdown_path=args.markdown, overwrite=args.overwrite)
     print_comparison(comparison, per_category=not args.no_per_category)
+    for line in skipped:
+        print(f"left out (not a finished run): {line}")
     for path in (args.csv, args.markdown):
         if path is not None:
             print(f"written: {path}")

@@ -22,7 +22,32 @@ import torch
 
 from clipsam.errors import WeightsError
 
-__all__ = ["atomic_write", "atomic_torch_save", "next_version_dir", "safe_torch_load"]
+__all__ = ["atomic_torch_save", "atomic_write", "next_version_dir", "rich_console", "safe_torch_load"]
+
+#: Width of clipsam's console output when stdout is not a terminal and ``COLUMNS`` is unset
+#: (Rich would use 80 and break long lines, paths included, mid-word).
+PIPE_WIDTH = 200
+
+
+def rich_console(**kwargs: Any) -> Any:
+    """A Rich console that never breaks a line inside a path.
+
+    ``soft_wrap=True``: printed text is never cut into lines by Rich (a terminal wraps long lines
+    itself, so a copied path stays whole). When stdout is not a terminal (a log file, a pipe, CI)
+    and ``COLUMNS`` is unset, tables are laid out for :data:`PIPE_WIDTH` columns instead of Rich's
+    80. ``COLUMNS`` or an explicit ``width`` wins.
+    """
+    import sys
+
+    from rich.console import Console
+
+    kwargs.setdefault("soft_wrap", True)
+    if "width" not in kwargs and not os.environ.get("COLUMNS"):
+        stream = kwargs.get("file") or sys.stdout
+        isatty = getattr(stream, "isatty", None)
+        if not (callable(isatty) and isatty()):
+            kwargs["width"] = PIPE_WIDTH
+    return Console(**kwargs)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from lightning.pytorch import LightningModule, Trainer
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from clipsam.errors import ClipSamError
+from clipsam.errors import ClipSamError, ConfigError
 
 __all__ = ["ClipSamCLI", "VersionedSaveConfigCallback", "build_cli", "run"]
 
@@ -139,21 +139,103 @@ class _HelpFormatter(DefaultHelpFormatter):
         super().start_section(clean_help(heading) if isinstance(heading, str) else heading)
 
 
+def yaml_problem(err: BaseException) -> str:
+    """A YAML parse error on one line: ``<problem> at line N, column M`` (lines count from 1)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+def check_yaml_file(path: str) -> None:
+    """A ``--config`` file that is not valid YAML: one line naming the file and the problem.
+
+    Missing files are left to the config loader, which names them too.
+
+    Raises:
+        ConfigError: ``<file>: <problem> at line N, column M``.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return
+    try:
+        yaml.safe_load(file.read_text())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: not a text (YAML) file ({err.reason} at byte {err.start}): pass a YAML config") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML: {yaml_problem(err)}; fix the file") from None
+
+
+def _condense(message: str) -> str:
+    """A jsonargparse error on one line; a config file that does not load names the file and the
+    YAML problem with its line."""
+    unable = re.search(r"Unable to load config '([^']+)'", message)
+    if unable:
+        try:
+            check_yaml_file(unable.group(1))
+        except ClipSamError as err:
+            key = re.match(r'Parser key "([^"]+)"', message.strip())
+            return str(err) + (f" (given as --{key.group(1)})" if key else "")
+    return " ".join(message.split())
+
+
 class ClipSamArgumentParser(LightningArgumentParser):
-    """Lightning's parser that suggests the closest valid key for a mistyped one."""
+    """Lightning's parser with one-line errors and the closest valid key for a mistyped one.
+
+    jsonargparse prints the whole usage (over a hundred lines) before each error; here an error
+    is one ``clipsam: error: ...`` line (exit status 2), with where to find the options.
+    """
 
     def error(self, message: str, ex: Exception | None = None) -> None:  # type: ignore[override]
         unknown = re.findall(r"--[\w.\-]+", message) if "nrecognized argument" in message else []
+        hints = []
         if unknown:
             valid = [opt for action in self._actions for opt in action.option_strings if opt.startswith("--")]
-            hints = []
             for arg in unknown:
                 close = difflib.get_close_matches(arg, valid, n=1, cutoff=0.75)
                 if close:
                     hints.append(f"{arg}: did you mean {close[0]}?")
-            if hints:
-                message = f"{message}\n" + "\n".join(hints)
-        super().error(message, ex)
+        try:
+            from jsonargparse._common import debug_mode_active
+        except ImportError:  # another jsonargparse layout: no debug mode to respect
+
+            def debug_mode_active() -> bool:
+                return False
+
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message + "".join(f"\n{hint}" for hint in hints), ex)
+        self._logger.error(message)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        words = parser.prog.replace(" [options]", "").split()
+        command = " ".join(["clipsam", *words[1:]])  # argv[0] may be lightning, __main__.py, ...
+        line = _condense(message) + "".join(f"; {hint}" for hint in hints)
+        sys.stderr.write(f"clipsam: error: {line} (`{command} --help` lists every option)\n")
+        raise SystemExit(2)
+
+
+def _check_config_args(args: list[str]) -> None:
+    """Every ``--config FILE`` is valid YAML (one line naming the file and the line otherwise)."""
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            check_yaml_file(args[i + 1])
+        elif arg.startswith("--config="):
+            check_yaml_file(arg.split("=", 1)[1])
+
+
+def _bad_yaml_option(args: list[str]) -> str | None:
+    """The first ``--key=value`` (or ``--key value``) whose value YAML cannot parse."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, value = arg.split("=", 1) if "=" in arg else (arg, args[i + 1] if i + 1 < len(args) else None)
+        if value is None:
+            continue
+        try:
+            yaml.safe_load(value)
+        except yaml.YAMLError:
+            return f"{name}={value}"
+    return None
 
 
 class ClipSamCLI(LightningCLI):
@@ -175,7 +257,16 @@ class ClipSamCLI(LightningCLI):
 
         given = list(sys.argv[1:]) if args is None else args
         if isinstance(given, list):
-            stacked = stack_cli_args(given)
+            _check_config_args(given)
+            try:
+                stacked = stack_cli_args(given)
+            except yaml.YAMLError as err:  # a --model.method_config.<key>=<value> that is not YAML
+                raise ConfigError(f"{_bad_yaml_option(given) or 'an option value'} is not a YAML value: {yaml_problem(err)}") from None
+            except ConfigError as err:  # a config file YAML reads but the config loader refuses (a duplicate key)
+                mark = getattr(err.__cause__, "problem_mark", None)
+                if mark is None or not getattr(mark, "name", None):
+                    raise
+                raise ConfigError(f"{mark.name}: not a valid config: {yaml_problem(err.__cause__)}; fix the file") from None
             if stacked != given:
                 args = stacked
         super().__init__(*pos, args=args, **kwargs)
@@ -184,7 +275,8 @@ class ClipSamCLI(LightningCLI):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         kwargs.setdefault(
             "epilog",
-            "more commands: `clipsam data {synth,download} --help` (datasets on disk), "
+            "every command (compare, benchmark, data, export, ...): `clipsam --help`; "
+            "`clipsam data {synth,download,list} --help` (datasets on disk), "
             "`clipsam export --help` (bundle / ONNX), `clipsam --version`.",
         )
         if self.parser_class is LightningArgumentParser:
@@ -243,6 +335,8 @@ class ClipSamCLI(LightningCLI):
         config = self.config.get(subcommand, self.config)
         runs.check_home_paths(config)
         runs.check_image_size(config)
+        runs.check_run_settings(config, subcommand)
+        runs.check_cache_variable(config)
         # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
         # and no (empty) W&B run beside it.
         if subcommand == "predict":

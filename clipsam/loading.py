@@ -134,24 +134,68 @@ def read_bundle(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], Path | 
         absolute), the weights file (None for a training-free method), the default category.
 
     Raises:
-        WeightsError: not a bundle, or weights.pt altered since export.
+        WeightsError: not a bundle folder; ``bundle.json`` or ``config.yaml`` missing, unreadable
+            or of the wrong shape; weights.pt or the thresholds file missing, or weights.pt
+            altered since export (each names the file).
     """
     import yaml
 
     root = Path(os.path.expanduser(os.fspath(bundle)))
+    export_hint = "re-export it with `clipsam export --format bundle`"
+    if not root.exists():
+        raise WeightsError(f"bundle folder {root} does not exist: check the path (a folder written by `clipsam export --format bundle`)")
+    if not root.is_dir():
+        raise WeightsError(f"bundle {root} is a file, not a folder: pass the folder written by `clipsam export --format bundle`")
     manifest_path = root / "bundle.json"
     if not manifest_path.is_file():
         raise WeightsError(f"{root} is not a clipsam bundle (no bundle.json): write one with `clipsam export --format bundle`")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != BUNDLE_FORMAT or int(manifest.get("version", 0)) > BUNDLE_VERSION:
-        raise WeightsError(f"{root}: unsupported bundle format {manifest.get('format')!r} version {manifest.get('version')!r}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise WeightsError(f"{manifest_path} is not readable JSON ({_first_line(err)}): {export_hint}") from None
+    if not isinstance(manifest, dict):
+        raise WeightsError(
+            f"{manifest_path} holds a JSON {type(manifest).__name__}, not the bundle's description (an object): {export_hint}"
+        )
+    version = manifest.get("version", 0)
+    if manifest.get("format") != BUNDLE_FORMAT or not isinstance(version, int) or isinstance(version, bool) or version > BUNDLE_VERSION:
+        raise WeightsError(
+            f"{manifest_path}: unsupported bundle format {manifest.get('format')!r} version {version!r} "
+            f"(this clipsam reads {BUNDLE_FORMAT!r} up to version {BUNDLE_VERSION}): {export_hint}"
+        )
     weights: Path | None = root / "weights.pt"
     if manifest.get("weights_sha256") is None:
         weights = None  # a training-free method: nothing trained to store
     elif not weights.is_file() or sha256(weights) != manifest.get("weights_sha256"):
         raise WeightsError(f"{weights} is missing or differs from the one exported (sha256 mismatch): re-export the bundle")
-    config = yaml.safe_load((root / "config.yaml").read_text())
-    evaluation = config.setdefault("model", {}).setdefault("evaluation", {})
+    config_path = root / "config.yaml"
+    if not config_path.is_file():
+        raise WeightsError(f"{config_path} is missing: the bundle needs its config; {export_hint}")
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise WeightsError(f"{config_path} is not readable YAML ({_first_line(err)}): {export_hint}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise WeightsError(f"{config_path} does not hold a clipsam config (a mapping with a 'model' section): {export_hint}")
+    model = config.setdefault("model", {})
+    evaluation = model.setdefault("evaluation", {})
+    if not isinstance(evaluation, dict):
+        raise WeightsError(f"{config_path}: model.evaluation must be a mapping, got {evaluation!r}: {export_hint}")
     if evaluation.get("thresholds"):
-        evaluation["thresholds"] = str(root / evaluation["thresholds"])
+        thresholds = root / str(evaluation["thresholds"])
+        if not thresholds.is_file():
+            raise WeightsError(
+                f"{thresholds} is missing: the bundle's config.yaml names it (model.evaluation.thresholds); "
+                f"{export_hint}, or set model.evaluation.thresholds to null there for the default thresholds"
+            )
+        evaluation["thresholds"] = str(thresholds)
     return config, weights, manifest.get("category")
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's message on one line (YAML errors span several: the problem and where)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split()) or type(err).__name__

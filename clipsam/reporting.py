@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from clipsam.callbacks import heat_map, output_name
-from clipsam.io import atomic_write, next_version_dir
+from clipsam.io import atomic_write, next_version_dir, rich_console
 from clipsam.metric_names import COLUMN_TITLES, METRIC_COLUMNS
 
 __all__ = ["format_table", "overlay_caption", "report_test_results", "write_metrics_files", "render_panel"]
@@ -203,8 +203,6 @@ def report_test_results(
         dict of the written paths ("json", "csv", "overlays", "thresholds" when given, and
         "wandb" when a W&B run exists).
     """
-    from rich.console import Console
-
     # Under DDP the caller passes run_dir, asked for on every rank: trainer.log_dir broadcasts,
     # so calling it here (rank 0 only) would hang or crash.
     run_dir = Path(run_dir if run_dir is not None else (trainer.log_dir or trainer.default_root_dir))
@@ -247,7 +245,7 @@ def report_test_results(
         panels.append((overlay, panel))
     paths["overlays"] = overlay_dir
 
-    console = Console()
+    console = rich_console()
     console.print(format_table(results, baseline, title=f"clipsam {stage}"))
     if checkpoint and checkpoint.get("untrained_adapters"):
         console.print("[bold red]UNTRAINED adapters (--allow_untrained): these numbers say nothing about the method[/]")

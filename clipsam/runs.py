@@ -3,7 +3,8 @@
 :class:`clipsam.cli.ClipSamCLI` calls these in order, so that every problem a user can fix is one
 :class:`~clipsam.errors.ClipSamError` raised before any run folder, config copy or W&B run exists:
 
-1. :func:`check_home_paths`, :func:`check_image_size` (right after parsing);
+1. :func:`check_home_paths`, :func:`check_image_size`, :func:`check_run_settings`,
+   :func:`check_cache_variable` (right after parsing);
 2. :func:`check_output_folders`, the dataset (``datamodule.setup``), :func:`resolve_ckpt_path`
    (after instantiation, before the trainer runs);
 3. :func:`reserve_run_dir`: a fresh ``version_N`` made with ``mkdir`` (never ``exist_ok``),
@@ -29,12 +30,15 @@ from clipsam.errors import ClipSamError, ConfigError, WeightsError
 from clipsam.io import next_version_dir, safe_torch_load
 
 __all__ = [
+    "CACHE_ENV",
     "INCOMPLETE_MARKER",
     "RUN_DIR_ENV",
     "CheckpointChoice",
+    "check_cache_variable",
     "check_home_paths",
     "check_image_size",
     "check_output_folders",
+    "check_run_settings",
     "check_sam_weights",
     "disk_error_message",
     "file_sha256",
@@ -219,6 +223,82 @@ def check_image_size(config: Any) -> None:
             f"data.image_size={size} is not a multiple of the patch size {patch} of "
             f"{key}={name}: use {lower} or {lower + patch}"
         )
+
+
+def check_run_settings(config: Any, subcommand: str) -> None:
+    """Trainer and data numbers Lightning or PyTorch would refuse only after the run folder exists
+    (or, for ``max_epochs=0``, accept and train nothing).
+
+    Raises:
+        ConfigError: naming the key, the value and what to use.
+    """
+    workers = _get(config, "data.num_workers")
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers < 0:
+        raise ConfigError(
+            f"data.num_workers={workers} is negative: use 0 (load in the main process) or the number of "
+            "worker processes (e.g. 2)"
+        )
+    for key in ("max_epochs", "max_steps"):
+        value = _get(config, f"trainer.{key}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if value < -1:
+            raise ConfigError(
+                f"trainer.{key}={value} is negative: use a positive number (or -1 for no limit"
+                + (", with trainer.max_steps)" if key == "max_epochs" else ")")
+            )
+        if value == 0 and subcommand == "fit":
+            raise ConfigError(
+                f"trainer.{key}=0 trains nothing (no checkpoint would be written): use 1 or more"
+            )
+
+
+CACHE_ENV = "CLIPSAM_CACHE"
+"""Environment variable of clipsam's cache root (SAM weights in ``$CLIPSAM_CACHE/sam``)."""
+
+
+def _blocking_file(path: str) -> Path | None:
+    """The existing file that keeps ``path`` from being (or becoming) a folder, if any."""
+    target = Path(os.path.expanduser(path)).absolute()
+    for probe in (target, *target.parents):
+        if probe.exists():
+            return None if probe.is_dir() else probe
+    return None
+
+
+def check_cache_variable(config: Any = None, *, sam_default: bool = False) -> None:
+    """``$CLIPSAM_CACHE``, when something uses it, is (or can become) a folder.
+
+    Args:
+        config: a parsed config; its paths below ``$CLIPSAM_CACHE`` (``${oc.env:CLIPSAM_CACHE}``
+            in configs/mvtec.yaml) use the variable.
+        sam_default: the SAM weights are looked up in ``$CLIPSAM_CACHE/sam`` (no
+            ``model.refiner_config.sam.checkpoint`` / ``cache_dir``).
+
+    Raises:
+        ConfigError: naming the variable, the file in the way and what uses it.
+    """
+    value = os.environ.get(CACHE_ENV, "")
+    if not value:
+        return
+    blocker = _blocking_file(value)
+    if blocker is None:
+        return
+    prefix = os.path.expanduser(value).rstrip("/") + "/"
+    users = []
+    if config is not None:
+        users = [
+            key for key, leaf in _walk(config, "")
+            if isinstance(leaf, str) and (os.path.expanduser(leaf) + "/").startswith(prefix)
+        ]
+    if sam_default:
+        users.append("the SAM weights ($CLIPSAM_CACHE/sam)")
+    if not users:
+        return
+    raise ConfigError(
+        f"environment variable {CACHE_ENV}={value}: {blocker} is an existing file, not a folder, and "
+        f"{', '.join(users)} {'uses' if len(users) == 1 else 'use'} it: point {CACHE_ENV} to a folder, or unset it"
+    )
 
 
 # ----------------------------------------------------------------------------- output folders
@@ -429,6 +509,8 @@ def check_sam_weights(model: Any, subcommand: str) -> None:
     sam_config = getattr(getattr(model, "refiner_config", None), "sam", None)  # ppg_cps and mmr run a SAM
     if sam_config is not None and sam_config.variant != "tiny":
         from clipsam.models.sam import resolve_checkpoint
+
+        check_cache_variable(sam_default=not sam_config.checkpoint and not sam_config.cache_dir)
 
         resolve_checkpoint(sam_config)
 

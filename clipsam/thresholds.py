@@ -39,6 +39,7 @@ import torch
 from clipsam.errors import ConfigError
 
 __all__ = [
+    "RULE",
     "THRESHOLD_METHODS",
     "THRESHOLDS_FILE",
     "check_compatible",
@@ -55,6 +56,13 @@ THRESHOLD_METHODS: tuple[str, ...] = ("f1", "fpr")
 
 THRESHOLDS_FILE = "thresholds.json"
 """Name of the thresholds file in a test run directory and in an exported bundle."""
+
+RULE = "anomalous when score >= threshold"
+"""The one decision rule of a thresholds file (its ``"rule"`` entry)."""
+
+#: Largest threshold accepted from a file: scores lie in [0, 1]; an ``"fpr"`` threshold above a
+#: score of exactly 1 is the next float32 after 1 (nothing is anomalous).
+_MAX_THRESHOLD = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
 
 #: Settings that change the scores a threshold applies to: a thresholds file computed under
 #: other values would silently give wrong decisions, so :func:`check_compatible` refuses it.
@@ -191,7 +199,7 @@ def compute_thresholds(
     out: dict[str, Any] = {
         "method": method,
         "target_fpr": float(target_fpr) if method == "fpr" else None,
-        "rule": "anomalous when score >= threshold",
+        "rule": RULE,
         "image": {"global": None, "per_category": {}},
         "pixel": {"global": None, "per_category": {}},
     }
@@ -243,8 +251,12 @@ def save_thresholds(path: str | os.PathLike[str], thresholds: Mapping[str, Any])
 def load_thresholds(path: str | os.PathLike[str], *, key: str = "model.evaluation.thresholds") -> dict[str, Any]:
     """Read a thresholds file (``thresholds.json`` of a test run or a bundle, or its folder).
 
+    Every threshold must be a number in [0, 1] (scores lie in [0, 1]), ``method`` one of
+    :data:`THRESHOLD_METHODS` and ``rule`` :data:`RULE`: a file edited by hand is refused here,
+    when it is loaded, never at the first image.
+
     Raises:
-        ConfigError: missing or malformed file, naming ``key``.
+        ConfigError: missing or malformed file, naming ``key``, the file and the bad entry.
     """
     target = Path(os.path.expanduser(os.fspath(path)))
     if target.is_dir():
@@ -260,7 +272,64 @@ def load_thresholds(path: str | os.PathLike[str], *, key: str = "model.evaluatio
         raise ConfigError(f"{key}={target} is not a readable thresholds JSON file ({err})") from err
     if not isinstance(data, dict) or "image" not in data or "pixel" not in data:
         raise ConfigError(f"{key}={target} has no 'image'/'pixel' thresholds: pass a file written by `clipsam test`")
+    problem = _problem(data)
+    if problem is not None:
+        raise ConfigError(
+            f"{key}={target}: {problem}; fix the file, or rerun `clipsam test` to write a new thresholds.json"
+        )
     return data
+
+
+def _threshold_problem(entry: Any, where: str) -> str | None:
+    """What is wrong with one ``{"threshold": t, ...}`` entry (None: fine, or no entry)."""
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or "threshold" not in entry:
+        return f"{where} must be null or an object with a 'threshold', got {entry!r}"
+    value = entry["threshold"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{where}.threshold is {value!r}, not a number: thresholds are numbers in [0, 1]"
+    if not math.isfinite(value) or not 0.0 <= value <= _MAX_THRESHOLD:
+        return (
+            f"{where}.threshold is {value!r}: thresholds are numbers in [0, 1] (scores lie in [0, 1]; "
+            f"{RULE})"
+        )
+    return None
+
+
+def _problem(data: Mapping[str, Any]) -> str | None:
+    """The first thing in a loaded thresholds file that would give wrong or failing decisions."""
+    method = data.get("method")
+    if method is not None and method not in THRESHOLD_METHODS:
+        return f"method is {method!r}: use one of {', '.join(THRESHOLD_METHODS)}"
+    rule = data.get("rule")
+    if rule is not None and rule != RULE:
+        return f"rule is {rule!r}: clipsam decides by the one rule {RULE!r}"
+    target_fpr = data.get("target_fpr")
+    if method == "fpr" and not (
+        isinstance(target_fpr, (int, float)) and not isinstance(target_fpr, bool) and 0.0 <= target_fpr < 1.0
+    ):
+        return f"target_fpr is {target_fpr!r}: a false-positive rate in [0, 1)"
+    for level in ("image", "pixel"):
+        entries = data.get(level)
+        if entries is None:
+            continue
+        if not isinstance(entries, Mapping):
+            return f"{level} must be an object with 'global' and 'per_category', got {entries!r}"
+        problem = _threshold_problem(entries.get("global"), f"{level}.global")
+        if problem is not None:
+            return problem
+        per_category = entries.get("per_category") or {}
+        if not isinstance(per_category, Mapping):
+            return f"{level}.per_category must be an object (category -> threshold), got {per_category!r}"
+        for category, entry in per_category.items():
+            problem = _threshold_problem(entry, f"{level}.per_category.{category}")
+            if problem is not None:
+                return problem
+    scores = data.get("scores")
+    if scores is not None and not isinstance(scores, Mapping):
+        return f"scores must be an object (the settings the scores came from), got {scores!r}"
+    return None
 
 
 def check_compatible(thresholds: Mapping[str, Any], settings: Mapping[str, Any], *, source: str) -> None:
@@ -273,9 +342,16 @@ def check_compatible(thresholds: Mapping[str, Any], settings: Mapping[str, Any],
         source: the file, for the message.
 
     Raises:
-        ConfigError: naming every differing key.
+        ConfigError: naming every differing key; a file without its ``"scores"`` record (nothing
+            to check against: never assumed to fit).
     """
-    recorded = thresholds.get("scores") or {}
+    recorded = thresholds.get("scores")
+    if not isinstance(recorded, Mapping) or not recorded:
+        raise ConfigError(
+            f"thresholds in {source} do not record which scores they were computed on (no 'scores' entry), "
+            "so clipsam cannot check that they fit this config: rerun `clipsam test` with this config to "
+            "write a new thresholds.json (and re-export the bundle with it)"
+        )
     diff = [
         f"{k}: thresholds {recorded[k]!r} vs config {settings[k]!r}"
         for k in SCORE_KEYS

@@ -169,7 +169,8 @@ def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_S
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError as exc:
-        raise DatasetError(f"image file {path} does not exist: check the dataset root and layout") from exc
+        # Read by datasets, the predict writer and Segmenter.segment: say nothing about datasets.
+        raise DatasetError(f"image file {path} does not exist: check the path") from exc
     except Image.DecompressionBombError as exc:
         raise _too_large(path, exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from clipsam.compare import build_comparison, collect_runs, comparison_csv_rows, comparison_markdown, load_run, paper_row
+from clipsam.compare import PAPER_TEST_SETS, build_comparison, collect_runs, comparison_csv_rows, comparison_markdown, load_run, paper_row
 from clipsam.errors import ConfigError
 
 VISA = {"format": "visa", "root": "/data/visa", "categories": None, "split": "test"}
@@ -57,7 +57,11 @@ def _metrics(auroc: float, f1: float, ap: float) -> dict[str, float]:
     return {"pixel_auroc": auroc, "pixel_f1_max": f1, "pixel_ap": ap}
 
 
-def test_rows_are_methods_with_category_means_and_the_papers_numbers(tmp_path: Path) -> None:
+def test_rows_are_methods_with_category_means_and_the_papers_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # These small hand-written reports stand for the paper's full test sets (paper numbers are
+    # shown only beside runs on exactly those: tests/unit/test_reliability_21.py).
+    monkeypatch.setitem(PAPER_TEST_SETS, "visa", ("VisA", frozenset({"pcb1", "candle"}), 20))
+    monkeypatch.setitem(PAPER_TEST_SETS, "mvtec", ("MVTec-AD", frozenset({"bottle"}), 10))
     _report(tmp_path / "a" / "version_0", method="april_gan", refiner="none", test=VISA,
             per_category={"pcb1": _metrics(0.9, 0.3, 0.2), "candle": _metrics(0.8, 0.1, 0.1)})  # fmt: skip
     _report(tmp_path / "b" / "version_0", method="april_gan", refiner="ppg_cps", test=VISA,
