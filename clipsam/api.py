@@ -19,6 +19,12 @@ or an exported bundle) with its frozen CLIP and SAM, and segments images in memo
     # a training-free method needs no checkpoint: configs stack as --config stacks them
     seg = Segmenter.from_config(["configs/demo.yaml", "configs/methods/demo/winclip.yaml"])
 
+    # a few-shot method (WinCLIP+: model.method_config.k_shot = k) needs k good images per category
+    seg = Segmenter.from_config(["configs/mvtec.yaml", "configs/methods/winclip_plus_mvtec.yaml"],
+                                references={"pcb1": ["good_0001.JPG"]})
+    seg.set_references("candle", [np.asarray(good_image)])   # add or replace a category's
+    seg.references   # {"candle": ["<array 0>"], "pcb1": ["good_0001.JPG"]}
+
 It runs the same :class:`clipsam.pipeline.Pipeline` as ``clipsam test`` and ``clipsam predict``
 (its inputs built from the original image by :meth:`~clipsam.pipeline.Pipeline.make_batch`, then
 :meth:`~clipsam.pipeline.Pipeline.forward` and :meth:`~clipsam.pipeline.Pipeline.decide`) and the
@@ -41,9 +47,17 @@ import numpy as np
 import torch
 
 from clipsam.errors import ConfigError
-from clipsam.loading import apply_overrides, build_module, load_checkpoint, load_config, quiet, read_bundle, set_dotted
+from clipsam.loading import (
+    apply_overrides,
+    build_module,
+    load_checkpoint,
+    load_config,
+    quiet,
+    read_bundle,
+    set_dotted,
+)
 
-__all__ = ["SegmentResult", "Segmenter", "load_config", "ImageInput"]  # load_config: clipsam.loading
+__all__ = ["ImageInput", "SegmentResult", "Segmenter", "load_config"]  # load_config: clipsam.loading
 
 ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -105,6 +119,10 @@ class Segmenter:
         category: default category (object name source) of images given as arrays or PIL
             images, and of files when set (else a file's parent folder name, as ``predict``).
         batch_size: images per forward in :meth:`segment_batch`.
+
+    A method that needs good reference images per category (few-shot, e.g. WinCLIP+ with
+    ``model.method_config.k_shot``) gets them with ``references=`` of the constructors or
+    :meth:`set_references`; segmenting a category without them raises a ``ConfigError``.
     """
 
     def __init__(self, module: Any, *, device: str | torch.device | None = "cpu", category: str | None = None, batch_size: int = 8) -> None:
@@ -126,6 +144,7 @@ class Segmenter:
         device: str | torch.device | None = "cpu",
         category: str | None = None,
         batch_size: int = 8,
+        references: Mapping[str, Sequence[ImageInput]] | None = None,
     ) -> Segmenter:
         """Load the adapters of ``ckpt_path`` into the model that ``config`` describes.
 
@@ -136,13 +155,21 @@ class Segmenter:
                 ``model.evaluation.thresholds``).
             overrides: dotted keys, e.g. ``{"model.evaluation.mask_source": "score"}``.
             device, category, batch_size: see the class.
+            references: see :meth:`from_config`.
 
         Raises:
             WeightsError: missing/unreadable checkpoint, or adapters that do not fit the config.
             ConfigError: bad config.
         """
         return cls.from_config(
-            config, ckpt_path, thresholds=thresholds, overrides=overrides, device=device, category=category, batch_size=batch_size
+            config,
+            ckpt_path,
+            thresholds=thresholds,
+            overrides=overrides,
+            device=device,
+            category=category,
+            batch_size=batch_size,
+            references=references,
         )
 
     @classmethod
@@ -156,6 +183,7 @@ class Segmenter:
         device: str | torch.device | None = "cpu",
         category: str | None = None,
         batch_size: int = 8,
+        references: Mapping[str, Sequence[ImageInput]] | None = None,
     ) -> Segmenter:
         """The model ``configs`` describe; trained weights from ``ckpt_path`` when the method trains.
 
@@ -168,17 +196,23 @@ class Segmenter:
                 ``model.evaluation.thresholds``).
             overrides: dotted keys, e.g. ``{"model.evaluation.mask_source": "score"}``.
             device, category, batch_size: see the class.
+            references: ``{category: [image, ...]}``, the good reference images of a method that
+                needs them (WinCLIP+: exactly ``k_shot`` per category; paths, arrays or PIL
+                images as :meth:`segment` takes them); see :meth:`set_references`.
 
         Raises:
             WeightsError: missing/unreadable checkpoint, or weights that do not fit the config.
             ConfigError: bad config; a checkpoint missing for a trained method or given for a
-                training-free one.
+                training-free one; references for a method that takes none, or not as many as
+                it needs.
         """
         resolved = apply_overrides(load_config(configs), overrides)
         if thresholds is not None:
             set_dotted(resolved, "model.evaluation.thresholds", os.fspath(thresholds))
         path = Path(os.fspath(ckpt_path)) if ckpt_path is not None else None
-        return cls._from_resolved(resolved, path, device=device, category=category, batch_size=batch_size)
+        return cls._from_resolved(
+            resolved, path, device=device, category=category, batch_size=batch_size, references=references
+        )
 
     @classmethod
     def from_bundle(
@@ -189,11 +223,15 @@ class Segmenter:
         device: str | torch.device | None = "cpu",
         category: str | None = None,
         batch_size: int = 8,
+        references: Mapping[str, Sequence[ImageInput]] | None = None,
     ) -> Segmenter:
-        """Load a bundle written by ``clipsam export --format bundle`` (see :mod:`clipsam.export`)."""
+        """Load a bundle written by ``clipsam export --format bundle`` (see :mod:`clipsam.export`);
+        ``references`` as for :meth:`from_config`."""
         resolved, weights, default_category = read_bundle(bundle)
         resolved = apply_overrides(resolved, overrides)
-        return cls._from_resolved(resolved, weights, device=device, category=category or default_category, batch_size=batch_size)
+        return cls._from_resolved(
+            resolved, weights, device=device, category=category or default_category, batch_size=batch_size, references=references
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], config: Any = None, **kwargs: Any) -> Segmenter:
@@ -205,7 +243,14 @@ class Segmenter:
         return cls.from_checkpoint(path, config, **kwargs)
 
     @classmethod
-    def _from_resolved(cls, resolved: dict[str, Any], ckpt_path: Path | None, **kwargs: Any) -> Segmenter:
+    def _from_resolved(
+        cls,
+        resolved: dict[str, Any],
+        ckpt_path: Path | None,
+        *,
+        references: Mapping[str, Sequence[ImageInput]] | None = None,
+        **kwargs: Any,
+    ) -> Segmenter:
         with quiet():
             module = build_module(resolved)
             if module.needs_checkpoint and ckpt_path is None:
@@ -222,7 +267,42 @@ class Segmenter:
             if checkpoint is not None:
                 module.on_load_checkpoint(checkpoint)  # validates the weights against the config, loads them
             module.load_thresholds()  # fail now (not at the first image) on a bad thresholds file
-        return cls(module, **kwargs)
+        segmenter = cls(module, **kwargs)
+        for category, images in (references or {}).items():
+            segmenter.set_references(category, images)
+        return segmenter
+
+    # ------------------------------------------------------------------ reference images
+    @property
+    def references(self) -> dict[str, list[str]]:
+        """The reference images held, by category: their paths (``<array i>`` / ``<image i>`` for
+        in-memory images)."""
+        return {c: list(names) for c, names in self.pipeline.reference_names.items()}
+
+    @torch.no_grad()
+    def set_references(self, category: str, images: Sequence[ImageInput]) -> None:
+        """Give a few-shot method its good reference images of ``category`` (replacing earlier ones).
+
+        They are decoded as :meth:`segment` decodes images and built as ``clipsam test`` builds
+        the references it draws (:meth:`clipsam.pipeline.Pipeline.set_references`).
+
+        Args:
+            category: the category they are normal images of (as passed to :meth:`segment`).
+            images: exactly as many as the method needs (WinCLIP+: ``k_shot``): paths, numpy
+                arrays or PIL images.
+
+        Raises:
+            ConfigError: the method takes no references, or not that many.
+        """
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
+            raise TypeError(f"set_references takes a list of images for category {category!r}, got {type(images).__name__}")
+        decoded, names = [], []
+        for i, image in enumerate(images):
+            array, _, path = self._prepare(image, category)
+            decoded.append(array)
+            names.append(path or f"<{'array' if isinstance(image, np.ndarray) else 'image'} {i}>")
+        with quiet():
+            self.pipeline.set_references(category, decoded, names=names)
 
     # ------------------------------------------------------------------ inference
     def _prepare(self, image: Any, category: str | None) -> tuple[np.ndarray, str, str | None]:

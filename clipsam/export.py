@@ -271,6 +271,13 @@ def export_onnx(
     resolved = _resolved(config, overrides)
     with quiet():
         module = build_module(resolved)
+    if module.pipeline.reference_count:
+        raise ConfigError(
+            f"method {module.pipeline.method!r} with k_shot={module.pipeline.reference_count} compares each image with "
+            "reference images at run time, which an ONNX graph does not carry: export --format bundle and give "
+            "Segmenter.from_bundle(..., references={category: [files]}), or set model.method_config.k_shot=0"
+        )
+    with quiet():
         # ONNX graphs run in float32 (onnxruntime's CPU kernels); the check compares float32 to float32.
         if hasattr(module.method_config, "frozen_dtype"):
             module.method_config.frozen_dtype = "float32"

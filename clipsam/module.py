@@ -160,6 +160,7 @@ class ClipSamModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_model_inputs"):
             datamodule.set_model_inputs(self.pipeline.input_specs(refiner=stage in _EVAL_STAGES))
+        self.pipeline.draw_references(datamodule, stage)  # a few-shot method's, by data.reference
 
     def configure_model(self) -> None:
         """Build the producer (always) and the refiner (test/validate/predict only), once."""
@@ -238,7 +239,7 @@ class ClipSamModule(LightningModule):
         )
 
     def run_info(self) -> dict[str, Any]:
-        return run_info(self.pipeline, self.eval_config, self._trainer)
+        return {**run_info(self.pipeline, self.eval_config, self._trainer), **self.pipeline.reference_report()}
 
     # ------------------------------------------------------------------ test / validate
     def _eval_start(self) -> None:

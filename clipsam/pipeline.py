@@ -10,13 +10,17 @@
 - :meth:`Pipeline.segment`: the producer's map in the evaluation frame (``Map_a``), the
   refiner's mask, the fused pixel scores and the image scores;
 - :meth:`Pipeline.forward`: :meth:`segment`, tiled when ``tiling`` is on;
-- :meth:`Pipeline.decide`: thresholds, labels and the written mask.
+- :meth:`Pipeline.decide`: thresholds, labels and the written mask;
+- :meth:`Pipeline.set_references`: a category's good reference images, for a method whose module
+  declares ``reference_count(config) > 0`` (few-shot: WinCLIP+); built like test images and
+  handed to the producer (:meth:`~clipsam.methods.base.MapProducer.set_references`).
 
 Dimension symbols: B batch, H x W the evaluation frame (``image_size`` x ``image_size``).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -83,6 +87,14 @@ class Pipeline(nn.Module):
         self.producer: nn.Module | None = None  # clipsam.methods.base.MapProducer
         self.refiner: nn.Module | None = None  # clipsam.refiners.base.Refiner
         self.timings: dict[str, float] = {}
+        #: good reference images per category the method needs (0: none; its ``reference_count`` hook)
+        self.reference_count = methods.method_reference_count(self.method, self.method_config)
+        #: category -> names (paths) of the reference images the producer holds
+        self.reference_names: dict[str, list[str]] = {}
+        #: category -> files drawn by :meth:`draw_references`, not yet handed to the producer
+        self.pending_references: dict[str, list[Any]] = {}
+        #: how they were drawn (``data.reference``'s seed and source), for the run report
+        self.reference_settings: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ what it needs
     @property
@@ -110,6 +122,7 @@ class Pipeline(nn.Module):
             "image_score": getattr(self.method_config, "image_score", None),
             "image_size": self.image_size,
             "tiling": to_plain(self.tiling),
+            "reference_count": self.reference_count,
         }
 
     def check_stage(self, stage: str) -> None:
@@ -154,26 +167,105 @@ class Pipeline(nn.Module):
         The frame (the canvas with tiling) and every declared input come from the original
         (:func:`clipsam.inputs.build_inputs`; with tiling the inputs are built per tile).
         """
-        transform = self.frame_transform()
         specs = [] if self.tiling.canvas() is not None else self.input_specs()
-        frames, extras = [], []
-        for array in images:
-            frames.append(transform(image=array, mask=np.zeros(array.shape[:2], dtype=np.uint8))["image"].to(torch.float32))
-            extras.append(build_inputs(array, specs))
-        n = len(frames)
-        batch: dict[str, Any] = {
-            "image": torch.stack(frames),
-            "category": list(categories),
-            "path": list(paths) if paths is not None else [""] * n,
-            "original_size": torch.tensor([list(a.shape[:2]) for a in images], dtype=torch.int64),
-            "index": torch.arange(n),
-            "label": torch.full((n,), -1, dtype=torch.int64),
-            "has_mask": torch.zeros(n, dtype=torch.bool),
-            "mask": torch.zeros(n, *frames[0].shape[-2:]),
-        }
-        for key in extras[0] if extras else []:
-            batch[key] = torch.stack([e[key] for e in extras])
-        return batch
+        return _originals_batch(images, categories, paths, self.frame_transform(), specs)
+
+    # ------------------------------------------------------------------ reference images
+    def set_references(self, category: str, images: Sequence[np.ndarray], *, names: Sequence[str] | None = None) -> None:
+        """Give the method its good reference images of ``category`` (replacing earlier ones).
+
+        They are built as test images are (the frame and the method's declared inputs from each
+        ORIGINAL, :func:`clipsam.inputs.build_inputs`; whole images, also with tiling), moved to
+        the producer's device and handed to
+        :meth:`~clipsam.methods.base.MapProducer.set_references`.
+
+        Args:
+            category: the category (as in ``batch["category"]``).
+            images: exactly :attr:`reference_count` decoded uint8 (H0, W0, 3) RGB originals.
+            names: one name per image for the run report (paths); default ``<image i>``.
+
+        Raises:
+            ConfigError: the method takes no references, or the number of images is not the one
+                it needs.
+        """
+        count = self.reference_count
+        if not count:
+            raise ConfigError(f"model.method={self.method} takes no reference images (its reference_count is 0)")
+        if len(images) != count:
+            raise ConfigError(
+                f"model.method={self.method} needs {count} reference image(s) per category and got {len(images)} "
+                f"for category {category!r}: give exactly {count} (the method's settings fix it, e.g. model.method_config.k_shot)"
+            )
+        names = [str(n) for n in names] if names is not None else [f"<image {i}>" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"got {len(names)} names for {len(images)} reference images")
+        from clipsam.data.transforms import build_transform
+
+        batch = _originals_batch(images, [category] * len(images), names, build_transform(self.image_size), self.method_inputs())
+        producer = self.build_producer()
+        device = _device_of(producer)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        producer.set_references(category, batch)
+        self.reference_names[category] = names
+
+    def load_references(self, files: Mapping[str, Sequence[Any]]) -> None:
+        """:meth:`set_references` from image files: ``{category: [path, ...]}`` (read as every
+        dataset image is, :func:`clipsam.data.read_image`); the paths are the recorded names."""
+        from clipsam.data.samples import read_image
+
+        for category, paths in files.items():
+            self.set_references(category, [read_image(p) for p in paths], names=[str(p) for p in paths])
+
+    def draw_references(self, datamodule: Any, stage: str) -> None:
+        """``clipsam test/validate/predict`` (``ClipSamModule.setup``): have the datamodule draw the
+        method's references of every category ``stage`` segments (``data.reference``,
+        :meth:`clipsam.data.datamodule.AnomalyDataModule.reference_files`), before any batch.
+
+        The files are read and handed to the producer at the first :meth:`segment` (on the
+        producer's device). Nothing happens for ``fit`` or a method without references.
+
+        Raises:
+            ConfigError: the datamodule cannot draw references (not clipsam's), or
+                ``data.reference`` cannot be read (see ``reference_files``).
+        """
+        count = self.reference_count
+        if not count or stage == "fit":
+            return
+        if datamodule is None or not hasattr(datamodule, "reference_files"):
+            raise ConfigError(
+                f"model.method={self.method} needs {count} good reference image(s) per category, drawn by "
+                "data.reference: run it with clipsam's AnomalyDataModule (this datamodule provides none)"
+            )
+        self.pending_references = datamodule.reference_files(count, stage=stage)
+        settings = getattr(datamodule, "reference", None)
+        self.reference_settings = {"seed": getattr(settings, "seed", None), "source": getattr(settings, "source", None)}
+
+    def check_references(self, categories: Sequence[str]) -> None:
+        """Refuse to segment a category without its reference images (when the method needs them).
+
+        Raises:
+            ConfigError: naming the category, ``data.reference`` and the Segmenter's way to give them.
+        """
+        if not self.reference_count:
+            return
+        missing = sorted(set(categories) - set(self.reference_names))
+        if missing:
+            raise ConfigError(
+                f"model.method={self.method} needs {self.reference_count} good reference image(s) of category "
+                f"{missing[0]!r} and has none: `clipsam test/validate/predict` draw them by data.reference "
+                f"(default: the test dataset's good training images); Segmenter takes them as "
+                f"Segmenter.from_config(..., references={{{missing[0]!r}: [images]}}) or segmenter.set_references()"
+            )
+
+    def reference_report(self) -> dict[str, Any]:
+        """``{"references": {seed, source, count, files}}`` for the run report (``run`` in
+        test_results.json) when the method takes references: how they were drawn, ``count`` per
+        category and the files (names) used, by category; ``{}`` otherwise."""
+        if not self.reference_count:
+            return {}
+        names = {**{c: [str(p) for p in files] for c, files in self.pending_references.items()}, **self.reference_names}
+        files = {c: list(n) for c, n in sorted(names.items())}
+        return {"references": {**self.reference_settings, "count": self.reference_count, "files": files}}
 
     def _tile_inputs(self, tiles: torch.Tensor) -> dict[str, torch.Tensor]:
         """The declared inputs of frame-sized tiles (a tile is an image of its own)."""
@@ -205,6 +297,10 @@ class Pipeline(nn.Module):
         from clipsam.fusion import fuse_scores
 
         producer = self.build_producer()
+        if self.pending_references:  # drawn in setup; read and encoded once, on the producer's device
+            pending, self.pending_references = self.pending_references, {}
+            self.load_references(pending)
+        self.check_references(batch["category"])
         t0 = time.perf_counter()
         out = producer.forward_batch(batch)
         self._add_time("clip_forward", time.perf_counter() - t0)
@@ -261,8 +357,8 @@ class Pipeline(nn.Module):
             tile_batch: dict[str, Any] = {"image": tiles[start : start + chunk], "category": categories[start : start + chunk]}
             tile_batch.update(self._tile_inputs(tile_batch["image"]))
             out = self.segment(tile_batch)
-            for key in parts:
-                parts[key].append(out[key])
+            for key, collected in parts.items():
+                collected.append(out[key])
             if "image_score_parts" in out:
                 score_parts.append(out["image_score_parts"])
         size = tuple(images.shape[-2:])
@@ -344,6 +440,36 @@ class Pipeline(nn.Module):
             "threshold_scopes": scopes,
             "object_names": [producer.object_name(c) for c in categories],
         }
+
+
+def _originals_batch(
+    images: Sequence[np.ndarray], categories: Sequence[str], paths: Sequence[str] | None, transform: Any, specs: Sequence[InputSpec]
+) -> dict[str, Any]:
+    """A batch of decoded uint8 (H0, W0, 3) RGB originals: ``transform``'s frame and ``specs``' inputs."""
+    frames, extras = [], []
+    for array in images:
+        frames.append(transform(image=array, mask=np.zeros(array.shape[:2], dtype=np.uint8))["image"].to(torch.float32))
+        extras.append(build_inputs(array, specs))
+    n = len(frames)
+    batch: dict[str, Any] = {
+        "image": torch.stack(frames),
+        "category": list(categories),
+        "path": list(paths) if paths is not None else [""] * n,
+        "original_size": torch.tensor([list(a.shape[:2]) for a in images], dtype=torch.int64),
+        "index": torch.arange(n),
+        "label": torch.full((n,), -1, dtype=torch.int64),
+        "has_mask": torch.zeros(n, dtype=torch.bool),
+        "mask": torch.zeros(n, *frames[0].shape[-2:]),
+    }
+    for key in extras[0] if extras else []:
+        batch[key] = torch.stack([e[key] for e in extras])
+    return batch
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU when it has none)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def prediction_record(batch: Mapping[str, Any], decided: Mapping[str, Any]) -> dict[str, Any]:

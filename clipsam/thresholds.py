@@ -66,7 +66,9 @@ _MAX_THRESHOLD = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
 
 #: Settings that change the scores a threshold applies to: a thresholds file computed under
 #: other values would silently give wrong decisions, so :func:`check_compatible` refuses it.
-SCORE_KEYS: tuple[str, ...] = ("method", "refiner", "fusion", "image_score", "image_size", "tiling")
+SCORE_KEYS: tuple[str, ...] = ("method", "refiner", "fusion", "image_score", "image_size", "tiling", "reference_count")
+#: Values of keys that files written before the key existed were computed under.
+_SCORE_KEY_DEFAULTS: dict[str, Any] = {"reference_count": 0}
 
 
 def _flat(values: Any, name: str) -> np.ndarray:
@@ -352,6 +354,7 @@ def check_compatible(thresholds: Mapping[str, Any], settings: Mapping[str, Any],
             "so clipsam cannot check that they fit this config: rerun `clipsam test` with this config to "
             "write a new thresholds.json (and re-export the bundle with it)"
         )
+    recorded = {**_SCORE_KEY_DEFAULTS, **recorded}
     diff = [
         f"{k}: thresholds {recorded[k]!r} vs config {settings[k]!r}"
         for k in SCORE_KEYS

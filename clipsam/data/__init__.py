@@ -7,6 +7,8 @@
 - :mod:`~clipsam.data.transforms`: resize to the frame + CLIP normalisation, :func:`denormalize`;
 - :mod:`~clipsam.data.dataset`: :class:`AnomalyDataset` (the Data contract of docs/design.md);
 - :mod:`~clipsam.data.datamodule`: :class:`AnomalyDataModule`, :class:`DatasetSpec`;
+- :mod:`~clipsam.data.references`: :class:`ReferenceConfig` (``data.reference``), how a few-shot
+  method's reference images are drawn;
 - :mod:`~clipsam.data.synthetic`: :func:`render_sample`, :func:`generate_synthetic`;
 - :mod:`~clipsam.data.download`: :func:`download_dataset`, :func:`detect_layout`.
 """
@@ -17,6 +19,7 @@ from clipsam.data.download import detect_layout, download_dataset
 from clipsam.data.folder import list_images, parse_folder
 from clipsam.data.formats import FORMATS, DatasetFormat, get_format
 from clipsam.data.mvtec import MVTEC_CATEGORIES, parse_mvtec
+from clipsam.data.references import ReferenceConfig
 from clipsam.data.samples import Sample, read_image, read_mask, validate_samples
 from clipsam.data.synthetic import (
     DEFECT_TYPES,
@@ -26,7 +29,13 @@ from clipsam.data.synthetic import (
     generate_synthetic,
     render_sample,
 )
-from clipsam.data.transforms import CLIP_MEAN, CLIP_STD, AugmentConfig, build_transform, denormalize
+from clipsam.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    AugmentConfig,
+    build_transform,
+    denormalize,
+)
 from clipsam.data.visa import VISA_CATEGORIES, parse_visa
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "AugmentConfig",
     "DatasetFormat",
     "DatasetSpec",
+    "ReferenceConfig",
     "Sample",
     "SynthSource",
     "build_transform",

@@ -14,12 +14,18 @@ reads a plain folder of the user's images (``predict_dir``).
 Every stage parses and validates its dataset in ``setup`` (:func:`clipsam.data.samples.
 validate_samples`), so a broken layout fails before the first step with one message naming the
 file. During ``fit`` the test dataset is not read: no validation on the zero-shot target.
+
+A few-shot method (one whose module declares ``reference_count(config) > 0``) also gets k good
+reference images per test category, drawn by ``data.reference`` (:mod:`clipsam.data.references`;
+:meth:`AnomalyDataModule.reference_files`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +39,24 @@ from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images
 from clipsam.data.formats import get_format
 from clipsam.data.mosaic import Mosaic
-from clipsam.data.samples import Sample, ValidationMode, is_image_file, set_max_image_pixels, split_valid, validate_samples
+from clipsam.data.references import (
+    TRAIN_SOURCE,
+    ReferenceConfig,
+    draw_references,
+    folder_pool,
+)
+from clipsam.data.samples import (
+    Sample,
+    ValidationMode,
+    is_image_file,
+    set_max_image_pixels,
+    split_valid,
+    validate_samples,
+)
 from clipsam.data.transforms import AugmentConfig, build_transform
-from clipsam.inputs import InputSpec
 from clipsam.errors import ConfigError, DatasetError
+from clipsam.inputs import InputSpec
+from clipsam.settings import from_mapping
 from clipsam.tiling import TilingConfig
 
 __all__ = ["AnomalyDataModule", "DatasetSpec", "EpochSeededRandomSampler", "parse_spec"]
@@ -205,6 +225,9 @@ class AnomalyDataModule(LightningDataModule):
             or ``image_size: null`` is off. Training always uses the frame.
         max_image_pixels: images with more pixels are refused with an error naming the file
             (PIL's decompression-bomb protection; the default is PIL's own limit); None: no limit.
+        reference: where a few-shot method's good reference images come from and the seed
+            that draws them (:class:`clipsam.data.references.ReferenceConfig`; default: the
+            test dataset's good training images, seed 0). Read only for such a method.
     """
 
     def __init__(
@@ -224,6 +247,7 @@ class AnomalyDataModule(LightningDataModule):
         sam_image_size: int | None = None,
         tiling: TilingConfig | None = None,
         max_image_pixels: int | None = 178_956_970,
+        reference: ReferenceConfig | None = None,
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -250,6 +274,7 @@ class AnomalyDataModule(LightningDataModule):
         self.tiling.check(image_size)
         self.max_image_pixels = max_image_pixels
         set_max_image_pixels(max_image_pixels)
+        self.reference: ReferenceConfig = from_mapping(ReferenceConfig, reference, key="data.reference")
         self.model_inputs: list[InputSpec] = []
         self.skip_reasons: dict[Path, str] = {}
         self.skipped_files: list[Path] = []
@@ -410,6 +435,63 @@ class AnomalyDataModule(LightningDataModule):
         if self.train_dataset is None:
             raise RuntimeError("train_categories is available after datamodule.setup('fit')")
         return sorted({s.category for s in self.train_dataset.samples})
+
+    # ------------------------------------------------------------------------- reference images
+    def stage_categories(self, stage: str) -> list[str]:
+        """Sorted categories of the images ``stage`` segments (test/validate: the test dataset;
+        predict: ``predict_category`` or each image's parent folder name)."""
+        if stage == "predict":
+            if self.predict_dataset is None:
+                raise RuntimeError("stage_categories('predict') is available after datamodule.setup('predict')")
+            return sorted({s.category for s in self.predict_dataset.samples})
+        return self.test_categories
+
+    def reference_files(self, count: int, *, stage: str = "test") -> dict[str, list[Path]]:
+        """The ``count`` good reference images of every category ``stage`` segments, drawn by
+        ``data.reference`` (:func:`clipsam.data.references.draw_references`).
+
+        Raises:
+            ConfigError: ``source: train`` without a training split to read (no ``data.test``,
+                a ``folder`` dataset, a format without one).
+            DatasetError: a category with fewer than ``count`` good images, a missing folder.
+        """
+        config = self.reference
+        listed = config.files or {}
+        categories = self.stage_categories(stage)
+        from_train = [c for c in categories if c not in listed] if config.source == TRAIN_SOURCE else []
+        train_pool, train_where = self._train_references(from_train) if from_train else ({}, "")
+        out: dict[str, list[Path]] = {}
+        for category in categories:
+            if category in listed:
+                pool, where = listed[category], f"data.reference.files[{category!r}]"
+            elif config.source == TRAIN_SOURCE:
+                pool, where = train_pool.get(category, []), train_where
+            else:
+                pool, where = folder_pool(config.source, category)
+            out[category] = draw_references(pool, count, seed=config.seed, category=category, where=where)
+        return out
+
+    def _train_references(self, categories: Sequence[str]) -> tuple[dict[str, list[Path]], str]:
+        """Good images of the training split of ``data.test``'s dataset, by category."""
+        hint = "set data.reference.source to a folder of good images, or list them in data.reference.files"
+        spec = self.test_spec
+        if spec is None:
+            raise ConfigError(f"data.reference.source='train' reads data.test's training images, but data.test is not set: {hint}")
+        if spec.format == "folder":
+            raise ConfigError(
+                "data.reference.source='train': data.test.format 'folder' has no training split (its good images are "
+                f"test images): {hint}"
+            )
+        train = dataclasses.replace(spec, split="train", categories=list(categories), mosaic_rate=0.0)
+        try:
+            samples, _, what = parse_spec(train, key="data.test")
+        except (ConfigError, DatasetError) as err:
+            raise type(err)(f"data.reference.source='train' reads the good training images of data.test's dataset: {err}; or {hint}") from None
+        pool: dict[str, list[Path]] = defaultdict(list)
+        for sample in samples:
+            if sample.label == 0:
+                pool[sample.category].append(Path(sample.image_path))
+        return pool, what
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, dataset: AnomalyDataset | None, stage: str, *, batch_size: int, shuffle: bool) -> DataLoader:

@@ -13,7 +13,11 @@ read or it is built. Adding a method is one file under ``clipsam/methods/`` plus
   receives. Without it the producer reads the evaluation frame (batch key ``image``);
 - optionally ``checkpoint_meta(config) -> dict`` and ``check_checkpoint(meta, config, where)``:
   what a checkpoint records about the frozen parts its trained weights depend on, and the check
-  that refuses a checkpoint trained on other frozen parts.
+  that refuses a checkpoint trained on other frozen parts;
+- optionally ``reference_count(config) -> int``: how many good reference images per category
+  the method needs (few-shot; 0 or no hook: none). Its producer then implements
+  :meth:`~clipsam.methods.base.MapProducer.set_references`; the pipeline feeds it
+  (:meth:`clipsam.pipeline.Pipeline.set_references`).
 
 Refiners have their own registry, :mod:`clipsam.refiners`.
 """
@@ -39,6 +43,7 @@ __all__ = [
     "method_hook",
     "method_inputs",
     "method_names",
+    "method_reference_count",
 ]
 
 
@@ -114,7 +119,7 @@ def method_config(name: str, value: Any = None, *, key: str = "model.method_conf
 
 def method_hook(name: str, hook: str) -> Callable[..., Any] | None:
     """An optional module-level function of method ``name`` (``input_specs``, ``checkpoint_meta``,
-    ``check_checkpoint``), or None when the method does not define it."""
+    ``check_checkpoint``, ``reference_count``), or None when the method does not define it."""
     return optional_attr(get_method(name).module, hook, what=f"model.method={name!r}")
 
 
@@ -122,6 +127,15 @@ def method_inputs(name: str, config: Any, *, image_size: int) -> list[Any]:
     """The inputs (:class:`clipsam.inputs.InputSpec`) method ``name`` reads besides the frame."""
     hook = method_hook(name, "input_specs")
     return list(hook(config, image_size=int(image_size))) if hook is not None else []
+
+
+def method_reference_count(name: str, config: Any) -> int:
+    """How many good reference images per category method ``name`` needs (0: none)."""
+    hook = method_hook(name, "reference_count")
+    count = int(hook(config)) if hook is not None else 0
+    if count < 0:
+        raise ConfigError(f"model.method={name!r}: reference_count must be >= 0, got {count}")
+    return count
 
 
 def input_key(name: str, config: Any, *, image_size: int) -> str:

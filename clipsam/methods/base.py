@@ -90,6 +90,22 @@ class MapProducer(nn.Module):
         mode = getattr(getattr(self, "config", None), "object_name", None)
         return object_name_for(category, mode) if mode else category
 
+    def set_references(self, category: str, inputs: Mapping[str, Tensor]) -> None:
+        """Take the reference images of ``category`` (a method whose module declares
+        ``reference_count(config) > 0``: few-shot, or any method that needs context of a category).
+
+        :class:`clipsam.pipeline.Pipeline` calls it once per category before that category's
+        images are segmented (``clipsam test/validate/predict``: drawn by ``data.reference``;
+        :class:`clipsam.Segmenter`: given by the user), and again to replace them.
+
+        Args:
+            category: the category the images belong to (as in ``batch["category"]``).
+            inputs: a batch of the K reference images built from their originals as test images
+                are (:func:`clipsam.inputs.build_inputs`): ``image`` (K, 3, H, W) the frame and each
+                input the method declared (``input_key``), on the producer's device.
+        """
+        raise NotImplementedError(f"method {self.name!r} takes no reference images")
+
     def loss(self, output: MapOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Training loss: a dict with at least ``"loss"`` (0-d). Only for trainable producers."""
         raise NotImplementedError(f"method {self.name!r} is training-free: it has no loss")

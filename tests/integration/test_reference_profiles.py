@@ -37,7 +37,17 @@ SAA_COMMON = {
     "model.method_config.object_comma": True,
     "data.image_size": 400,
 }
+WINCLIP_COMMON = {
+    "model.method_config.object_name": "raw",
+    "model.method_config.resize": "torch_bicubic",
+    "model.method_config.input_size": 240,
+    "model.method_config.k_shot": 0,
+    "data.image_size": 240,
+}
 PROFILES: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("test", "mvtec", "winclip_mvtec"): WINCLIP_COMMON,
+    ("test", "visa", "winclip_visa"): WINCLIP_COMMON,
+    ("test", "mvtec", "winclip_plus_mvtec"): {**WINCLIP_COMMON, "model.method_config.k_shot": 1, "data.reference.seed": 0},
     ("test", "mvtec", "sdp_mvtec"): {**SDP_COMMON, "model.method_config.dbscan_eps": 1.5, "model.method_config.dbscan_min_samples": 25},
     ("test", "visa", "sdp_visa"): {**SDP_COMMON, "model.method_config.dbscan_eps": 0.5, "model.method_config.dbscan_min_samples": 15},
     ("fit", "mvtec", "sdp_plus_mvtec"): {

@@ -2,7 +2,8 @@
 
 Golden file: ``winclip_tiny.pt`` (README section "winclip_tiny.pt"). clipsam runs method
 ``winclip`` on the file's ViT-B-16-plus-240-shaped architecture through a ``local-dir:`` folder,
-with ``object_name: raw`` (anomalib writes ``metal_nut`` verbatim) and a 240 frame.
+with its DEFAULT prompt and input settings (``object_name: raw``: anomalib writes ``metal_nut``
+verbatim; ``resize: torch_bicubic``: anomalib's pre-processor) and a 240 frame.
 """
 
 from __future__ import annotations
@@ -52,10 +53,10 @@ def producer(gold, tmp_path_factory: pytest.TempPathFactory):
             "scales": [2, 3],
             "temperature": 0.07,
             "use_image_score": True,
-            "object_name": "raw",
             "frozen_dtype": "float32",
         },
     )
+    assert (config.object_name, config.resize, config.k_shot) == ("raw", "torch_bicubic", 0), "the defaults are anomalib's"
     return build_producer("winclip", config, image_size=FRAME).eval()
 
 

@@ -162,3 +162,17 @@ def test_save_load_lookup_and_compatibility(tmp_path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_thresholds(tmp_path / "missing.json")
 
+
+
+def test_thresholds_of_zero_shot_scores_are_refused_for_a_few_shot_run():
+    """WinCLIP+ (k_shot > 0) scores differ from the zero-shot ones; a file written before the
+    reference count was recorded was computed with none."""
+    from clipsam.errors import ConfigError
+    from clipsam.thresholds import check_compatible
+
+    settings = {"method": "winclip", "refiner": "none", "fusion": "clip_boost", "image_score": None,
+                "image_size": 240, "tiling": None, "reference_count": 1}
+    old_file = {"scores": {k: v for k, v in settings.items() if k != "reference_count"}}
+    with pytest.raises(ConfigError, match="reference_count: thresholds 0 vs config 1"):
+        check_compatible(old_file, settings, source="thresholds.json")
+    check_compatible({"scores": dict(settings)}, settings, source="thresholds.json")

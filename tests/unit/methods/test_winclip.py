@@ -1,5 +1,7 @@
 """WinCLIP: window masks, harmonic aggregation and scale fusion on hand-worked cases; window
-embeddings against an attention-masked full pass; the producer end to end on the tiny preset."""
+embeddings against an attention-masked full pass; the producer end to end on the tiny preset;
+the object name anomalib writes (the category verbatim); WinCLIP+ (few-shot): the visual
+association score, the few-shot map and its fusion by hand, and the producer with references."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from clipsam.methods.base import MapOutput
 
 
 def _config(**overrides) -> W.WinClipConfig:
-    base = dict(model_name="clipsam-tiny-240", pretrained=None, input_size=None)
+    base = {"model_name": "clipsam-tiny-240", "pretrained": None, "input_size": None}
     base.update(overrides)
     return W.WinClipConfig(**base)
 
@@ -101,7 +103,7 @@ def test_forward_end_to_end(model):
     assert 0 <= out.anomaly_map.min() and out.anomaly_map.max() <= 1
     # image score = s0 computed from open_clip's own encoders
     text = torch.stack([model.clip.encode_text(model.tokenizer(W.build_prompts(n)[k])).mean(0)
-                        for n in ("metal nut",) for k in ("normal", "anomalous")])
+                        for n in ("metal_nut",) for k in ("normal", "anomalous")])
     cos = F.normalize(model.clip.encode_image(images[:1]), dim=-1) @ F.normalize(text, dim=-1).t()
     torch.testing.assert_close(out.image_scores[0], (cos / 0.07).softmax(-1)[0, 1], rtol=1e-4, atol=1e-5)
     # the map is the harmonic fusion of the scale maps and s0, upsampled
@@ -147,3 +149,98 @@ def test_real_architecture_random_weights():
     assert model.grid == (15, 15) and [m.shape[1] for m in model.masks] == [196, 169]
     out = model(torch.randn(1, 3, 240, 240), ["bottle"])
     assert out.anomaly_map.shape == (1, 240, 240)
+
+
+# ---------------------------------------------------------------------- the object name
+def test_default_prompts_write_the_category_verbatim(model):
+    """anomalib writes the category as on disk ("a cropped photo of the metal_nut."); the old
+    default ``category`` wrote "metal nut" (and "pcb" for pcb1)."""
+    assert W.WinClipConfig().object_name == "raw"
+    prompts = model.prompts("metal_nut")
+    assert prompts["normal"][0] == "a cropped photo of the metal_nut."
+    assert all("metal_nut" in p for p in prompts["normal"] + prompts["anomalous"])
+    assert model.object_name("pcb1") == "pcb1"
+    text = model.text_embeddings(["metal_nut"])[0]
+    want = torch.stack([model.clip.encode_text(model.tokenizer(prompts[k])).mean(0) for k in ("normal", "anomalous")])
+    torch.testing.assert_close(text, want)
+
+
+# ---------------------------------------------------------------------- WinCLIP+ (few-shot)
+def test_visual_association_scores_by_hand():
+    # anomalib's docstring example of visual_association_score, worked out: f0 = (1,0,0) meets
+    # r1 = (1,1,0)/sqrt2 at cos 1/sqrt2 -> (1 - 0.7071) / 2 = 0.1464; f1 = (0,1,0) equals r0 -> 0
+    f = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    refs = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]])  # (K=1, N=2, D): any position counts
+    got = W.visual_association_scores(f, refs)
+    torch.testing.assert_close(got, torch.tensor([[(1 - 2**-0.5) / 2, 0.0]]))
+    # a reference equal to the query (at ANOTHER position, scaled) gives 0; opposite gives 1
+    torch.testing.assert_close(W.visual_association_scores(torch.tensor([[[0.0, 2.0, 0.0]]]), refs), torch.zeros(1, 1))
+    torch.testing.assert_close(W.visual_association_scores(torch.tensor([[[0.0, -1.0, 0.0]]]), refs[:, :1]), torch.ones(1, 1))
+    # the minimum over references: cos 0 -> 0.5, cos 0.6 -> 0.2, cos -0.8 -> 0.9: 0.2
+    refs3 = torch.tensor([[0.0, 1.0], [0.6, 0.8], [-0.8, 0.6]])
+    torch.testing.assert_close(W.visual_association_scores(torch.tensor([[[1.0, 0.0]]]), refs3), torch.tensor([[0.2]]))
+    # a feature that equals a reference up to rounding is exactly 0, never a negative distance
+    e = torch.randn(1, 5, 7, generator=torch.Generator().manual_seed(3))
+    assert W.visual_association_scores(e, e[0] * 3.0).min() == 0.0
+
+
+def test_few_shot_map_and_fusion_by_hand():
+    patch = torch.tensor([[[0.1, 0.2], [0.3, 0.4]]])
+    m2 = torch.tensor([[[0.2, 0.2], [0.2, 0.8]]])
+    m3 = torch.tensor([[[0.3, 0.5], [0.0, 0.6]]])
+    few = W.few_shot_map(patch, [m2, m3])  # arithmetic mean of the patch level and the scales
+    torch.testing.assert_close(few, torch.tensor([[[0.2, 0.3], [0.5 / 3, 0.6]]]))
+    zero = torch.full((1, 2, 2), 0.4)
+    fused, image = W.fuse_few_shot(zero, few, torch.tensor([0.3]))
+    torch.testing.assert_close(fused, torch.tensor([[[0.3, 0.35], [(0.4 + 0.5 / 3) / 2, 0.5]]]))
+    torch.testing.assert_close(image, torch.tensor([(0.3 + 0.6) / 2]))  # (s0 + max M_fs) / 2
+
+
+@pytest.fixture(scope="module")
+def few_shot_model() -> W.WinClip:
+    return W.build(_config(k_shot=2), image_size=64)  # the same seeded weights as ``model``
+
+
+def test_few_shot_forward_against_its_parts(model, few_shot_model):
+    gen = torch.Generator().manual_seed(5)
+    refs = torch.randn(2, 3, 64, 64, generator=gen)
+    query = torch.randn(1, 3, 64, 64, generator=gen)
+    few_shot_model.set_references("screw", {"image": refs})
+    assert few_shot_model.references["screw"].count == 2
+    images = torch.cat([refs[1:], query])  # the second reference itself, then a new image
+    out = few_shot_model(images, ["screw", "screw"])
+    zero = model(images, ["screw", "screw"])  # zero-shot with the same weights
+    torch.testing.assert_close(out.extras["zero_shot_scores"], zero.image_scores)
+    # a reference image is its own nearest reference everywhere: M_fs = 0, so map = M / 2, score = s0 / 2
+    assert out.extras["few_shot_map"][0].abs().max() < 1e-6  # 0 up to float32 rounding of the batched pass
+    torch.testing.assert_close(out.anomaly_map[0], zero.anomaly_map[0] / 2)
+    torch.testing.assert_close(out.image_scores[0], zero.image_scores[0] / 2)
+    # the new image: M_fs from the encoder's patch tokens and windows, as anomalib computes it
+    _, windows, patches = model.encode_with_patches(query)
+    _, ref_windows, ref_patches = model.encode_with_patches(refs)
+    levels = [W.visual_association_scores(patches, ref_patches).reshape(1, 4, 4)]
+    for w, r, m in zip(windows, ref_windows, model.masks):
+        levels.append(W.harmonic_aggregation(W.visual_association_scores(w, r), m, model.grid))
+    few = sum(levels) / len(levels)
+    torch.testing.assert_close(out.extras["few_shot_map"][1], few[0])
+    torch.testing.assert_close(out.image_scores[1], (zero.image_scores[1] + few.max()) / 2)
+    up = F.interpolate(((out.extras["zero_shot_map"][1:] + few) / 2)[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.anomaly_map[1], up[0, 0].clamp(0, 1))
+    # patch embeddings are the full pass's tokens after ln_post, not projected (width C, not D)
+    assert patches.shape == (1, 16, model.visual.transformer.width)
+
+
+def test_few_shot_needs_references_of_the_category(few_shot_model):
+    with pytest.raises(ConfigError, match="k_shot=2 needs good reference images of category 'bottle'.*data.reference"):
+        few_shot_model(torch.zeros(1, 3, 64, 64), ["bottle"])
+
+
+def test_k_shot_is_the_reference_count():
+    from clipsam import methods
+
+    assert methods.method_reference_count("winclip", W.WinClipConfig()) == 0
+    assert methods.method_reference_count("winclip", W.WinClipConfig(k_shot=4)) == 4
+    assert methods.method_reference_count("april_gan", methods.method_config("april_gan")) == 0  # no hook: none
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="model.method_config.k_shot"):
+            W.WinClipConfig(k_shot=bad)
