@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ from clipsam.errors import ConfigError
 __all__ = ["CascadeConfig", "CascadeResult", "CascadeStep", "DecodeFn", "logits_to_boxes", "mask_to_box", "masks_to_boxes", "run_cascade"]
 
 DecodeFn = Callable[
-    [torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]],
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ]
 """``decode(point_coords, point_labels, box, mask_input) -> (mask_logits, low_res_logits, iou)``.
@@ -48,14 +47,15 @@ EMPTY_LOGIT = float("-inf")
 
 @dataclasses.dataclass
 class CascadeConfig:
-    """CPS settings (config key ``model.cascade``).
+    """CPS settings (config key ``model.refiner_config.cascade``).
 
     Attributes:
         num_steps: decoder calls, 1 (points only), 2 (+ logits) or 3 (+ box; the paper's
             method). The paper's cascade ablation is num_steps 1 / 2 / 3.
         multimask: ask SAM's decoder for its 3 candidate masks and keep the one with the best
-            predicted IoU at every step (SAM's advice for ambiguous prompts). False (default):
-            one mask, SAM's advice for several points; the paper does not say.
+            predicted IoU at every step (SAM's advice for ambiguous prompts; that mask's
+            low-res logits feed the next step). The paper does not specify; clipsam's choice:
+            False, one mask, SAM's advice for several points.
         mask_threshold: logit threshold of the binary masks (SAM's ``mask_threshold``, 0.0).
         per_region: run one cascade per connected component of ``S_a`` (PPG on that region
             alone) and take the union of the masks and the max of their probabilities, instead
@@ -63,6 +63,11 @@ class CascadeConfig:
             images with several separate defects.
         max_regions: with ``per_region``, at most this many regions (highest ``Map_a`` peak
             first), bounding the decoder calls per image.
+
+    Fixed (not keys; the paper does not specify, clipsam's choices): the box of step 3 is the
+    bounding box of step 2's binary mask at the ORIGINAL image size (what a ``SamPredictor``
+    user gets back and would box), inclusive pixel corners; when that mask is empty, step 3
+    runs with points + logits only.
     """
 
     num_steps: int = 3
@@ -73,9 +78,9 @@ class CascadeConfig:
 
     def __post_init__(self) -> None:
         if self.num_steps not in (1, 2, 3):
-            raise ConfigError(f"model.cascade.num_steps={self.num_steps} must be 1, 2 or 3")
+            raise ConfigError(f"model.refiner_config.cascade.num_steps={self.num_steps} must be 1, 2 or 3")
         if self.max_regions < 1:
-            raise ConfigError(f"model.cascade.max_regions={self.max_regions} must be >= 1")
+            raise ConfigError(f"model.refiner_config.cascade.max_regions={self.max_regions} must be >= 1")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,12 @@ background. Given the CLIP anomaly map ``Map_a`` and the SAM image-encoder featu
 - ``Map_s = cos(F(N_a), mean F(S_a))``          ring features vs the anomaly's mean feature (4-6);
 - ``P_l = Lowestk(Map_s)``                      negatives: the ring pixels least like it (7).
 
+The paper leaves open the threshold of ``S_a``, the number of points, what "similarity to the
+anomaly's features" compares with (here the mean feature of ``S_a``; ``similarity_to="max"``
+takes the best match over its pixels) and how SAM's coarse feature grid is read at a frame pixel
+(here bilinearly at the pixel centre; ``feature_sampling="nearest"`` takes the cell holding it):
+each is a key of :class:`PromptConfig`.
+
 Dimension symbols: H x W the anomaly map (the evaluation frame), C SAM feature channels,
 h x w SAM's feature grid, K returned points.
 
@@ -35,7 +41,9 @@ import torch.nn.functional as F
 from clipsam.errors import ConfigError
 
 __all__ = [
+    "FEATURE_SAMPLINGS",
     "KERNEL_SHAPES",
+    "SIMILARITY_TARGETS",
     "PromptConfig",
     "anomaly_ring",
     "dilate",
@@ -45,6 +53,14 @@ __all__ = [
 ]
 
 KernelShape = Literal["ellipse", "rect", "cross"]
+SimilarityTarget = Literal["mean", "max"]
+FeatureSampling = Literal["bilinear", "nearest"]
+
+SIMILARITY_TARGETS: tuple[str, ...] = ("mean", "max")
+"""What a ring pixel's feature is compared with (:attr:`PromptConfig.similarity_to`)."""
+
+FEATURE_SAMPLINGS: tuple[str, ...] = ("bilinear", "nearest")
+"""How SAM's feature grid is read at a frame pixel (:attr:`PromptConfig.feature_sampling`)."""
 
 KERNEL_SHAPES: dict[str, int] = {
     "ellipse": cv2.MORPH_ELLIPSE,
@@ -56,23 +72,39 @@ KERNEL_SHAPES: dict[str, int] = {
 
 @dataclasses.dataclass
 class PromptConfig:
-    """PPG settings (config key ``model.prompt``).
+    """PPG settings (config key ``model.refiner_config.prompt``).
 
     The paper gives the dilation kernel (ellipse, 25 x 25; its ablation also runs rect 20 and
-    cross 25) but not the number of points nor the threshold of ``S_a``; those defaults are
-    ours:
+    cross 25). The other settings are open in the paper; each default is clipsam's choice.
 
     Attributes:
-        num_positive: k of ``Topk`` (Eq. 2), positive points. Our choice: 5, a few clicks
-            spread over the peak as in SAM's interactive use; the paper does not give it.
-        num_negative: k of ``Lowestk`` (Eq. 7), negative points. Our choice: 5 (as many
-            negatives as positives).
-        threshold: ``S_a = Map_a >= threshold`` on the [0, 1] CLIP map. Our choice: 0.5, the
-            point where the per-pixel softmax says "anomalous" is more likely than "normal";
-            higher values give smaller, surer regions (the paper only says "extreme").
+        num_positive: k of ``Topk`` (Eq. 2), positive points. The paper does not specify;
+            clipsam's choice: 5, a few clicks spread over the peak as in SAM's interactive use.
+        num_negative: k of ``Lowestk`` (Eq. 7), negative points. The paper does not specify;
+            clipsam's choice: 5 (as many negatives as positives). With fewer pixels in ``S_a``
+            (or in the ring) than k, only the pixels there become points: SAM gets the real
+            points only, never filler points.
+        threshold: ``S_a = Map_a >= threshold`` on the [0, 1] CLIP map. The paper does not
+            specify (it only says "extreme"); clipsam's choice: 0.5, the point where the
+            per-pixel softmax says "anomalous" is more likely than "normal". Higher values give
+            smaller, surer regions.
         kernel_shape: dilation kernel for the ring ``N_a``: "ellipse" (paper), "rect", "cross",
             the shapes of ``cv2.getStructuringElement``.
         kernel_size: kernel width = height in pixels of the anomaly map (paper: 25).
+        similarity_to: what each ring pixel's SAM feature is compared with (cosine similarity,
+            Eq. 6). The paper does not specify; clipsam's choice: "mean", the mean feature over
+            ``S_a``. "max": the highest cosine to any single pixel of ``S_a`` (a ring pixel
+            like some part of the anomaly is not a negative); it costs O(|N_a| |S_a| C) per image.
+        feature_sampling: how SAM's coarse feature grid (64 x 64 for the 1024 input) is read at a
+            frame pixel. The paper does not specify; clipsam's choice: "bilinear" at the pixel
+            centre (the grid point ``(x + 0.5) * w / W - 0.5``, border-clamped, as
+            ``grid_sample(align_corners=False)``). "nearest": the feature cell that holds the
+            pixel centre, cell ``floor((x + 0.5) * w / W)``.
+
+    Fixed (not keys): a point is the integer pixel index of the frame and reaches the original
+    image centre to centre, ``x_orig = (x + 0.5) * W0 / W - 0.5`` (SAM's clicks name pixels,
+    whose centres SAM's prompt encoder puts at ``x + 0.5``); the paper does not specify,
+    clipsam's choice.
     """
 
     num_positive: int = 5
@@ -80,22 +112,32 @@ class PromptConfig:
     threshold: float = 0.5
     kernel_shape: KernelShape = "ellipse"
     kernel_size: int = 25
+    similarity_to: SimilarityTarget = "mean"
+    feature_sampling: FeatureSampling = "bilinear"
 
     def __post_init__(self) -> None:
+        key = "model.refiner_config.prompt"
         if self.kernel_shape not in KERNEL_SHAPES:
             raise ConfigError(
-                f"model.prompt.kernel_shape={self.kernel_shape!r} is not a kernel shape; "
-                f"use one of {sorted(KERNEL_SHAPES)}"
+                f"{key}.kernel_shape={self.kernel_shape!r} is not a kernel shape; use one of {sorted(KERNEL_SHAPES)}"
             )
         if int(self.kernel_size) < 1:
-            raise ConfigError(f"model.prompt.kernel_size={self.kernel_size} must be >= 1 (pixels)")
+            raise ConfigError(f"{key}.kernel_size={self.kernel_size} must be >= 1 (pixels)")
         if int(self.num_positive) < 0 or int(self.num_negative) < 0:
             raise ConfigError(
-                f"model.prompt.num_positive={self.num_positive} and model.prompt.num_negative="
-                f"{self.num_negative} must be >= 0"
+                f"{key}.num_positive={self.num_positive} and {key}.num_negative={self.num_negative} must be >= 0"
             )
         if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ConfigError(f"model.prompt.threshold={self.threshold} must be in [0, 1] (Map_a's range)")
+            raise ConfigError(f"{key}.threshold={self.threshold} must be in [0, 1] (Map_a's range)")
+        if self.similarity_to not in SIMILARITY_TARGETS:
+            raise ConfigError(
+                f"{key}.similarity_to={self.similarity_to!r}: use one of {list(SIMILARITY_TARGETS)} "
+                "(the mean feature of S_a, or the best match over its pixels)"
+            )
+        if self.feature_sampling not in FEATURE_SAMPLINGS:
+            raise ConfigError(
+                f"{key}.feature_sampling={self.feature_sampling!r}: use one of {list(FEATURE_SAMPLINGS)}"
+            )
 
     def kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`generate_point_prompts`."""
@@ -239,41 +281,56 @@ def _sort_keys(values: torch.Tensor, tiebreak: torch.Tensor) -> torch.Tensor:
     return (_order_key(values).to(torch.int64) << 32) | tiebreak
 
 
-def _interpolation_matrices(size: int, grid: int, extent: torch.Tensor) -> torch.Tensor:
-    """(B, size, grid) float32 bilinear weights of grid cells at the centres of ``size`` pixels.
+def _interpolation_matrices(size: int, grid: int, extent: torch.Tensor, sampling: str = "bilinear") -> torch.Tensor:
+    """(B, size, grid) float32 weights of the grid cells read at the centres of ``size`` pixels.
 
-    Pixel ``x`` sits at grid coordinate ``(x + 0.5) * extent / size - 0.5``, clamped to
-    ``[0, ceil(extent) - 1]`` (border padding at the edge of the valid cells), in float64:
-    ``extent == grid == size`` gives the identity.
+    Pixel ``x``'s centre sits at grid coordinate ``u = (x + 0.5) * extent / size`` (cell ``i``
+    spans ``[i, i + 1)``), in float64. "bilinear" interpolates between the cell centres around
+    ``s = u - 0.5``, clamped to ``[0, ceil(extent) - 1]`` (border padding at the edge of the valid
+    cells; ``extent == grid == size`` gives the identity). "nearest" takes the one cell holding the
+    centre, ``floor(u)`` clamped alike.
 
     Args:
         size: pixels along the axis; grid: cells along the axis;
         extent: (B,) float64, how many cells the pixels cover (``grid`` when the features cover
             the frame exactly; less when the embedding is padded).
+        sampling: "bilinear" or "nearest".
     """
     extent = extent.to(torch.float64)
     last = (torch.ceil(extent - 1e-9).clamp(1, grid) - 1)[:, None]  # (B, 1) last valid cell
     pos = torch.arange(size, dtype=torch.float64, device=extent.device)
-    src = ((pos[None] + 0.5) * (extent[:, None] / size) - 0.5).clamp_min(0)
-    src = torch.minimum(src, last)  # (B, size)
+    centre = (pos[None] + 0.5) * (extent[:, None] / size)  # (B, size) in cell units
+    matrix = torch.zeros((extent.shape[0], size, grid), dtype=torch.float64, device=extent.device)
+    if sampling == "nearest":
+        cell = torch.minimum(centre.floor(), last)
+        matrix.scatter_(2, cell.long()[..., None], 1.0)
+        return matrix.to(torch.float32)
+    if sampling != "bilinear":
+        raise ValueError(f"feature_sampling must be one of {list(FEATURE_SAMPLINGS)}, got {sampling!r}")
+    src = torch.minimum((centre - 0.5).clamp_min(0), last)  # (B, size)
     i0 = src.floor()
     i1 = torch.minimum(i0 + 1, last)
     w1 = src - i0
-    matrix = torch.zeros((extent.shape[0], size, grid), dtype=torch.float64, device=extent.device)
     matrix.scatter_add_(2, i0.long()[..., None], (1 - w1)[..., None])
     matrix.scatter_add_(2, i1.long()[..., None], w1[..., None])
     return matrix.to(torch.float32)
 
 
 def _frame_interpolation(
-    feature_extent: torch.Tensor | None, batch: int, frame: tuple[int, int], grid: tuple[int, int], device: torch.device
+    feature_extent: torch.Tensor | None,
+    batch: int,
+    frame: tuple[int, int],
+    grid: tuple[int, int],
+    device: torch.device,
+    sampling: str = "bilinear",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image, the feature extent and the bilinear weights of frame rows and columns.
+    """Per image, the feature extent and the sampling weights of frame rows and columns.
 
     Args:
         feature_extent: (B, 2) cells covered (see :func:`generate_point_prompts_batched`), or
             None for the whole ``grid``.
-        batch: B; frame: (H, W); grid: (h, w) feature cells; device: where to build them.
+        batch: B; frame: (H, W); grid: (h, w) feature cells; device: where to build them;
+        sampling: "bilinear" or "nearest" (:func:`_interpolation_matrices`).
 
     Returns:
         ``(extent, rows, cols)``: (B, 2) float64, (B, H, h) and (B, W, w) float32
@@ -283,8 +340,8 @@ def _frame_interpolation(
         extent = torch.tensor([grid], dtype=torch.float64, device=device).expand(batch, 2)
     else:
         extent = feature_extent.detach().to(device, torch.float64)
-    rows = _interpolation_matrices(frame[0], grid[0], extent[:, 0])
-    cols = _interpolation_matrices(frame[1], grid[1], extent[:, 1])
+    rows = _interpolation_matrices(frame[0], grid[0], extent[:, 0], sampling)
+    cols = _interpolation_matrices(frame[1], grid[1], extent[:, 1], sampling)
     return extent, rows, cols
 
 
@@ -353,6 +410,54 @@ def _ring_similarity(
     return dot / norms.clamp_min(1e-8)
 
 
+_PIXEL_CHUNK = 512  # frame pixels whose features are formed at once
+_PAIR_CHUNK = 1 << 22  # (ring pixel, anomaly pixel) cosines formed at once
+
+
+def _pixel_features(table: torch.Tensor, flat: torch.Tensor, width: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sampled features of frame pixels: ``f(y, x) = sum_ij rows[y, i] cols[x, j] F[:, i, j]``.
+
+    Args:
+        table: (C, h, w) float32 features; flat: (P,) int64 raster indices ``y * width + x``;
+        width: W; rows: (H, h) and cols: (W, w) sampling weights (:func:`_interpolation_matrices`).
+
+    Returns:
+        (P, C) float32.
+    """
+    half = torch.einsum("chw,xw->chx", table, cols)  # (C, h, W)
+    out = [
+        torch.einsum("chp,ph->pc", half[:, :, chunk % width], rows[chunk // width])
+        for chunk in flat.split(_PIXEL_CHUNK)
+    ]
+    return torch.cat(out) if out else table.new_zeros((0, table.shape[0]))
+
+
+def _max_similarity(
+    table: torch.Tensor, inside: torch.Tensor, ring: torch.Tensor, width: int, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """``similarity_to="max"``: per ring pixel, its highest cosine to the feature of any pixel of ``S_a``.
+
+    The cosine is ``u . v / max(|u| |v|, 1e-8)``, as for the mean target (:func:`_ring_similarity`).
+
+    Args:
+        table: (C, h, w) float32; inside: (Pa,) and ring: (Pn,) int64 raster indices of ``S_a``
+            and ``N_a``; width: W; rows: (H, h), cols: (W, w) sampling weights.
+
+    Returns:
+        (Pn,) float32, aligned with ``ring``.
+    """
+    anomaly = _pixel_features(table, inside, width, rows, cols)  # (Pa, C)
+    ring_feats = _pixel_features(table, ring, width, rows, cols)  # (Pn, C)
+    anomaly_norm, ring_norm = anomaly.norm(dim=1), ring_feats.norm(dim=1)
+    step = max(1, _PAIR_CHUNK // max(1, anomaly.shape[0]))
+    out = []
+    for start in range(0, ring_feats.shape[0], step):
+        dots = ring_feats[start : start + step] @ anomaly.T  # (chunk, Pa)
+        norms = (ring_norm[start : start + step, None] * anomaly_norm[None]).clamp_min(1e-8)
+        out.append((dots / norms).amax(1))
+    return torch.cat(out) if out else ring_feats.new_zeros(0)
+
+
 def _crop_bounds(regions: torch.Tensor, kernel_size: int) -> list[tuple[int, int, int, int] | None]:
     """Per image, the window ``(y0, y1, x0, x1)`` of the frame that holds ``dilate(S_a)``, or None.
 
@@ -395,6 +500,8 @@ def _ppg_compact(
     *,
     num_positive: int,
     num_negative: int,
+    similarity_to: str,
+    feature_sampling: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The "compact" strategy of :func:`generate_point_prompts_batched` (same output layout).
 
@@ -414,10 +521,12 @@ def _ppg_compact(
     if num_negative > 0 and any(w is not None for w in windows):
         feats = sam_features.detach().to(device, torch.float32)
         grid_h, grid_w = feats.shape[-2:]
-        extent, all_rows, all_cols = _frame_interpolation(feature_extent, batch, (height, width), (grid_h, grid_w), device)
+        extent, all_rows, all_cols = _frame_interpolation(
+            feature_extent, batch, (height, width), (grid_h, grid_w), device, feature_sampling
+        )
         extents = extent.tolist()
     for b, window in enumerate(windows):
-        if window is None:  # S_a empty: padding slots only
+        if window is None:  # S_a empty: empty slots only
             continue
         y0, y1, x0, x1 = window
         crop_width = x1 - x0
@@ -434,10 +543,13 @@ def _ppg_compact(
                 rows = all_rows[b : b + 1, y0:y1, c0:c1]  # (1, Hc, hc)
                 cols = all_cols[b : b + 1, x0:x1, d0:d1]  # (1, Wc, wc)
                 table = feats[b : b + 1, :, c0:c1, d0:d1]  # (1, C, hc, wc)
-                mean_a = _region_mean_feature(table, region[None], rows, cols, inside.numel())  # mean F(S_a)
-                similarity = _ring_similarity(table, mean_a, rows, cols).flatten()  # Eq. 6: Map_s
+                if similarity_to == "max":  # Eq. 6 against every pixel of S_a
+                    ring_sim = _max_similarity(table[0], inside, ring_idx, crop_width, rows[0], cols[0])
+                else:
+                    mean_a = _region_mean_feature(table, region[None], rows, cols, inside.numel())  # mean F(S_a)
+                    ring_sim = _ring_similarity(table, mean_a, rows, cols).flatten()[ring_idx]  # Eq. 6: Map_s
                 # Eq. 7: P_l = Lowestk(Map_s) on N_a
-                chosen.append((ring_idx[_stable_topk(similarity[ring_idx], num_negative, largest=False)], num_positive, 0))
+                chosen.append((ring_idx[_stable_topk(ring_sim, num_negative, largest=False)], num_positive, 0))
         for idx, first_slot, label in chosen:
             for slot, i in enumerate(idx.tolist(), start=first_slot):
                 coords[b][slot] = [float(x0 + i % crop_width), float(y0 + i // crop_width)]
@@ -457,6 +569,8 @@ def generate_point_prompts_batched(
     threshold: float,
     kernel_shape: str,
     kernel_size: int,
+    similarity_to: str = "mean",
+    feature_sampling: str = "bilinear",
     feature_extent: torch.Tensor | None = None,
     strategy: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,14 +580,16 @@ def generate_point_prompts_batched(
     fixed slots so a batch is one tensor: slots ``[0, num_positive)`` hold the positives (highest
     ``Map_a`` in ``S_a`` first), slots ``[num_positive, K)`` the negatives (lowest ``Map_s`` on the
     ring first), K = num_positive + num_negative. A slot without a point (``S_a`` or the ring
-    smaller than k, or ``S_a`` empty) has label -1 and coordinates (0, 0): SAM's padding point.
+    smaller than k, or ``S_a`` empty) is empty: label -1 and coordinates (0, 0). Empty slots are
+    a layout device only; the SAM stage drops them and gives SAM the real points alone (an empty
+    slot is NOT SAM's padding point: SAM embeds those as "not a point", which changes its masks).
     Ties go to the smaller raster index (an exact int64 sort key: float bits, then index).
 
     Args:
         anomaly_maps: (B, H, W) float in [0, 1], ``Map_a`` in the frame.
         sam_features: (B, C, h, w) float, SAM image-encoder features.
-        num_positive, num_negative, threshold, kernel_shape, kernel_size: as
-            :func:`generate_point_prompts`.
+        num_positive, num_negative, threshold, kernel_shape, kernel_size, similarity_to,
+            feature_sampling: as :func:`generate_point_prompts`.
         feature_extent: (B, 2) float, how many feature cells (rows, columns) the frame covers:
             frame pixel ``x`` of W sits at grid coordinate ``(x + 0.5) * extent_w / W - 0.5``,
             clamped to the valid cells ``[0, ceil(extent_w) - 1]``. None means (h, w): the
@@ -485,11 +601,12 @@ def generate_point_prompts_batched(
             sync per batch; the fast path in host memory, 2-4x faster than dense on the CPU
             whatever the size of ``S_a``); "auto" (default) picks "compact" for CPU tensors and
             "dense" otherwise. Same points; the similarities may differ in the last float bit
-            between the two.
+            between the two. ``similarity_to="max"`` works image by image in both (one host
+            sync per image in "dense").
 
     Returns:
         ``(coords, labels)``: (B, K, 2) float32 (x, y) frame pixel indices and (B, K) int64
-        (1 positive, 0 negative, -1 padding), on ``anomaly_maps``' device.
+        (1 positive, 0 negative, -1 empty slot), on ``anomaly_maps``' device.
     """
     if anomaly_maps.ndim != 3:
         raise ValueError(f"anomaly_maps must be (B, H, W), got shape {tuple(anomaly_maps.shape)}")
@@ -501,6 +618,10 @@ def generate_point_prompts_batched(
         raise ValueError(f"num_positive and num_negative must be >= 0, got {num_positive}, {num_negative}")
     if strategy not in ("auto", "dense", "compact"):
         raise ValueError(f"strategy must be 'auto', 'dense' or 'compact', got {strategy!r}")
+    if similarity_to not in SIMILARITY_TARGETS:
+        raise ValueError(f"similarity_to must be one of {list(SIMILARITY_TARGETS)}, got {similarity_to!r}")
+    if feature_sampling not in FEATURE_SAMPLINGS:
+        raise ValueError(f"feature_sampling must be one of {list(FEATURE_SAMPLINGS)}, got {feature_sampling!r}")
     kernel = structuring_element(kernel_shape, int(kernel_size))
     device = anomaly_maps.device
     batch, height, width = anomaly_maps.shape
@@ -513,7 +634,15 @@ def generate_point_prompts_batched(
         strategy = "compact" if device.type == "cpu" else "dense"
     if strategy == "compact":
         return _ppg_compact(
-            amap, region, sam_features, feature_extent, kernel, num_positive=num_positive, num_negative=num_negative
+            amap,
+            region,
+            sam_features,
+            feature_extent,
+            kernel,
+            num_positive=num_positive,
+            num_negative=num_negative,
+            similarity_to=similarity_to,
+            feature_sampling=feature_sampling,
         )
     index = torch.arange(pixels, dtype=torch.int64, device=device)
 
@@ -530,10 +659,20 @@ def generate_point_prompts_batched(
         ring = anomaly_ring(region, kernel)  # (B, H, W)
         feats = sam_features.detach().to(device, torch.float32)
         _, _, grid_h, grid_w = feats.shape
-        _, rows, cols = _frame_interpolation(feature_extent, batch, (height, width), (grid_h, grid_w), device)
-        count = region.reshape(batch, pixels).sum(1).clamp_min(1).to(torch.float32)
-        mean_a = _region_mean_feature(feats, region, rows, cols, count)  # mean F over S_a
-        similarity = _ring_similarity(feats, mean_a, rows, cols)  # (B, H, W) Map_s
+        _, rows, cols = _frame_interpolation(
+            feature_extent, batch, (height, width), (grid_h, grid_w), device, feature_sampling
+        )
+        if similarity_to == "max":  # per image: the pairs (ring pixel, S_a pixel) differ in number
+            similarity = torch.full((batch, pixels), math.inf, dtype=torch.float32, device=device)
+            for b in range(batch):
+                inside = region[b].flatten().nonzero().squeeze(1)
+                ring_idx = ring[b].flatten().nonzero().squeeze(1)
+                if inside.numel() and ring_idx.numel():
+                    similarity[b, ring_idx] = _max_similarity(feats[b], inside, ring_idx, width, rows[b], cols[b])
+        else:
+            count = region.reshape(batch, pixels).sum(1).clamp_min(1).to(torch.float32)
+            mean_a = _region_mean_feature(feats, region, rows, cols, count)  # mean F over S_a
+            similarity = _ring_similarity(feats, mean_a, rows, cols)  # (B, H, W) Map_s
         neg_key = _sort_keys(similarity.reshape(batch, pixels), index)
         neg_key.masked_fill_(~ring.reshape(batch, pixels), _INT64_MAX)
         neg_val, neg_idx = torch.topk(neg_key, k_neg, dim=1, largest=False, sorted=True)
@@ -566,14 +705,17 @@ def generate_point_prompts(
     threshold: float,
     kernel_shape: str,
     kernel_size: int,
+    similarity_to: str = "mean",
+    feature_sampling: str = "bilinear",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive and negative point prompts from the CLIP map and SAM's features (Eq. 1-7).
 
     Positives are the ``num_positive`` highest pixels of ``S_a * Map_a``, inside ``S_a`` only
     (fewer if ``S_a`` is smaller). Negatives are the ``num_negative`` pixels of the ring
     ``N_a = dilate(S_a) - S_a`` whose SAM feature has the lowest cosine similarity to the MEAN
-    SAM feature over ``S_a`` (fewer if the ring is smaller). No spacing or suppression is
-    applied: neighbouring pixels may both be chosen.
+    SAM feature over ``S_a`` (``similarity_to="mean"``; "max": to the most similar pixel of
+    ``S_a``), fewer if the ring is smaller. No spacing or suppression is applied: neighbouring
+    pixels may both be chosen.
 
     Ties are broken deterministically by raster order (row-major, the smaller ``y * W + x``
     first): the sorts are stable over pixels listed in raster order.
@@ -584,9 +726,10 @@ def generate_point_prompts(
     ``grid_sample`` with ``align_corners=False`` and border padding: pixel ``x`` of W sits at
     grid coordinate ``(x + 0.5) * w / W - 0.5``); when ``(h, w) == (H, W)`` this is exactly
     ``sam_features[:, y, x]``. SAM's 64 x 64 grid on a 518 x 518 frame is thus upsampled
-    bilinearly, like SAM's own mask upsampling.
+    bilinearly, like SAM's own mask upsampling (``feature_sampling="bilinear"``; "nearest"
+    reads the cell holding the pixel centre, ``floor((x + 0.5) * w / W)``).
 
-    Computed by :func:`generate_point_prompts_batched` on a batch of one (its padding slots
+    Computed by :func:`generate_point_prompts_batched` on a batch of one (its empty slots
     dropped).
 
     Args:
@@ -597,6 +740,8 @@ def generate_point_prompts(
         threshold: ``S_a = anomaly_map >= threshold``.
         kernel_shape: dilation kernel shape, "ellipse", "rect" or "cross" (OpenCV's shapes).
         kernel_size: kernel width = height in anomaly-map pixels.
+        similarity_to: "mean" or "max" (:attr:`PromptConfig.similarity_to`).
+        feature_sampling: "bilinear" or "nearest" (:attr:`PromptConfig.feature_sampling`).
 
     Returns:
         ``(coords, labels)``: coords (K, 2) float32, (x, y) integer pixel indices of the anomaly
@@ -606,7 +751,8 @@ def generate_point_prompts(
         ``anomaly_map``'s device.
 
     Raises:
-        ValueError: on wrong shapes, negative counts or an unknown kernel shape.
+        ValueError: on wrong shapes, negative counts, an unknown kernel shape, similarity target
+            or feature sampling.
     """
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly_map must be (H, W), got shape {tuple(anomaly_map.shape)}")
@@ -622,6 +768,8 @@ def generate_point_prompts(
         threshold=threshold,
         kernel_shape=kernel_shape,
         kernel_size=kernel_size,
+        similarity_to=similarity_to,
+        feature_sampling=feature_sampling,
     )
     keep = labels[0] >= 0  # valid slots come first within the positives and the negatives
     return coords[0][keep], labels[0][keep]

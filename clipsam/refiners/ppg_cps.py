@@ -43,7 +43,7 @@ from clipsam.prompting import PromptConfig, generate_point_prompts_batched
 from clipsam.refiners.base import RefineBatchOutput, Refiner
 from clipsam.settings import from_mapping
 
-__all__ = ["CONFIG", "BatchCascade", "PpgCpsConfig", "RefineOutput", "SamRefiner", "build", "input_specs"]
+__all__ = ["CONFIG", "BatchCascade", "PpgCpsConfig", "RefineOutput", "SamRefiner", "build", "input_specs", "open_choices"]
 
 
 @dataclasses.dataclass
@@ -69,12 +69,30 @@ class PpgCpsConfig:
 CONFIG = PpgCpsConfig
 
 
+def open_choices(config: PpgCpsConfig) -> dict[str, Any]:
+    """The settings the paper leaves open and clipsam takes, as ``key: value`` under ``model.refiner_config``.
+
+    Recorded in every run report (``run.choices``) so that runs with other choices are not
+    compared as equals: the threshold of ``S_a``, the numbers of points, what the ring is
+    compared with, how SAM's feature grid is read, and single- or multi-mask decoding.
+    """
+    prompt, cascade = config.prompt, config.cascade
+    return {
+        "prompt.threshold": prompt.threshold,
+        "prompt.num_positive": prompt.num_positive,
+        "prompt.num_negative": prompt.num_negative,
+        "prompt.similarity_to": prompt.similarity_to,
+        "prompt.feature_sampling": prompt.feature_sampling,
+        "cascade.multimask": cascade.multimask,
+    }
+
+
 def input_specs(config: PpgCpsConfig) -> list[InputSpec]:
     """SAM's input of the original image, at the side of ``config.sam.variant``."""
     return [sam_input_spec(sam_input_side(config.sam.variant))]
 
 
-def build(config: PpgCpsConfig, *, use_embedding_cache: bool = True) -> "SamRefiner":
+def build(config: PpgCpsConfig, *, use_embedding_cache: bool = True) -> SamRefiner:
     """Frozen SAM (``config.sam``) + PPG (``config.prompt``) + CPS (``config.cascade``).
 
     Args:
@@ -170,8 +188,10 @@ class SamRefiner(Refiner):
 
     The whole stage is batched: one encoder call per batch (cache hits skipped), PPG for the
     batch (:func:`clipsam.prompting.generate_point_prompts_batched`), then per cascade step one
-    prompt-encoder and one mask-decoder call for all prompt sets (points padded with SAM's
-    label -1; a step-3 batch mixing images with and without a box runs the decoder once on each group of rows).
+    prompt-encoder and one mask-decoder call for all prompt sets with the same number of real
+    points (and, at step 3, with or without a box). SAM sees only the real points of each image,
+    as a ``SamPredictor`` call with them: fewer pixels in ``S_a`` or its ring than k give fewer
+    points, never filler points.
     SAM stays in eval mode even if a parent module is put in training mode.
 
     Args:
@@ -306,7 +326,8 @@ class SamRefiner(Refiner):
         prompts meet row r's embedding (same sub-modules, same weights, same order of operations).
 
         Args:
-            embeddings: (R, C, h, w); points: (R, K, 2) SAM input pixels; labels: (R, K) (-1 pad);
+            embeddings: (R, C, h, w); points: (R, N, 2) SAM input pixels; labels: (R, N), the real
+            points only (1 / 0: SAM adds its own padding point when ``boxes`` is None);
             boxes: (R, 4) SAM input pixels or None; mask_input: (R, 1, 4h, 4w) logits or None.
 
         Returns:
@@ -335,16 +356,35 @@ class SamRefiner(Refiner):
             return masks[pick, best][:, None], iou[pick, best]
         return masks[:, :1], iou[:, 0]
 
-    def _postprocess(self, low_res: torch.Tensor, groups: list[tuple[list[int], tuple[int, int], tuple[int, int]]]) -> list[tuple[list[int], torch.Tensor]]:
+    def _postprocess(
+        self, low_res: torch.Tensor, groups: list[tuple[list[int], tuple[int, int], tuple[int, int]]]
+    ) -> list[tuple[list[int], torch.Tensor]]:
         """``Sam.postprocess_masks`` per group of rows sharing (input size, target size)."""
         return [(rows, self.sam.postprocess_masks(low_res[rows], inp, out)[:, 0]) for rows, inp, out in groups]
 
     @staticmethod
-    def _groups(keys: list[tuple]) -> list[tuple[list[int], tuple[int, int], tuple[int, int]]]:
+    def _groups(rows: list[int], keys: list[tuple]) -> list[tuple[list[int], tuple[int, int], tuple[int, int]]]:
+        """``rows`` grouped by their (input size, target size) ``keys``."""
         by_key: dict[tuple, list[int]] = {}
-        for row, key in enumerate(keys):
+        for row, key in zip(rows, keys):
             by_key.setdefault(key, []).append(row)
-        return [(rows, key[0], key[1]) for key, rows in by_key.items()]
+        return [(group, key[0], key[1]) for key, group in by_key.items()]
+
+    @staticmethod
+    def _real_points(points: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Each row's real points (label >= 0) moved to its first slots, their order kept.
+
+        Args:
+            points: (R, K, 2); labels: (R, K), -1 for an empty slot.
+
+        Returns:
+            ``(points, labels, counts)``: reordered (R, K, 2) and (R, K), and the real points of
+            each row (one host sync).
+        """
+        real = labels >= 0
+        order = torch.sort((~real).to(torch.int32), dim=1, stable=True).indices  # (R, K) real slots first
+        points = torch.gather(points, 1, order[..., None].expand(-1, -1, 2))
+        return points, torch.gather(labels, 1, order), real.sum(1).tolist()
 
     def run_cascade_batched(
         self,
@@ -364,74 +404,116 @@ class SamRefiner(Refiner):
         logits. A row whose step-2 mask is empty gets no box (points + logits), as
         :func:`clipsam.cascade.run_cascade` does.
 
+        Each row gives SAM its real points only (labels 0 / 1; empty slots, label -1, are
+        dropped), so a row computes what ``SamPredictor.predict(point_coords=<its real points>,
+        point_labels=..., box=..., mask_input=...)`` computes: SAM's prompt encoder appends its
+        own padding point when there is no box, and an extra "not a point" token would change
+        the masks. Rows are therefore decoded in groups of equal real-point count (and, at step
+        3, with or without a box): one prompt-encoder + mask-decoder call per group and step.
+
         Args:
             embeddings: (R, C, h, w) each row's image embedding.
-            point_coords: (R, K, 2) float32 (x, y) frame pixels; point_labels: (R, K) (-1 pad).
+            point_coords: (R, K, 2) float32 (x, y) frame pixels; point_labels: (R, K) int64, 1
+                positive, 0 negative, -1 empty slot (anywhere in the row).
             frame_size: (H, W).
             input_sizes: R (h', w') valid SAM-input sizes; original_sizes: R (H0, W0).
-            skip_empty: return at once (no decoder call) when no row has a point (one sync).
+            skip_empty: return at once (no decoder call) when no row has a point.
 
         Returns:
-            A :class:`BatchCascade`; rows without points get -inf frame logits.
+            A :class:`BatchCascade`; rows without points are not decoded: -inf low-res and frame
+            logits, predicted IoU 0, no box.
         """
         rows = point_coords.shape[0]
         device = embeddings.device
-        labels = point_labels.to(device)
-        has_points = (labels >= 0).any(1)
         original_t = torch.tensor(original_sizes, dtype=torch.int64).view(rows, 2)
         input_t = torch.tensor(input_sizes, dtype=torch.int64).view(rows, 2)
         original_coords = frame_to_original(point_coords.to(device), frame_size, original_t)
-        points = original_to_input(original_coords, original_t, input_t)
+        points, labels, counts = self._real_points(
+            original_to_input(original_coords, original_t, input_t), point_labels.to(device)
+        )
+        active = [r for r, count in enumerate(counts) if count > 0]
+        has_points = torch.tensor([count > 0 for count in counts], dtype=torch.bool, device=device)
         ratio = (input_t.to(torch.float64) / original_t.to(torch.float64)).flip(1).repeat(1, 2).to(device)
         out = BatchCascade(  # frame_logits: set at the end
             frame_logits=torch.empty(0), low_res_logits=[], boxes=[], box_valid=[], has_points=has_points, seconds=[],
         )
-        if rows == 0 or (skip_empty and not bool(has_points.any())):
+        if rows == 0 or (skip_empty and not active):
             out.frame_logits = torch.full((rows, *frame_size), EMPTY_LOGIT, dtype=torch.float32, device=device)
             return out
-        to_original = self._groups([(tuple(i), tuple(o)) for i, o in zip(input_sizes, original_sizes)])
-        to_frame = self._groups([(tuple(i), tuple(frame_size)) for i in input_sizes])
-        low_res = None
+        to_original = self._groups(active, [(tuple(input_sizes[r]), tuple(original_sizes[r])) for r in active])
+        to_frame = self._groups(active, [(tuple(input_sizes[r]), tuple(frame_size)) for r in active])
+        low_res: torch.Tensor | None = None
         for step in range(1, self.cascade.num_steps + 1):
             start = self._now()
-            boxes = valid = None
+            boxes = valid = boxes_in = None
+            boxed = [False] * rows
             if step == 3:
                 boxes = torch.zeros((rows, 4), dtype=torch.float32, device=device)
                 valid = torch.zeros(rows, dtype=torch.bool, device=device)
                 for group, logits in self._postprocess(low_res, to_original):
-                    group_boxes, group_valid = logits_to_boxes(logits, self.cascade.mask_threshold)
-                    boxes[group], valid[group] = group_boxes, group_valid
-            mask_input = low_res
-            if boxes is None:
-                low_res, iou = self._decode(embeddings, points, labels, None, mask_input)
-            else:
+                    index = torch.tensor(group, dtype=torch.int64, device=device)
+                    boxes[index], valid[index] = logits_to_boxes(logits, self.cascade.mask_threshold)
                 boxes_in = (boxes.to(torch.float64) * ratio).to(torch.float32)  # apply_boxes
-                boxed = valid.nonzero().squeeze(1)
-                count = int(boxed.numel())  # one sync: which decoder calls to make
-                if count in (0, rows):  # every row with a box, or none
-                    low_res, iou = self._decode(embeddings, points, labels, boxes_in if count else None, mask_input)
-                else:  # the rows with a box, then the rows without one
-                    unboxed = (~valid).nonzero().squeeze(1)
-                    with_box = self._decode(embeddings[boxed], points[boxed], labels[boxed], boxes_in[boxed], mask_input[boxed])
-                    without = self._decode(embeddings[unboxed], points[unboxed], labels[unboxed], None, mask_input[unboxed])
-                    low_res = with_box[0].new_empty((rows, *with_box[0].shape[1:]))
-                    iou = with_box[1].new_empty(rows)
-                    for index, (part_logits, part_iou) in ((boxed, with_box), (unboxed, without)):
-                        low_res[index], iou[index] = part_logits, part_iou
+                boxed = valid.tolist()  # one sync: which decoder calls to make
+            calls: dict[tuple[int, bool], list[int]] = {}
+            for r in active:
+                calls.setdefault((counts[r], bool(boxed[r])), []).append(r)
+            low_res, iou = self._decode_groups(embeddings, points, labels, boxes_in, low_res, calls, rows)
             out.low_res_logits.append(low_res)
             out.ious.append(iou)
             out.boxes.append(boxes)
             out.box_valid.append(valid)
             out.seconds.append(self._now() - start)
         groups = self._postprocess(low_res, to_frame)
-        if len(groups) == 1:  # one SAM input size: the rows are already in order
-            frame_logits = groups[0][1]
+        if len(groups) == 1 and len(groups[0][0]) == rows:  # every row, one SAM input size: already in order
+            out.frame_logits = groups[0][1]
         else:
-            frame_logits = torch.empty((rows, *frame_size), dtype=torch.float32, device=device)
+            out.frame_logits = torch.full((rows, *frame_size), EMPTY_LOGIT, dtype=torch.float32, device=device)
             for group, logits in groups:
-                frame_logits[group] = logits
-        out.frame_logits = frame_logits.masked_fill_(~has_points[:, None, None], EMPTY_LOGIT)
+                out.frame_logits[torch.tensor(group, dtype=torch.int64, device=device)] = logits
         return out
+
+    def _decode_groups(
+        self,
+        embeddings: torch.Tensor,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        calls: dict[tuple[int, bool], list[int]],
+        rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One cascade step: a :meth:`_decode` call per group of rows with N real points (and a box or not).
+
+        Args:
+            embeddings: (R, C, h, w); points: (R, K, 2) SAM input pixels, real points first;
+            labels: (R, K); boxes: (R, 4) SAM input pixels or None; mask_input: (R, 1, 4h, 4w)
+            or None; calls: (N, with box) -> the rows decoded together; rows: R.
+
+        Returns:
+            (R, 1, 4h, 4w) low-res logits (-inf for rows in no group) and (R,) predicted IoU (0 there).
+        """
+        if len(calls) == 1:
+            ((count, with_box), group), = calls.items()
+            if len(group) == rows:  # the whole batch in one call: no gathering
+                return self._decode(
+                    embeddings, points[:, :count], labels[:, :count], boxes if with_box else None, mask_input
+                )
+        device = embeddings.device
+        low_res = torch.full(
+            (rows, 1, *self.sam.prompt_encoder.mask_input_size), EMPTY_LOGIT, dtype=torch.float32, device=device
+        )
+        iou = torch.zeros(rows, dtype=torch.float32, device=device)
+        for (count, with_box), group in calls.items():
+            index = torch.tensor(group, dtype=torch.int64, device=device)
+            low_res[index], iou[index] = self._decode(
+                embeddings[index],
+                points[index, :count],
+                labels[index, :count],
+                boxes[index] if with_box else None,
+                mask_input[index] if mask_input is not None else None,
+            )
+        return low_res, iou
 
     # ------------------------------------------------------------------ PPG + CPS
     def feature_extent(self, embeddings: torch.Tensor, input_sizes: torch.Tensor) -> torch.Tensor:

@@ -88,9 +88,12 @@ def test_invalid_steps_and_points():
         run_cascade(RecordingDecoder([]), point_coords=POINTS, point_labels=LABELS, num_steps=0)
     with pytest.raises(ValueError, match="point_coords"):
         run_cascade(RecordingDecoder([]), point_coords=POINTS, point_labels=LABELS[:1])
-    with pytest.raises(ConfigError, match="num_steps"):
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.cascade\.num_steps=4"):
         CascadeConfig(num_steps=4)
-    assert CascadeConfig().num_steps == 3
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.cascade\.max_regions=0"):
+        CascadeConfig(max_regions=0)
+    config = CascadeConfig()
+    assert (config.num_steps, config.multimask, config.mask_threshold) == (3, False, 0.0)
 
 
 def test_mask_to_box():

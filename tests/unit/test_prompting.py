@@ -1,4 +1,5 @@
-"""PPG (clipsam.prompting): hand-built maps and features whose answers are worked out on paper."""
+"""PPG (clipsam.prompting): hand-built maps and features whose answers are worked out on paper, and
+random ones against an independent numpy/cv2 implementation of the equations."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ from clipsam.prompting import (
     generate_point_prompts,
     structuring_element,
 )
-from tests.helpers.ppg_reference import mean_feature, pixel_similarity, reference_point_prompts, sample_features
+from tests.helpers.ppg_reference import (
+    mean_feature,
+    pixel_similarity,
+    reference_point_prompts,
+    sample_features,
+)
+from tests.unit.models import sam_stage_reference as numpy_reference
 
 
 def _ppg(amap, feats, **overrides):
-    kwargs = dict(num_positive=3, num_negative=0, threshold=0.5, kernel_shape="rect", kernel_size=3)
+    kwargs = {"num_positive": 3, "num_negative": 0, "threshold": 0.5, "kernel_shape": "rect", "kernel_size": 3}
     kwargs.update(overrides)
     return generate_point_prompts(amap, feats, **kwargs)
 
@@ -120,7 +127,7 @@ def test_empty_region_returns_empty_tensors():
 
 
 def test_region_covering_everything_has_no_negatives():
-    coords, labels = _ppg(torch.ones(4, 5), torch.ones(2, 4, 5), num_positive=2, num_negative=3)
+    _coords, labels = _ppg(torch.ones(4, 5), torch.ones(2, 4, 5), num_positive=2, num_negative=3)
     assert labels.tolist() == [1, 1]
 
 
@@ -138,11 +145,27 @@ def test_features_are_sampled_at_pixel_centres():
 def test_prompt_config_defaults_and_validation():
     config = PromptConfig()
     assert (config.kernel_shape, config.kernel_size) == ("ellipse", 25)
-    assert set(config.kwargs()) == {"num_positive", "num_negative", "threshold", "kernel_shape", "kernel_size"}
-    with pytest.raises(ConfigError, match="kernel_shape"):
+    assert (config.num_positive, config.num_negative, config.threshold) == (5, 5, 0.5)
+    assert (config.similarity_to, config.feature_sampling) == ("mean", "bilinear")
+    assert set(config.kwargs()) == {
+        "num_positive", "num_negative", "threshold", "kernel_shape", "kernel_size", "similarity_to", "feature_sampling",
+    }
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.kernel_shape='disk'"):
         PromptConfig(kernel_shape="disk")
-    with pytest.raises(ConfigError, match="kernel_size"):
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.kernel_size=0"):
         PromptConfig(kernel_size=0)
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.threshold=1\.5"):
+        PromptConfig(threshold=1.5)
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.num_positive=-1"):
+        PromptConfig(num_positive=-1)
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.similarity_to='median'.*'mean', 'max'"):
+        PromptConfig(similarity_to="median")
+    with pytest.raises(ConfigError, match=r"model\.refiner_config\.prompt\.feature_sampling='bicubic'"):
+        PromptConfig(feature_sampling="bicubic")
+    for bad in ({"similarity_to": "median"}, {"feature_sampling": "bicubic"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            generate_point_prompts(torch.ones(3, 3), torch.ones(1, 3, 3), num_positive=1, num_negative=1,
+                                   threshold=0.5, kernel_shape="rect", kernel_size=3, **bad)
     with pytest.raises(ValueError, match="kernel_shape"):
         generate_point_prompts(torch.ones(3, 3), torch.ones(1, 3, 3), num_positive=1, num_negative=1,
                                threshold=0.5, kernel_shape="disk", kernel_size=3)
@@ -181,7 +204,7 @@ def test_stable_topk_matches_a_stable_sort():
 
 
 # --------------------------------------------------------------------------- batched PPG
-from clipsam.prompting import dilate, generate_point_prompts_batched  # noqa: E402
+from clipsam.prompting import dilate, generate_point_prompts_batched
 
 
 def _blob_maps(batch, size, seed):
@@ -207,7 +230,7 @@ def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize, st
     maps = _blob_maps(4, size, seed=ksize)
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(4, 6, *grid, generator=gen)
-    kwargs = dict(num_positive=4, num_negative=5, threshold=0.6, kernel_shape=shape, kernel_size=ksize)
+    kwargs = {"num_positive": 4, "num_negative": 5, "threshold": 0.6, "kernel_shape": shape, "kernel_size": ksize}
     coords, labels = generate_point_prompts_batched(maps, feats, strategy=strategy, **kwargs)
     assert coords.shape == (4, 9, 2) and labels.shape == (4, 9)
     for i in range(4):
@@ -215,17 +238,17 @@ def test_batched_ppg_equals_the_per_image_reference(size, grid, shape, ksize, st
         keep = labels[i] >= 0
         torch.testing.assert_close(coords[i][keep], ref_coords, rtol=0, atol=0)
         torch.testing.assert_close(labels[i][keep], ref_labels, rtol=0, atol=0)
-        one_coords, one_labels = generate_point_prompts(maps[i], feats[i], **kwargs)
+        one_coords, _one_labels = generate_point_prompts(maps[i], feats[i], **kwargs)
         torch.testing.assert_close(one_coords, ref_coords, rtol=0, atol=0)
-        # padding slots: positives first (slots 0..3), negatives after (4..8), -1 at the end of each
+        # empty slots: positives first (slots 0..3), negatives after (4..8), -1 at the end of each
         pos, neg = labels[i, :4], labels[i, 4:]
         assert set(pos.tolist()) <= {1, -1} and set(neg.tolist()) <= {0, -1}
         assert (coords[i][~keep] == 0).all()
-    assert (labels[0] == -1).all(), "an empty S_a gives only padding points"
+    assert (labels[0] == -1).all(), "an empty S_a gives only empty slots"
 
 
 @pytest.mark.parametrize("strategy", ["dense", "compact"])
-def test_padding_slots_when_region_and_ring_are_small(strategy):
+def test_empty_slots_when_region_and_ring_are_small(strategy):
     amap = torch.zeros(1, 12, 12)
     amap[0, 5, 5] = 0.9  # S_a: one pixel; ring of a 3x3 rect: 8 pixels
     coords, labels = generate_point_prompts_batched(
@@ -253,7 +276,7 @@ def test_dense_and_compact_strategies_agree_with_a_padded_embedding_extent():
     maps = _blob_maps(3, (50, 50), seed=7)
     feats = torch.randn(3, 8, 16, 16, generator=torch.Generator().manual_seed(2))
     extent = torch.tensor([[10.4, 16.0], [16.0, 7.3], [16.0, 16.0]], dtype=torch.float64)
-    kwargs = dict(num_positive=3, num_negative=6, threshold=0.6, kernel_shape="ellipse", kernel_size=11)
+    kwargs = {"num_positive": 3, "num_negative": 6, "threshold": 0.6, "kernel_shape": "ellipse", "kernel_size": 11}
     dense = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="dense", **kwargs)
     compact = generate_point_prompts_batched(maps, feats, feature_extent=extent, strategy="compact", **kwargs)
     assert torch.equal(dense[0], compact[0]) and torch.equal(dense[1], compact[1])
@@ -282,7 +305,7 @@ def test_compact_windows_at_the_frame_borders_give_the_reference_points(shape, k
     maps[4, 16, 23] = 0.8  # one pixel in the middle
     maps = maps + noise * (maps > 0)
     feats = torch.randn(5, 6, 9, 13, generator=gen)
-    kwargs = dict(num_positive=3, num_negative=7, threshold=0.5, kernel_shape=shape, kernel_size=ksize)
+    kwargs = {"num_positive": 3, "num_negative": 7, "threshold": 0.5, "kernel_shape": shape, "kernel_size": ksize}
     coords, labels = generate_point_prompts_batched(maps, feats, strategy="compact", **kwargs)
     dense = generate_point_prompts_batched(maps, feats, strategy="dense", **kwargs)
     assert torch.equal(coords, dense[0]) and torch.equal(labels, dense[1])
@@ -291,3 +314,102 @@ def test_compact_windows_at_the_frame_borders_give_the_reference_points(shape, k
         keep = labels[i] >= 0
         assert torch.equal(coords[i][keep], ref_coords) and torch.equal(labels[i][keep], ref_labels)
         assert (labels[i] == 0).sum() == min(7, int(anomaly_ring(maps[i] >= 0.5, structuring_element(shape, ksize)).sum()))
+
+
+# --------------------------------------------------------------------------- the open choices
+def test_max_similarity_compares_with_the_most_similar_anomaly_pixel():
+    """S_a features (1, 0), (1, 0), (0, 1): the mean is (2/3, 1/3).
+
+    Ring pixel X = (0, 1) equals an anomaly pixel (max 1) but is far from the mean (0.447); ring
+    pixel Y = (1, 1) is close to the mean (0.949) but at 45 degrees from every anomaly pixel
+    (max 0.707); the other ring pixels, (1, 0), have 0.894 and 1.
+    """
+    amap = torch.zeros(9, 9)
+    amap[4, 3:6] = 0.9
+    feats = torch.zeros(2, 9, 9)
+    feats[0] = 1.0
+    feats[:, 4, 5] = torch.tensor([0.0, 1.0])
+    feats[:, 3, 4] = torch.tensor([0.0, 1.0])  # X (x=4, y=3)
+    feats[:, 5, 4] = torch.tensor([1.0, 1.0])  # Y (x=4, y=5)
+    mean, best = (_ppg(amap, feats, num_positive=0, num_negative=1, similarity_to=target)[0].tolist()
+                  for target in ("mean", "max"))
+    assert mean == [[4.0, 3.0]] and best == [[4.0, 5.0]]
+
+
+def test_nearest_sampling_reads_the_cell_holding_the_pixel_centre():
+    from clipsam.prompting import _interpolation_matrices
+
+    # 8 pixels on 4 cells: the centre of pixel x is at cell coordinate (x + 0.5) / 2
+    nearest = _interpolation_matrices(8, 4, torch.tensor([4.0]), "nearest")[0]
+    assert nearest.argmax(1).tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and torch.equal(nearest.sum(1), torch.ones(8))
+    # 2.5 valid cells (a padded embedding): centres at (x + 0.5) * 2.5 / 8, cell 3 never read
+    padded = _interpolation_matrices(8, 4, torch.tensor([2.5]), "nearest")[0]
+    assert padded.argmax(1).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    bilinear = _interpolation_matrices(8, 4, torch.tensor([4.0]), "bilinear")[0]
+    assert torch.allclose(bilinear @ torch.arange(4.0), torch.tensor([0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]))
+
+
+def _numpy_case(kind, seed, size):
+    """Map_a (H, W) float32 for the comparison with the numpy implementation."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    ys, xs = np.mgrid[:height, :width].astype(np.float32)
+    cy, cx = rng.random(2) * np.array([height, width])
+    blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * (height / 6) ** 2))
+    noise = rng.random(size).astype(np.float32)
+    if kind == "blob":  # distinct values
+        return np.clip(0.9 * blob + 0.08 * noise, 0, 1).astype(np.float32)
+    if kind == "ties":  # Map_a in steps of 0.1: positives tie, raster order decides
+        return np.round(np.clip(blob + 0.08 * noise, 0, 1) * 10).astype(np.float32) / 10
+    if kind == "two-pixels":  # S_a smaller than k
+        amap = 0.4 * noise
+        amap[int(cy), int(cx)], amap[int(cy) // 2, int(cx) // 2] = 0.9, 0.7
+        return amap
+    assert kind == "small-ring"  # everything but three pixels: a ring of 3 < k
+    amap = 0.65 + 0.3 * noise
+    amap[-1, -3:] = 0.2
+    return amap
+
+
+NUMPY_SETTINGS = [  # frame, feature grid, valid cells (None: all), kernel
+    ((30, 36), (30, 36), None, ("ellipse", 7)),
+    ((37, 53), (8, 12), None, ("rect", 4)),
+    ((40, 40), (16, 16), (10.4, 16.0), ("cross", 5)),
+    ((44, 40), (16, 16), (16.0, 7.3), ("ellipse", 11)),
+]
+
+
+@pytest.mark.parametrize("feature_sampling", ["bilinear", "nearest"])
+@pytest.mark.parametrize("similarity_to", ["mean", "max"])
+@pytest.mark.parametrize("kind", ["blob", "ties", "two-pixels", "small-ring"])
+def test_ppg_equals_an_independent_numpy_implementation(kind, similarity_to, feature_sampling):
+    """Both strategies and the one-image form give the numpy/cv2 implementation's points, in its order."""
+    loose = 0
+    for seed, (size, grid, extent, (shape, ksize)) in enumerate(NUMPY_SETTINGS):
+        amap = _numpy_case(kind, seed, size)
+        feats = np.random.default_rng(100 + seed).standard_normal((6, *grid)).astype(np.float32)
+        kwargs = {
+            "num_positive": 4, "num_negative": 5, "threshold": 0.6, "kernel_shape": shape, "kernel_size": ksize,
+            "similarity_to": similarity_to, "feature_sampling": feature_sampling,
+        }
+        expected, expected_labels, ring = numpy_reference.ppg(amap, feats, extent, **kwargs)
+        positives = int((expected_labels == 1).sum())
+        assert positives == (2 if kind == "two-pixels" else 4)
+        if kind == "small-ring":
+            assert (expected_labels == 0).sum() == 3
+        extent_t = None if extent is None else torch.tensor([extent], dtype=torch.float64)
+        for strategy in ("dense", "compact"):
+            coords, labels = generate_point_prompts_batched(
+                torch.from_numpy(amap)[None], torch.from_numpy(feats)[None], feature_extent=extent_t,
+                strategy=strategy, **kwargs,
+            )
+            keep = labels[0] >= 0
+            loose += numpy_reference.assert_same_points(
+                coords[0][keep].numpy(), labels[0][keep].numpy(), expected, expected_labels, ring
+            )
+        if extent is None:
+            coords, labels = generate_point_prompts(torch.from_numpy(amap), torch.from_numpy(feats), **kwargs)
+            numpy_reference.assert_same_points(coords.numpy(), labels.numpy(), expected, expected_labels, ring)
+    # identical points wherever the similarities are apart; only "max" meets similarities within
+    # rounding (a ring pixel next to S_a reads almost the same feature as its neighbour: cosine ~1)
+    assert loose == 0 or similarity_to == "max"

@@ -1,9 +1,16 @@
-"""SAM stage parity with segment_anything's own ``SamPredictor`` on ORIGINAL, non-square images.
+"""The SAM stage (PPG + CPS) against segment_anything's ``SamPredictor`` on ORIGINAL, non-square images.
 
-The reference for every number here is segment_anything: ``SamPredictor.set_image`` on the
-original image and ``SamPredictor.predict`` with the prompts in original-image coordinates,
-chained through :func:`clipsam.cascade.run_cascade` (mask_input = previous low-res logits, box =
-the previous mask's box at the original size). Tiny preset, fp32.
+The reference side never calls clipsam: ``SamPredictor.set_image`` on the original image, PPG
+written from the equations in numpy/cv2 on ``predictor.features``, then ``SamPredictor.predict``
+step by step (``mask_input`` = the previous low-res logits, the box of the previous mask computed
+in numpy at the original size), with the real points only (:mod:`sam_stage_reference`).
+clipsam's side is ``SamRefiner.refine`` / ``refine_embedded`` / ``refine_batch`` from the image
+and the CLIP map.
+
+Models (random weights, fp32): "b", vit_b's geometry (1024 input, 256 x 64 x 64 embedding, the
+prompt encoder and mask decoder every SAM variant has) with a one-block image encoder, built by
+segment_anything's own builder; clipsam's "tiny" preset (256 input, 16 x 16 grid); the real
+``vit_b`` encoder under the ``slow`` marker.
 """
 
 from __future__ import annotations
@@ -11,211 +18,352 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from segment_anything import SamPredictor, sam_model_registry
+from segment_anything.build_sam import _build_sam
 
-from clipsam.cascade import CascadeConfig, run_cascade
-from clipsam.data.transforms import build_sam_input
-from clipsam.fusion import fuse_scores
-from clipsam.models.sam import SamConfig, build_sam, frame_to_original
-from clipsam.refiners.ppg_cps import SamRefiner
+from clipsam.cascade import CascadeConfig
+from clipsam.inputs import build_sam_input
+from clipsam.models.sam import SamConfig, build_sam
 from clipsam.prompting import PromptConfig
-from segment_anything import SamPredictor
+from clipsam.refiners.ppg_cps import SamRefiner
+from tests.unit.models import sam_stage_reference as ref
 
-FRAME = (48, 48)  # the square evaluation frame (squashed)
+FRAME = (40, 48)  # the evaluation frame (the CLIP map), squashed from the original
+PROMPT = {"num_positive": 5, "num_negative": 5, "threshold": 0.5, "kernel_shape": "ellipse", "kernel_size": 9}
+LOGIT_ATOL = 1e-5
+
+
+def _seeded(build, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
 
 
 @pytest.fixture(scope="module")
-def sam():
-    return build_sam(SamConfig(variant="tiny", seed=2))
+def models():
+    return {
+        "b": _seeded(
+            lambda: _build_sam(
+                encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2, encoder_global_attn_indexes=[]
+            ),
+            seed=0,
+        ),
+        "tiny": build_sam(SamConfig(variant="tiny", seed=2)),
+    }
 
 
+# ---------------------------------------------------------------------------------- inputs
 def _original(height, width, seed):
-    """A non-square RGB image with a bright blob (H0, W0, 3) uint8, and its blob in frame pixels."""
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.randint(40, 120, (height, width, 3), dtype=torch.uint8, generator=gen)
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    cy, cx = height * 0.4, width * 0.6
-    blob = ((ys - cy) / (height / 6)) ** 2 + ((xs - cx) / (width / 6)) ** 2 < 1
-    image[blob] = torch.tensor([230, 200, 60], dtype=torch.uint8)
-    return image.numpy()
+    """(H0, W0, 3) uint8: noise with a bright, noisy blob at (0.4 H0, 0.6 W0).
+
+    No flat areas: equal SAM features would make equal similarities, whose order then rests on
+    rounding.
+    """
+    rng = np.random.default_rng(seed)
+    image = rng.integers(40, 120, (height, width, 3), dtype=np.uint8)
+    ys, xs = np.mgrid[:height, :width]
+    blob = ((ys - 0.4 * height) / (height / 6)) ** 2 + ((xs - 0.6 * width) / (width / 6)) ** 2 < 1
+    image[blob] = np.array([200, 170, 40], dtype=np.uint8) + rng.integers(0, 50, (int(blob.sum()), 3), dtype=np.uint8)
+    return image
 
 
-def _frame_map(seed):
-    gen = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(FRAME[0]).float(), torch.arange(FRAME[1]).float(), indexing="ij")
-    amap = torch.exp(-((ys - 0.4 * FRAME[0]) ** 2 + (xs - 0.6 * FRAME[1]) ** 2) / (2 * 6.0**2))
-    return (amap + 0.05 * torch.rand(FRAME, generator=gen)).clamp(0, 1)
+def _noise(seed):
+    return np.random.default_rng(seed).random(FRAME).astype(np.float32)
 
 
-def _refiner(sam, num_steps=3):
-    prompt = PromptConfig(num_positive=3, num_negative=3, threshold=0.5, kernel_size=9)
-    return SamRefiner(sam=sam, prompt=prompt, cascade=CascadeConfig(num_steps=num_steps))
+def _blob_map(seed, centre=(0.4, 0.6)):
+    """Map_a: a Gaussian peak plus noise, all values distinct."""
+    ys, xs = np.mgrid[: FRAME[0], : FRAME[1]].astype(np.float32)
+    peak = np.exp(-((ys - centre[0] * FRAME[0]) ** 2 + (xs - centre[1] * FRAME[1]) ** 2) / (2 * 5.0**2))
+    return np.clip(0.9 * peak + 0.08 * _noise(seed), 0, 1).astype(np.float32)
 
 
-def _predictor_cascade(predictor, coords, labels, num_steps=3):
-    """SamPredictor, step by step: the reference cascade in original-image coordinates."""
-
-    def decode(point_coords, point_labels, box, mask_input):
-        logits, iou, low_res = predictor.predict(
-            point_coords=point_coords.numpy(),
-            point_labels=point_labels.numpy(),
-            box=None if box is None else box.numpy(),
-            mask_input=None if mask_input is None else mask_input.numpy(),
-            multimask_output=False,
-            return_logits=True,
-        )
-        return torch.from_numpy(logits[0]), torch.from_numpy(low_res), torch.tensor(iou[0])
-
-    return run_cascade(decode, point_coords=coords, point_labels=labels, num_steps=num_steps)
+def _two_pixel_map(seed):
+    """S_a of two pixels: 2 positives (fewer than k), a full ring."""
+    amap = 0.4 * _noise(seed)
+    amap[15, 30], amap[16, 31] = 0.9, 0.8
+    return amap
 
 
-@pytest.mark.parametrize("size", [(90, 150), (140, 70)], ids=["landscape", "portrait"])
-def test_cascade_equals_sam_predictor_step_by_step(sam, size):
-    original = _original(*size, seed=size[0])
-    refiner = _refiner(sam)
-    sam_image, sam_size = build_sam_input(original, refiner.side)
-    embedding = refiner.encode(sam_image[None], sam_size[None])
+def _ring_of_two_map(seed):
+    """S_a is everything but two corner pixels: its ring is those two (2 negatives)."""
+    amap = 0.55 + 0.4 * _noise(seed)
+    amap[0, 0] = amap[0, 1] = 0.1
+    return amap
 
+
+def _everything_map(seed):
+    """S_a is the whole frame: no ring, positives only."""
+    return 0.5 + 0.5 * _noise(seed)
+
+
+def _empty_map(seed):
+    return 0.45 * _noise(seed)
+
+
+# ---------------------------------------------------------------------------------- the two sides
+def _reference(sam, original, amap, prompt, *, multimask=False, mask_threshold=0.0, num_steps=3):
+    """PPG points and the SamPredictor cascade, with no clipsam code."""
     predictor = SamPredictor(sam)
     predictor.set_image(original)
-    assert predictor.input_size == tuple(sam_size.tolist())
-    torch.testing.assert_close(embedding, predictor.features, rtol=0, atol=1e-5)
-
-    # Given prompts in frame pixels: two positives on the blob, one negative, one padding slot.
-    frame_coords = torch.tensor([[[28.0, 19.0], [30.0, 21.0], [5.0, 40.0], [0.0, 0.0]]])
-    labels = torch.tensor([[1, 1, 0, -1]])
-    ours = refiner.run_cascade_batched(
-        embedding, frame_coords, labels, frame_size=FRAME,
-        input_sizes=[tuple(sam_size.tolist())], original_sizes=[size],
+    side = sam.image_encoder.img_size
+    grid = predictor.features.shape[-2:]
+    extent = (predictor.input_size[0] * grid[0] / side, predictor.input_size[1] * grid[1] / side)
+    coords, labels, ring = ref.ppg(amap, predictor.features[0].numpy(), extent, **prompt)
+    at_original = ref.frame_to_original(coords, FRAME, original.shape[:2])
+    steps = ref.predictor_cascade(
+        predictor, at_original, labels, num_steps=num_steps, multimask=multimask, mask_threshold=mask_threshold
     )
-    original_coords = frame_to_original(frame_coords, FRAME, torch.tensor([size]))[0]
-    expected_x = (28.0 + 0.5) * size[1] / FRAME[1] - 0.5
-    assert abs(float(original_coords[0, 0]) - expected_x) < 1e-4  # pixel centre to pixel centre
-    reference = _predictor_cascade(predictor, original_coords, labels[0])
-
-    assert len(ours.low_res_logits) == len(reference.steps) == 3
-    for step, (low_res, ref) in enumerate(zip(ours.low_res_logits, reference.steps), start=1):
-        torch.testing.assert_close(low_res[0], ref.low_res_logits, rtol=0, atol=1e-4, msg=f"step {step}")
-        at_original = sam.postprocess_masks(low_res, refiner_input(sam_size), size)[0, 0] > 0
-        assert torch.equal(at_original, ref.mask), f"step {step}: mask at the original size"
-        if ref.box is not None:
-            assert bool(ours.box_valid[step - 1][0])
-            torch.testing.assert_close(ours.boxes[step - 1][0], ref.box, rtol=0, atol=0)
-    assert reference.steps[2].box is not None, "the test needs a non-empty step-2 mask"
-    assert reference.steps[2].mask.any() and not reference.steps[2].mask.all()
-
-    # Back to the frame: Sam.postprocess_masks with the frame as the target size.
-    frame_logits = sam.postprocess_masks(
-        torch.from_numpy(predictor.predict(
-            point_coords=original_coords.numpy(), point_labels=labels[0].numpy(),
-            box=reference.steps[2].box.numpy(), mask_input=reference.steps[1].low_res_logits.numpy(),
-            multimask_output=False, return_logits=True,
-        )[2])[None],
-        refiner_input(sam_size), FRAME,
-    )[0, 0]
-    torch.testing.assert_close(ours.frame_logits[0], frame_logits, rtol=0, atol=1e-4)
+    return {"coords": coords, "labels": labels, "ring": ring, "steps": steps,
+            "input_size": predictor.input_size, "features": predictor.features}
 
 
-def refiner_input(sam_size):
-    return tuple(int(v) for v in sam_size.tolist())
+def _refiner(sam, prompt, **cascade):
+    return SamRefiner(sam=sam, prompt=PromptConfig(**prompt), cascade=CascadeConfig(**cascade))
 
 
-def test_refine_batch_equals_per_image_refine_and_predictor_masks(sam):
-    """Two originals of different sizes in one batch: the batched path = one image at a time."""
-    refiner = _refiner(sam)
-    sizes = [(90, 150), (120, 80)]
-    originals = [_original(*s, seed=i) for i, s in enumerate(sizes)]
+def _chw(original):
+    return torch.from_numpy(original).permute(2, 0, 1).contiguous()
+
+
+def _iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def _assert_no_near_ties(ring, k):
+    """The reference's order of the first k + 1 ring pixels is not decided by rounding.
+
+    Exact ties (pixels reading the same feature cell with "nearest") are fine: both sides give
+    them to the pixel first in raster order.
+    """
+    gaps = np.diff(ring[: k + 1, 2])
+    assert not ((gaps > 0) & (gaps <= 1e-5)).any(), "near-tie in the ring similarities: pick another seed"
+
+
+def _compare_steps(sam, ours_low_res, ours_boxes, ours_ious, reference, original_size, mask_threshold):
+    """Per step: low-res logits, predicted IoU, box, logits and mask at the original size and in the frame.
+
+    Returns:
+        per step, the largest absolute logit difference (low-res, original, frame) and the mask IoU.
+    """
+    input_size = reference["input_size"]
+    report = []
+    assert len(ours_low_res) == len(reference["steps"])
+    for step, (low, box, iou, theirs) in enumerate(zip(ours_low_res, ours_boxes, ours_ious, reference["steps"]), 1):
+        low = np.asarray(low, dtype=np.float32).reshape(theirs["low_res"].shape)
+        low_diff = float(np.abs(low - theirs["low_res"]).max())
+        assert low_diff <= LOGIT_ATOL, f"step {step}: low-res logits {low_diff}"
+        assert abs(float(iou) - theirs["iou"]) <= LOGIT_ATOL, f"step {step}: predicted IoU"
+        if theirs["box"] is None:
+            assert box is None, f"step {step}: a box where SamPredictor had none"
+        else:
+            assert box is not None and np.array_equal(np.asarray(box, dtype=np.float64), theirs["box"]), (
+                f"step {step}: box {box} != {theirs['box']}"
+            )
+        at_original = ref.low_res_to(sam, low, input_size, original_size)
+        original_diff = float(np.abs(at_original - theirs["logits"]).max())
+        assert original_diff <= LOGIT_ATOL, f"step {step}: logits at the original size {original_diff}"
+        iou_original = _iou(at_original > mask_threshold, theirs["mask"])
+        assert iou_original == 1.0, f"step {step}: mask IoU {iou_original} at the original size"
+        report.append({"low_res": low_diff, "original": original_diff, "iou": iou_original})
+    return report
+
+
+def _check_refine(sam, original, amap, prompt, *, multimask=False, mask_threshold=0.0, reference=None):
+    """clipsam's ``refine`` from the image and the map = the reference, point by point and step by step."""
+    if reference is None:
+        reference = _reference(sam, original, amap, prompt, multimask=multimask, mask_threshold=mask_threshold)
+    refiner = _refiner(sam, prompt, multimask=multimask, mask_threshold=mask_threshold)
+    # SAM's input and embedding are set_image's (refine(image) encodes with embed_images too)
+    embedding = refiner.embed_images(_chw(original)[None])
+    assert float((embedding - reference["features"]).abs().max()) <= 1e-5
+    out = refiner.refine(_chw(original), torch.from_numpy(amap), embedding=embedding)
+    # PPG: the same points, in the same order
+    assert np.array_equal(out.point_coords.numpy(), reference["coords"]), (out.point_coords, reference["coords"])
+    assert np.array_equal(out.point_labels.numpy(), reference["labels"])
+    _assert_no_near_ties(reference["ring"], prompt["num_negative"])
+    # CPS: every decoder step
+    report = _compare_steps(
+        sam,
+        [s.low_res_logits.numpy() for s in out.steps],
+        [None if s.box is None else s.box.numpy() for s in out.steps],
+        [s.iou for s in out.steps],
+        reference,
+        original.shape[:2],
+        mask_threshold,
+    )
+    last = reference["steps"][-1]
+    final_diff = float(np.abs(out.original_logits.numpy() - last["logits"]).max())
+    assert final_diff <= LOGIT_ATOL
+    # in the frame: SAM's upsampling of the last low-res logits to the frame
+    frame_logits = ref.low_res_to(sam, last["low_res"], reference["input_size"], FRAME)
+    assert float(np.abs(out.steps[-1].mask_logits.numpy() - frame_logits).max()) <= LOGIT_ATOL
+    assert _iou(out.mask.numpy(), frame_logits > mask_threshold) == 1.0
+    return out, reference, report
+
+
+# ---------------------------------------------------------------------------------- single images
+CASES = {
+    # id: (original (H0, W0), map, prompt overrides, expected labels)
+    "landscape": ((60, 90), lambda: _blob_map(0), {}, [1] * 5 + [0] * 5),
+    "portrait": ((90, 60), lambda: _blob_map(1, centre=(0.6, 0.3)), {}, [1] * 5 + [0] * 5),
+    "two-pixel-region": ((60, 90), lambda: _two_pixel_map(4), {}, [1, 1, 0, 0, 0, 0, 0]),
+    "ring-of-two": ((90, 60), lambda: _ring_of_two_map(5), {}, [1, 1, 1, 1, 1, 0, 0]),
+    "empty-ring": ((60, 90), lambda: _everything_map(6), {}, [1, 1, 1, 1, 1]),
+    "max-nearest": (
+        (90, 60), lambda: _blob_map(7), {"similarity_to": "max", "feature_sampling": "nearest"}, [1] * 5 + [0] * 5
+    ),
+}
+FAST_B_CASES = ("landscape", "portrait", "two-pixel-region")  # ~0.6 s a case on 2 cores; the rest: slow
+
+
+def _model_params(cases, fast_b=()):
+    """(model, case) pairs: every case on "tiny", on "b" only ``fast_b`` unless -m slow."""
+    params = [pytest.param("tiny", case, id=f"tiny-{case}") for case in cases]
+    params += [
+        pytest.param("b", case, id=f"b-{case}", marks=() if case in fast_b else pytest.mark.slow) for case in cases
+    ]
+    return params
+
+
+@pytest.mark.parametrize(("model", "case"), _model_params(CASES, FAST_B_CASES))
+def test_refine_equals_ppg_and_sam_predictor(models, model, case):
+    size, make_map, overrides, labels = CASES[case]
+    sam = models[model]
+    original = _original(*size, seed=sum(size))
+    out, reference, _ = _check_refine(sam, original, make_map(), {**PROMPT, **overrides})
+    assert out.point_labels.tolist() == labels
+    assert reference["steps"][2]["box"] is not None, "the case needs a step-2 mask (and a box)"
+
+
+def _step2_logits(sam, original, amap):
+    return _reference(sam, original, amap, PROMPT, num_steps=2)["steps"][1]["logits"]
+
+
+@pytest.mark.parametrize(("model", "box"), _model_params(["one-pixel", "border"]))
+def test_tight_boxes(models, model, box):
+    """Step 2's mask reduced (by the mask threshold) to one pixel, or reaching the image border."""
+    sam = models[model]
+    original = _original(90, 60, seed=8)
+    amap = _blob_map(8, centre=(0.5, 0.4))
+    logits = _step2_logits(sam, original, amap)
+    values = np.sort(logits.ravel())[::-1]
+    if box == "one-pixel":
+        assert values[0] - values[1] > 1e-4
+        threshold = float((values[0] + values[1]) / 2)
+    else:
+        border = np.concatenate([logits[0], logits[-1], logits[:, 0], logits[:, -1]]).max()
+        below = values[values < border]
+        assert border - below[0] > 1e-4
+        threshold = float((border + below[0]) / 2)
+    _, reference, _ = _check_refine(sam, original, amap, PROMPT, mask_threshold=threshold)
+    x0, y0, x1, y1 = reference["steps"][2]["box"]
+    if box == "one-pixel":
+        assert (x0, y0) == (x1, y1)
+    else:
+        assert min(x0, y0) == 0 or x1 == original.shape[1] - 1 or y1 == original.shape[0] - 1
+
+
+@pytest.mark.parametrize("model", [pytest.param("tiny"), pytest.param("b", marks=pytest.mark.slow)])
+def test_multimask_keeps_the_best_predicted_iou_at_each_step(models, model):
+    sam = models[model]
+    original = _original(60, 90, seed=9)
+    _, reference, _ = _check_refine(sam, original, _blob_map(9), PROMPT, multimask=True)
+    assert reference["steps"][2]["box"] is not None
+
+
+# ---------------------------------------------------------------------------------- batches
+BATCH = [  # original size, map: 10, 7, 0, 5 and 10 real points
+    ((60, 90), lambda: _blob_map(10)),
+    ((90, 60), lambda: _two_pixel_map(11)),
+    ((60, 90), lambda: _empty_map(12)),
+    ((90, 60), lambda: _everything_map(13)),
+    ((60, 90), lambda: _blob_map(14, centre=(0.3, 0.3))),
+]
+
+
+@pytest.mark.parametrize(("model", "threshold"), _model_params(["zero", "mixed-boxes"]))
+def test_batch_of_images_with_different_point_counts(models, model, threshold):
+    """One batch mixing 10, 7, 0 and 5 real points and two original shapes = one SamPredictor per image.
+
+    "mixed-boxes": the mask threshold lies between the step-2 maxima of the two 10-point images,
+    so one of them has no step-2 mask and no box at step 3.
+    """
+    sam = models[model]
+    originals = [_original(*size, seed=20 + i) for i, (size, _) in enumerate(BATCH)]
+    maps = [make() for _, make in BATCH]
+    mask_threshold = 0.0
+    if threshold == "mixed-boxes":
+        peaks = sorted(float(_step2_logits(sam, originals[i], maps[i]).max()) for i in (0, 4))
+        assert peaks[1] - peaks[0] > 1e-4
+        mask_threshold = (peaks[0] + peaks[1]) / 2
+    references = [_reference(sam, o, m, PROMPT, mask_threshold=mask_threshold) for o, m in zip(originals, maps)]
+    assert [len(r["labels"]) for r in references] == [10, 7, 0, 5, 10]
+
+    refiner = _refiner(sam, PROMPT, mask_threshold=mask_threshold)
     built = [build_sam_input(o, refiner.side) for o in originals]
-    maps = torch.stack([_frame_map(0), _frame_map(1)])
     batch = {
         "sam_image": torch.stack([b[0] for b in built]),
         "sam_size": torch.stack([b[1] for b in built]),
-        "original_size": torch.tensor(sizes),
+        "original_size": torch.tensor([o.shape[:2] for o in originals]),
     }
-    out = refiner.refine_batch(batch, maps)
-    assert out.mask.shape == (2, *FRAME) and out.mask.dtype == torch.bool
-    assert out.mask_probs.dtype == torch.float32
-    assert set(out.timings) == {"sam_encoder", "ppg", "cascade_step_1", "cascade_step_2", "cascade_step_3"}
-    for i, original in enumerate(originals):
-        single = refiner.refine(torch.from_numpy(original).permute(2, 0, 1), maps[i])
-        assert torch.equal(single.mask, out.mask[i])
-        torch.testing.assert_close(single.mask_probs, out.mask_probs[i], rtol=0, atol=1e-5)
-        for method in ("clip_boost", "mean", "product"):
-            batched = fuse_scores(maps[i], out.mask_probs[i], out.mask[i], method=method)
-            per_image = fuse_scores(maps[i], single.mask_probs, single.mask, method=method)
-            assert float((batched - per_image).abs().max()) <= 1e-5
-        # the per-image result is SamPredictor's cascade with the same (PPG) prompts
-        predictor = SamPredictor(sam)
-        predictor.set_image(original)
-        coords = frame_to_original(single.point_coords[None], FRAME, torch.tensor([sizes[i]]))[0]
-        reference = _predictor_cascade(predictor, coords, single.point_labels)
-        torch.testing.assert_close(single.original_logits, reference.mask_logits, rtol=0, atol=1e-4)
-        assert torch.equal(single.original_logits > 0, reference.mask)
-        assert single.steps[-1].box is None or torch.equal(single.steps[-1].box, reference.steps[-1].box)
-    assert out.mask.any(), "the test needs a non-empty mask"
+    embeddings = refiner.encode(batch["sam_image"], batch["sam_size"])
+    out = refiner.refine_embedded(
+        embeddings,
+        torch.from_numpy(np.stack(maps)),
+        input_sizes=[tuple(b[1].tolist()) for b in built],
+        original_sizes=[o.shape[:2] for o in originals],
+    )
+    cascade = out["cascade"]
+    for i, reference in enumerate(references):
+        keep = out["labels"][i] >= 0
+        assert np.array_equal(out["coords"][i][keep].numpy(), reference["coords"])
+        assert np.array_equal(out["labels"][i][keep].numpy(), reference["labels"])
+        if not reference["steps"]:  # no points: not decoded, nothing segmented
+            assert not bool(cascade.has_points[i]) and not out["mask"][i].any()
+            assert torch.isneginf(out["logits"][i]).all()
+            continue
+        boxes = [None if b is None or not bool(v[i]) else b[i].numpy() for b, v in zip(cascade.boxes, cascade.box_valid)]
+        _compare_steps(sam, [low[i] for low in cascade.low_res_logits], boxes, [s[i] for s in cascade.ious],
+                       reference, originals[i].shape[:2], mask_threshold)
+        frame_logits = ref.low_res_to(sam, reference["steps"][-1]["low_res"], reference["input_size"], FRAME)
+        assert float(np.abs(out["logits"][i].numpy() - frame_logits).max()) <= LOGIT_ATOL
+        assert _iou(out["mask"][i].numpy(), frame_logits > mask_threshold) == 1.0
+    has_box = [r["steps"][2]["box"] is not None for r in references if r["steps"]]
+    if threshold == "zero":
+        assert all(has_box)
+    else:  # the two 10-point images: one with a box at step 3, one without
+        assert has_box[0] != has_box[-1]
+
+    # the refiner interface: the same masks and probabilities
+    result = refiner.refine_batch(batch, torch.from_numpy(np.stack(maps)))
+    assert torch.equal(result.mask, out["mask"])
+    torch.testing.assert_close(result.mask_probs, torch.sigmoid(out["logits"]), rtol=0, atol=0)
 
 
-def test_ppg_features_cover_only_the_valid_part_of_the_embedding(sam):
+def test_ppg_features_cover_only_the_valid_part_of_the_embedding(models):
     """Changing the padded cells of the embedding does not move PPG's points."""
-    refiner = _refiner(sam, num_steps=1)
+    sam = models["tiny"]
+    refiner = _refiner(sam, PROMPT, num_steps=1)
     original = _original(60, 150, seed=3)  # h' = 102 of 256: most of the embedding is padding
     sam_image, sam_size = build_sam_input(original, refiner.side)
     embedding = refiner.encode(sam_image[None], sam_size[None])
-    amap = _frame_map(2)[None]
-    kwargs = dict(input_sizes=[refiner_input(sam_size)], original_sizes=[(60, 150)])
+    amap = torch.from_numpy(_blob_map(2))[None]
+    kwargs = {"input_sizes": [tuple(sam_size.tolist())], "original_sizes": [(60, 150)]}
     first = refiner.refine_embedded(embedding, amap, **kwargs)
     valid_rows = int(np.ceil(int(sam_size[0]) * embedding.shape[-2] / refiner.side))
     changed = embedding.clone()
     changed[:, :, valid_rows:] = torch.randn_like(changed[:, :, valid_rows:]) * 100
     second = refiner.refine_embedded(changed, amap, **kwargs)
     assert torch.equal(first["coords"], second["coords"]) and torch.equal(first["labels"], second["labels"])
-    assert (first["labels"] == 0).sum() == 3
+    assert (first["labels"] == 0).sum() == 5
 
 
-def test_step3_decodes_rows_with_and_without_a_box_apart(sam, monkeypatch):
-    """A batch whose step-2 masks give a box for some rows only: each row gets its own step 3.
-
-    Row 1 is made box-less (as if its step-2 mask were empty); its step 3 must be the decoder on
-    points + step-2 logits, the other rows' the decoder with their boxes, as one row at a time.
-    """
-    import clipsam.refiners.ppg_cps as sam_module
-    from clipsam.models.sam import original_to_input
-
-    refiner = _refiner(sam)
-    sizes = [(90, 150), (120, 80), (100, 100)]
-    built = [build_sam_input(_original(*s, seed=i), refiner.side) for i, s in enumerate(sizes)]
-    embeddings = refiner.encode(torch.stack([b[0] for b in built]), torch.stack([b[1] for b in built]))
-    input_sizes = [refiner_input(b[1]) for b in built]
-    coords = torch.tensor([[[28.0, 19.0], [30.0, 21.0], [5.0, 40.0]]] * 3)
-    labels = torch.tensor([[1, 1, 0]] * 3)
-    real = sam_module.logits_to_boxes
-    groups = []  # one call per (input size, original size) group: here one row each, in order
-
-    def row_1_without_box(logits, threshold):
-        boxes, valid = real(logits, threshold)
-        groups.append(valid.shape[0])
-        if len(groups) == 2:
-            valid = torch.zeros_like(valid)
-        return boxes * valid[:, None], valid
-
-    monkeypatch.setattr(sam_module, "logits_to_boxes", row_1_without_box)
-    calls = []
-    decode = refiner._decode
-
-    def recording(emb, points, point_labels, boxes, mask_input):
-        calls.append((emb.shape[0], boxes is not None))
-        return decode(emb, points, point_labels, boxes, mask_input)
-
-    monkeypatch.setattr(refiner, "_decode", recording)
-    out = refiner.run_cascade_batched(embeddings, coords, labels, frame_size=FRAME, input_sizes=input_sizes, original_sizes=sizes)
-    assert groups == [1, 1, 1] and calls == [(3, False), (3, False), (2, True), (1, False)]
-    assert out.box_valid[2].tolist() == [True, False, True]
-
-    # The reference: the whole batch through the decoder with and without the boxes, row by row.
-    original_t, input_t = torch.tensor(sizes), torch.tensor(input_sizes)
-    points = original_to_input(frame_to_original(coords, FRAME, original_t), original_t, input_t)
-    ratio = (input_t.double() / original_t.double()).flip(1).repeat(1, 2)
-    boxes_in = (out.boxes[2].double() * ratio).float()
-    with_box, _ = decode(embeddings, points, labels, boxes_in, out.low_res_logits[1])
-    without_box, _ = decode(embeddings, points, labels, None, out.low_res_logits[1])
-    for row, expected in ((0, with_box), (1, without_box), (2, with_box)):
-        torch.testing.assert_close(out.low_res_logits[2][row], expected[row], rtol=0, atol=1e-5)
+@pytest.mark.slow
+def test_vit_b_with_fewer_points_than_k():
+    """The real vit_b encoder (random weights): S_a of two pixels, landscape original."""
+    sam = _seeded(lambda: sam_model_registry["vit_b"](), seed=0)
+    original = _original(60, 90, seed=30)
+    out, _, _ = _check_refine(sam, original, _two_pixel_map(30), PROMPT)
+    assert out.point_labels.tolist() == [1, 1, 0, 0, 0, 0, 0]
