@@ -160,7 +160,7 @@ class ClipSamModule(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_model_inputs"):
             datamodule.set_model_inputs(self.pipeline.input_specs(refiner=stage in _EVAL_STAGES))
-        self.pipeline.draw_references(datamodule, stage)  # a few-shot method's, by data.reference
+        self.pipeline.prepare_data(datamodule, stage)  # references, whole-category batches
 
     def configure_model(self) -> None:
         """Build the producer (always) and the refiner (test/validate/predict only), once."""

@@ -95,6 +95,14 @@ class Pipeline(nn.Module):
         self.pending_references: dict[str, list[Any]] = {}
         #: how they were drawn (``data.reference``'s seed and source), for the run report
         self.reference_settings: dict[str, Any] = {}
+        #: "category": validate/test/predict batches hold whole categories (a transductive
+        #: method, its ``inference_batching`` hook); "image": any batches
+        self.batching = methods.method_batching(self.method, self.method_config, image_size=self.image_size)
+        if self.batching == "category" and self.tiling.canvas() is not None:
+            raise ConfigError(
+                f"model.method={self.method} scores each image against the other images of its category, "
+                "which the tiles of one image are not: turn model.tiling off for this method"
+            )
 
     # ------------------------------------------------------------------ what it needs
     @property
@@ -215,6 +223,28 @@ class Pipeline(nn.Module):
 
         for category, paths in files.items():
             self.set_references(category, [read_image(p) for p in paths], names=[str(p) for p in paths])
+
+    def prepare_data(self, datamodule: Any, stage: str) -> None:
+        """What the method asks of the data before ``stage`` runs (``ClipSamModule.setup``): whole-
+        category batches for a transductive method (:meth:`configure_batching`) and the reference
+        images of a few-shot one (:meth:`draw_references`)."""
+        self.configure_batching(datamodule, stage)
+        self.draw_references(datamodule, stage)
+
+    def configure_batching(self, datamodule: Any, stage: str) -> None:
+        """Make validate/test/predict batches whole categories when the method needs them.
+
+        Raises:
+            ConfigError: the datamodule cannot batch by category (not clipsam's).
+        """
+        if self.batching != "category" or stage == "fit":
+            return
+        if datamodule is None or not hasattr(datamodule, "set_category_batches"):
+            raise ConfigError(
+                f"model.method={self.method} scores each image against the other images of its category: run it "
+                "with clipsam's AnomalyDataModule, which batches whole categories (this datamodule cannot)"
+            )
+        datamodule.set_category_batches(True)
 
     def draw_references(self, datamodule: Any, stage: str) -> None:
         """``clipsam test/validate/predict`` (``ClipSamModule.setup``): have the datamodule draw the

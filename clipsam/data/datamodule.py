@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, RandomSampler, default_collate
+from torch.utils.data import DataLoader, RandomSampler, Sampler, default_collate
 
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images
@@ -497,6 +497,15 @@ class AnomalyDataModule(LightningDataModule):
     def _loader(self, dataset: AnomalyDataset | None, stage: str, *, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call datamodule.setup({stage!r}) before asking for its dataloader")
+        if self.category_batches and stage != "fit":
+            return DataLoader(
+                dataset,
+                batch_sampler=self._category_sampler(dataset),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=default_collate,
+                pin_memory=torch.cuda.is_available(),
+            )
         # The shuffle order depends on (seed, epoch) only, so a resumed fit sees the same order.
         sampler = EpochSeededRandomSampler(dataset, seed=self.seed) if shuffle else None
         return DataLoader(
@@ -511,6 +520,32 @@ class AnomalyDataModule(LightningDataModule):
             # Page-locked batches let Lightning's non-blocking host-to-device copies overlap.
             pin_memory=torch.cuda.is_available(),
         )
+
+    # ------------------------------------------------------------- whole-category batches
+    #: validate/test/predict batches hold whole categories (:meth:`set_category_batches`)
+    category_batches: bool = False
+
+    def set_category_batches(self, enabled: bool = True) -> None:
+        """Make validate/test/predict batches whole categories, all images of one category per
+        batch (a transductive method: ``Pipeline.configure_batching``); ``data.test_batch_size``
+        is then not used.
+
+        Raises:
+            ConfigError: more than one process (DDP): whole categories are scored in one process.
+        """
+        trainer = getattr(self, "_trainer", None)
+        if enabled and trainer is not None and int(getattr(trainer, "world_size", 1)) > 1:
+            raise ConfigError(
+                "this method scores each image against the other images of its category, in one process: "
+                "run it with trainer.devices=1 and trainer.num_nodes=1"
+            )
+        self.category_batches = bool(enabled)
+
+    @staticmethod
+    def _category_sampler(dataset: AnomalyDataset) -> Sampler:
+        from clipsam.data.category_batches import CategoryBatchSampler
+
+        return CategoryBatchSampler([s.category for s in dataset.samples])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "fit", batch_size=self.batch_size, shuffle=True)
@@ -530,6 +565,14 @@ class AnomalyDataModule(LightningDataModule):
             raise RuntimeError("call datamodule.setup('predict') before asking for its dataloader")
         # A file that fails to decode while predicting (validation off, or changed since setup)
         # is skipped and reported, not the end of the run.
+        if self.category_batches:
+            return DataLoader(
+                _SkipUndecodable(self.predict_dataset),
+                batch_sampler=self._category_sampler(self.predict_dataset),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                collate_fn=collate_skipping,
+            )
         return DataLoader(
             _SkipUndecodable(self.predict_dataset),
             batch_size=self.test_batch_size,

@@ -81,6 +81,7 @@ METHODS: dict[str, MethodSpec] = {
     "umci": MethodSpec("clipsam.methods.umci", trainable=True, summary="ClipSAM-rec's UMCI on CLIP (trained)"),
     "saa": MethodSpec("clipsam.methods.saa", builder="build_vanilla", config="CONFIG_VANILLA", summary="SAA vanilla (training-free)"),
     "saa_plus": MethodSpec("clipsam.methods.saa", summary="SAA+ (Grounding DINO + SAM + saliency, training-free)"),
+    "musc": MethodSpec("clipsam.methods.musc", summary="MuSc mutual scoring over a category's test images (training-free, transductive)"),
 }
 
 
@@ -119,7 +120,8 @@ def method_config(name: str, value: Any = None, *, key: str = "model.method_conf
 
 def method_hook(name: str, hook: str) -> Callable[..., Any] | None:
     """An optional module-level function of method ``name`` (``input_specs``, ``checkpoint_meta``,
-    ``check_checkpoint``, ``reference_count``), or None when the method does not define it."""
+    ``check_checkpoint``, ``reference_count``, ``inference_batching``), or None when the method
+    does not define it."""
     return optional_attr(get_method(name).module, hook, what=f"model.method={name!r}")
 
 
@@ -136,6 +138,20 @@ def method_reference_count(name: str, config: Any) -> int:
     if count < 0:
         raise ConfigError(f"model.method={name!r}: reference_count must be >= 0, got {count}")
     return count
+
+
+BATCHING_MODES = ("image", "category")
+
+
+def method_batching(name: str, config: Any, *, image_size: int) -> str:
+    """How validate/test/predict batch method ``name``'s images (its ``inference_batching`` hook):
+    ``"image"`` (any batches; default) or ``"category"`` (one batch per category holding all its
+    images: a transductive method such as MuSc scores each image against the others)."""
+    hook = method_hook(name, "inference_batching")
+    mode = str(hook(config, image_size=int(image_size))) if hook is not None else "image"
+    if mode not in BATCHING_MODES:
+        raise ConfigError(f"model.method={name!r}: inference_batching must be one of {list(BATCHING_MODES)}, got {mode!r}")
+    return mode
 
 
 def input_key(name: str, config: Any, *, image_size: int) -> str:
