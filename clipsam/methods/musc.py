@@ -695,27 +695,18 @@ def build(config: MuscConfig, *, image_size: int) -> MuSc:
     """Build MuSc for frames of side ``image_size`` (weights resolved as :mod:`clipsam.models.clip`)."""
     input_size = int(config.input_size or image_size)
     native = _native_size(config.model_name) if config.pos_interpolation == "bicubic" else None
+    # With bicubic: built at its native size (no resize there), then the positional grid
+    # resized as the reference does.
+    clip_model, _ = build_open_clip(
+        section=_KEY,
+        model_name=config.model_name,
+        pretrained=config.pretrained,
+        image_size=native if native is not None else input_size,
+        cache_dir=config.cache_dir,
+        seed=config.seed,
+        quick_gelu=config.quick_gelu,
+        **({"pos_interpolation": "bilinear"} if native is not None else {}),
+    )
     if native is not None:
-        # built at its native size, then the positional grid resized as the reference does
-        clip_model, _ = build_open_clip(
-            section=_KEY,
-            model_name=config.model_name,
-            pretrained=config.pretrained,
-            image_size=native,
-            cache_dir=config.cache_dir,
-            seed=config.seed,
-            quick_gelu=config.quick_gelu,
-            pos_interpolation="bilinear",  # at the native size: no resize here
-        )
         resize_pos_embed_bicubic(clip_model.visual, input_size)
-    else:
-        clip_model, _ = build_open_clip(
-            section=_KEY,
-            model_name=config.model_name,
-            pretrained=config.pretrained,
-            image_size=input_size,
-            cache_dir=config.cache_dir,
-            seed=config.seed,
-            quick_gelu=config.quick_gelu,
-        )
     return MuSc(clip_model=clip_model, config=config, input_size=input_size)
