@@ -119,18 +119,36 @@ class Segmenter:
         category: default category (object name source) of images given as arrays or PIL
             images, and of files when set (else a file's parent folder name, as ``predict``).
         batch_size: images per forward in :meth:`segment_batch`.
+        color_order: channel order of numpy arrays given to :meth:`segment`: ``"rgb"`` or
+            ``"bgr"`` (what OpenCV's ``cv2.imread`` and ``VideoCapture`` give); None: the
+            config's ``data.color_order`` (default ``"rgb"``). Files and PIL images are always RGB.
+        bit_depth: significant bits of 16-bit files and uint16 arrays (12 for 12-bit cameras);
+            None: the config's ``data.bit_depth`` (default: the file's, 16 for uint16 arrays).
 
     A method that needs good reference images per category (few-shot, e.g. WinCLIP+ with
     ``model.method_config.k_shot``) gets them with ``references=`` of the constructors or
     :meth:`set_references`; segmenting a category without them raises a ``ConfigError``.
     """
 
-    def __init__(self, module: Any, *, device: str | torch.device | None = "cpu", category: str | None = None, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        module: Any,
+        *,
+        device: str | torch.device | None = "cpu",
+        category: str | None = None,
+        batch_size: int = 8,
+        color_order: str | None = None,
+        bit_depth: int | None = None,
+    ) -> None:
+        from clipsam.data.samples import check_bit_depth, check_color_order
+
         self.device = _resolve_device(device)
         self.module = module.to(self.device).eval()
         self.pipeline = module.pipeline
         self.category = category
         self.batch_size = max(1, int(batch_size))
+        self.color_order = check_color_order(color_order if color_order is not None else "rgb")
+        self.bit_depth = check_bit_depth(bit_depth)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -145,6 +163,8 @@ class Segmenter:
         category: str | None = None,
         batch_size: int = 8,
         references: Mapping[str, Sequence[ImageInput]] | None = None,
+        color_order: str | None = None,
+        bit_depth: int | None = None,
     ) -> Segmenter:
         """Load the adapters of ``ckpt_path`` into the model that ``config`` describes.
 
@@ -154,7 +174,7 @@ class Segmenter:
             thresholds: a ``thresholds.json`` from ``clipsam test`` (overrides
                 ``model.evaluation.thresholds``).
             overrides: dotted keys, e.g. ``{"model.evaluation.mask_source": "score"}``.
-            device, category, batch_size: see the class.
+            device, category, batch_size, color_order, bit_depth: see the class.
             references: see :meth:`from_config`.
 
         Raises:
@@ -170,6 +190,8 @@ class Segmenter:
             category=category,
             batch_size=batch_size,
             references=references,
+            color_order=color_order,
+            bit_depth=bit_depth,
         )
 
     @classmethod
@@ -184,6 +206,8 @@ class Segmenter:
         category: str | None = None,
         batch_size: int = 8,
         references: Mapping[str, Sequence[ImageInput]] | None = None,
+        color_order: str | None = None,
+        bit_depth: int | None = None,
     ) -> Segmenter:
         """The model ``configs`` describe; trained weights from ``ckpt_path`` when the method trains.
 
@@ -195,7 +219,8 @@ class Segmenter:
             thresholds: a ``thresholds.json`` from ``clipsam test`` (overrides
                 ``model.evaluation.thresholds``).
             overrides: dotted keys, e.g. ``{"model.evaluation.mask_source": "score"}``.
-            device, category, batch_size: see the class.
+            device, category, batch_size, color_order, bit_depth: see the class (None: the
+                config's ``data.color_order`` / ``data.bit_depth``).
             references: ``{category: [image, ...]}``, the good reference images of a method that
                 needs them (WinCLIP+: exactly ``k_shot`` per category; paths, arrays or PIL
                 images as :meth:`segment` takes them); see :meth:`set_references`.
@@ -211,8 +236,9 @@ class Segmenter:
             set_dotted(resolved, "model.evaluation.thresholds", os.fspath(thresholds))
         path = Path(os.fspath(ckpt_path)) if ckpt_path is not None else None
         return cls._from_resolved(
-            resolved, path, device=device, category=category, batch_size=batch_size, references=references
-        )
+            resolved, path, device=device, category=category, batch_size=batch_size, references=references,
+            color_order=color_order, bit_depth=bit_depth,
+        )  # fmt: skip
 
     @classmethod
     def from_bundle(
@@ -224,14 +250,18 @@ class Segmenter:
         category: str | None = None,
         batch_size: int = 8,
         references: Mapping[str, Sequence[ImageInput]] | None = None,
+        color_order: str | None = None,
+        bit_depth: int | None = None,
     ) -> Segmenter:
         """Load a bundle written by ``clipsam export --format bundle`` (see :mod:`clipsam.export`);
-        ``references`` as for :meth:`from_config`."""
+        ``references``, ``color_order`` and ``bit_depth`` as for :meth:`from_config` (a bundle's
+        config holds no camera settings: pass them here, or as ``overrides``)."""
         resolved, weights, default_category = read_bundle(bundle)
         resolved = apply_overrides(resolved, overrides)
         return cls._from_resolved(
-            resolved, weights, device=device, category=category or default_category, batch_size=batch_size, references=references
-        )
+            resolved, weights, device=device, category=category or default_category, batch_size=batch_size, references=references,
+            color_order=color_order, bit_depth=bit_depth,
+        )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], config: Any = None, **kwargs: Any) -> Segmenter:
@@ -249,8 +279,18 @@ class Segmenter:
         ckpt_path: Path | None,
         *,
         references: Mapping[str, Sequence[ImageInput]] | None = None,
+        color_order: str | None = None,
+        bit_depth: int | None = None,
         **kwargs: Any,
     ) -> Segmenter:
+        from clipsam.data.samples import check_bit_depth, check_color_order
+
+        data = resolved.get("data") or {}
+        if "init_args" in data:  # `data: {class_path: ..., init_args: {...}}` form
+            data = data.get("init_args") or {}
+        # The camera settings first: a bad value fails before any model is built.
+        color_order = check_color_order(color_order if color_order is not None else data.get("color_order") or "rgb")
+        bit_depth = check_bit_depth(bit_depth if bit_depth is not None else data.get("bit_depth"))
         with quiet():
             module = build_module(resolved)
             if module.needs_checkpoint and ckpt_path is None:
@@ -267,7 +307,7 @@ class Segmenter:
             if checkpoint is not None:
                 module.on_load_checkpoint(checkpoint)  # validates the weights against the config, loads them
             module.load_thresholds()  # fail now (not at the first image) on a bad thresholds file
-        segmenter = cls(module, **kwargs)
+        segmenter = cls(module, color_order=color_order, bit_depth=bit_depth, **kwargs)
         for category, images in (references or {}).items():
             segmenter.set_references(category, images)
         return segmenter
@@ -309,29 +349,19 @@ class Segmenter:
         """Decode an input to uint8 (H0, W0, 3) RGB; pick its category."""
         from PIL import Image, ImageOps
 
-        from clipsam.data.samples import read_image
+        from clipsam.data.samples import array_to_rgb, read_image
 
         path = None
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
-            array = read_image(path)  # the reader every clipsam dataset uses
+            array = read_image(path, bit_depth=self.bit_depth)  # the reader every clipsam dataset uses
             default = Path(path).parent.name
         elif isinstance(image, Image.Image):
             array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
             default = "object"
         elif isinstance(image, np.ndarray):
-            array = image
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=2)
-            if array.ndim != 3 or array.shape[2] not in (3, 4):
-                raise ValueError(f"image arrays must be (H, W), (H, W, 3) RGB or (H, W, 4) RGBA, got shape {image.shape}")
-            array = array[..., :3]
-            if array.dtype != np.uint8:
-                if np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
-                    array = np.clip(np.round(array * 255.0), 0, 255).astype(np.uint8)
-                else:
-                    raise ValueError(f"image arrays must be uint8 (or float in [0, 1]), got {array.dtype}")
-            array = np.ascontiguousarray(array)
+            # data.color_order: OpenCV hands over BGR; uint16 arrays scale by data.bit_depth.
+            array = array_to_rgb(image, color_order=self.color_order, bit_depth=self.bit_depth)
             default = "object"
         else:
             raise TypeError(f"segment() takes a path, a numpy array or a PIL image, got {type(image).__name__}")
@@ -376,8 +406,9 @@ class Segmenter:
         """Segment one image.
 
         Args:
-            image: a file path, a numpy array (uint8 (H, W, 3) RGB, (H, W) gray, or float in
-                [0, 1]) or a PIL image (EXIF orientation applied).
+            image: a file path, a numpy array (uint8 (H, W, 3) in ``color_order``, (H, W) gray,
+                (H, W, 4) with alpha, uint16 scaled by ``bit_depth``, or float in [0, 1]) or a PIL
+                image (EXIF orientation applied).
             category: category name for the text prompts and per-category thresholds (default:
                 the Segmenter's, else a file's parent folder name, else "object").
 

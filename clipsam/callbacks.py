@@ -5,7 +5,9 @@
 ```
 <predict_dir>/version_N/
   masks/<name>.png      final mask at the image's original size, 0 or 255
-  overlays/<name>.png   the image with the anomaly heat map blended in and the mask outlined
+  overlays/<name>.png   a header (ANOMALOUS/normal, score vs threshold, category, the path below
+                        the predict folder), the image with heat only where the pixel score
+                        reaches the pixel threshold and the mask outlined, a colour bar and legend
   predictions.csv       one row per image, written as the run goes: absolute paths, category,
                         object name, image score, threshold, label, mask and overlay files
   skipped.txt           input files not segmented, one per line: path <TAB> why (not an image
@@ -20,8 +22,10 @@ names come from the input path below the predict folder; a name longer than the 
 allows (255 bytes with ``.png``) is shortened and made unique with a hash of the full name, and
 ``predictions.csv`` maps every input path to its files. The output root holds a
 ``.clipsam-output`` marker, so an output folder placed inside the input folder is never read back
-as input (:func:`clipsam.data.folder.list_images` skips it). Ctrl+C (or an error) leaves
-``predictions.csv`` with the images done so far and an ``INCOMPLETE`` file saying why.
+as input (:func:`clipsam.data.folder.list_images` skips it). Ctrl+C, SIGTERM (after the batch in
+hand) or an error leave ``predictions.csv`` with the images done so far and an ``INCOMPLETE`` file
+saying why. With a ``WandbLogger`` in the config the writer also logs counts, the label
+distribution and a sample of overlays to a W&B run in the folder (:mod:`clipsam.wandb_logging`).
 """
 
 from __future__ import annotations
@@ -37,15 +41,33 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from PIL import Image
 
 from clipsam.data.samples import read_image
-from clipsam.io import atomic_torch_save, atomic_write, next_version_dir, safe_torch_load
+from clipsam.io import (
+    atomic_torch_save,
+    atomic_write,
+    next_version_dir,
+    safe_torch_load,
+)
 
-__all__ = ["OUTPUT_MARKER", "AtomicCheckpointIO", "PredictionWriter", "heat_map", "output_name", "render_overlay"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "AtomicCheckpointIO",
+    "ConsoleReport",
+    "PredictionWriter",
+    "annotated_overlay",
+    "colour_bar",
+    "heat_map",
+    "output_name",
+    "render_overlay",
+    "report_console",
+    "text_block",
+    "wrap_text",
+]
 
 OUTPUT_MARKER = ".clipsam-output"
 """File in the root of clipsam's predict outputs; folders holding it are never read as input."""
@@ -101,23 +123,218 @@ def heat_map(scores: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
 
 
-def render_overlay(image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
-    """Blend a heat map of ``scores`` into ``image`` and outline ``mask``.
+# ----------------------------------------------------------------------------- text on images
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+#: Overlays narrower than this many pixels are enlarged by a whole factor (nearest neighbour),
+#: so their header and legend stay legible.
+MIN_OVERLAY_WIDTH = 480
+ANOMALOUS_RGB = (235, 64, 52)
+NORMAL_RGB = (80, 200, 120)
+
+
+def text_scale(width: int) -> tuple[float, int]:
+    """Font scale and stroke thickness for text on an image ``width`` pixels wide (never below a
+    legible 0.45, about 10 px per character)."""
+    scale = float(min(1.6, max(0.45, width / 1100.0)))
+    return scale, 1 if scale < 0.9 else 2
+
+
+def _text_width(text: str, scale: float, thickness: int) -> int:
+    return int(cv2.getTextSize(text, _FONT, scale, thickness)[0][0])
+
+
+def wrap_text(text: str, width: int, *, scale: float, thickness: int = 1) -> list[str]:
+    """Lines of ``text`` that each fit in ``width`` pixels at this font size.
+
+    Breaks at spaces; a word wider than a line (a long path) is cut into pieces. Nothing is
+    dropped: ``"".join`` of the pieces of every word gives the word back.
+    """
+    lines: list[str] = []
+    current = ""
+    for word in text.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if _text_width(candidate, scale, thickness) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        while word and _text_width(word, scale, thickness) > width:
+            cut = 1
+            while cut < len(word) and _text_width(word[: cut + 1], scale, thickness) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        current = word
+    if current:
+        lines.append(current)
+    return lines or [""]
+
+
+def text_block(
+    lines: list[tuple[str, tuple[int, int, int]]], width: int, *, scale: float | None = None, background: int = 0
+) -> np.ndarray:
+    """A (h, width, 3) uint8 strip with each ``(text, rgb)`` wrapped to fit, one below the other."""
+    if scale is None:
+        scale, thickness = text_scale(width)
+    else:
+        thickness = 1 if scale < 0.9 else 2
+    margin = max(3, int(6 * scale))
+    (_, text_h), baseline = cv2.getTextSize("Ag", _FONT, scale, thickness)
+    step = text_h + baseline + margin
+    wrapped = [(part, colour) for text, colour in lines for part in wrap_text(text, width - 2 * margin, scale=scale, thickness=thickness)]
+    strip = np.full((margin + step * len(wrapped), width, 3), background, dtype=np.uint8)
+    for i, (part, colour) in enumerate(wrapped):
+        y = margin + i * step + text_h
+        cv2.putText(strip, part, (margin, y), _FONT, scale, tuple(int(c) for c in colour), thickness, cv2.LINE_AA)
+    return strip
+
+
+def colour_bar(width: int, *, floor: float | None = None, label: str = "pixel score", scale: float | None = None) -> np.ndarray:
+    """A legend strip: the JET scale from 0 to 1 (greyed below ``floor``, where no heat is drawn),
+    its ends and the floor labelled."""
+    if scale is None:
+        scale, thickness = text_scale(width)
+    else:
+        thickness = 1 if scale < 0.9 else 2
+    margin = max(3, int(6 * scale))
+    (_, text_h), baseline = cv2.getTextSize("0", _FONT, scale, thickness)
+    bar_h = max(8, text_h)
+    inner = max(2, width - 2 * margin)
+    ramp = np.linspace(0.0, 1.0, inner, dtype=np.float32)
+    bar = heat_map(np.repeat(ramp[None, :], bar_h, axis=0))
+    if floor is not None and floor > 0:
+        below = ramp < floor
+        bar[:, below] = (bar[:, below].astype(np.float32) * 0.25 + 60).astype(np.uint8)
+    strip = np.zeros((margin + bar_h + margin + text_h + baseline + margin, width, 3), dtype=np.uint8)
+    strip[margin : margin + bar_h, margin : margin + inner] = bar
+    y_text = margin + bar_h + margin + text_h
+    white = (255, 255, 255)
+    cv2.putText(strip, "0", (margin, y_text), _FONT, scale, white, thickness, cv2.LINE_AA)
+    one_w = _text_width("1", scale, thickness)
+    cv2.putText(strip, "1", (width - margin - one_w, y_text), _FONT, scale, white, thickness, cv2.LINE_AA)
+    middle = label if floor is None else f"{label} >= {floor:.2f}"
+    if floor is not None:
+        x = margin + round(min(max(floor, 0.0), 1.0) * (inner - 1))
+        cv2.line(strip, (x, margin - 2 if margin > 2 else 0), (x, margin + bar_h + 1), white, max(1, thickness))
+    mid_w = _text_width(middle, scale, thickness)
+    lo, hi = margin + _text_width("0 ", scale, thickness), width - margin - one_w - _text_width(" ", scale, thickness)
+    if mid_w <= hi - lo:
+        x = (lo + hi - mid_w) // 2
+        if floor is not None:  # under the floor tick when there is room
+            tick = margin + round(min(max(floor, 0.0), 1.0) * (inner - 1))
+            x = int(min(max(tick - mid_w // 2, lo), hi - mid_w))
+        cv2.putText(strip, middle, (x, y_text), _FONT, scale, white, thickness, cv2.LINE_AA)
+    return strip
+
+
+def render_overlay(
+    image: np.ndarray, scores: np.ndarray, mask: np.ndarray, *, alpha: float = 0.45, floor: float | None = None
+) -> np.ndarray:
+    """Blend a heat map of ``scores`` into ``image`` where the score reaches ``floor``, and outline ``mask``.
 
     Args:
         image: (H, W, 3) uint8 RGB.
         scores: (H, W) float in [0, 1], same size as ``image``.
         mask: (H, W) bool, same size as ``image``.
         alpha: weight of the heat map.
+        floor: pixels scoring below it keep the photo's own colours (the pixel threshold: only
+            what may be anomalous is tinted); None tints every pixel.
 
     Returns:
-        (H, W, 3) uint8 RGB.
+        (H, W, 3) uint8 RGB: the photo, heat above the floor, the mask's contour in white with a
+        dark edge (visible on light and dark parts).
     """
-    blended = cv2.addWeighted(image, 1.0 - alpha, heat_map(scores), alpha, 0.0)
+    heat = cv2.addWeighted(image, 1.0 - alpha, heat_map(scores), alpha, 0.0)
+    if floor is None:
+        blended = heat
+    else:
+        blended = np.where((scores >= floor)[..., None], heat, image).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     thickness = max(1, round(max(image.shape[:2]) / 256))
+    cv2.drawContours(blended, contours, -1, (0, 0, 0), thickness + 2)
     cv2.drawContours(blended, contours, -1, (255, 255, 255), thickness)
     return blended
+
+
+def annotated_overlay(
+    image: np.ndarray,
+    scores: np.ndarray,
+    mask: np.ndarray,
+    *,
+    name: str,
+    category: str,
+    image_score: float,
+    image_threshold: float,
+    pixel_threshold: float,
+    label: bool,
+    threshold_scope: str = "",
+) -> np.ndarray:
+    """The predict overlay a person reads at a glance (``overlays/<name>.png``).
+
+    A header with the decision (ANOMALOUS / normal, in red / green), the image score against its
+    threshold, where the thresholds come from, the category and the file's path below the
+    predict folder; the photo with heat only where the pixel score reaches the pixel threshold
+    and the mask's outline; a colour bar saying what the colours mean. Text is wrapped, never
+    cut. Images narrower than :data:`MIN_OVERLAY_WIDTH` are enlarged by a whole factor.
+    """
+    canvas = render_overlay(image, scores, mask, floor=float(pixel_threshold))
+    factor = max(1, -(-MIN_OVERLAY_WIDTH // max(1, canvas.shape[1])))
+    if factor > 1:
+        canvas = cv2.resize(canvas, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
+    width = canvas.shape[1]
+    decision = "ANOMALOUS" if label else "normal"
+    relation = ">=" if label else "<"
+    scope = {"default": " (default threshold, not calibrated)", "global": " (global threshold)"}.get(threshold_scope, "")
+    header = text_block(
+        [
+            (f"{decision}  score {image_score:.3f} {relation} threshold {image_threshold:.3f}{scope}", ANOMALOUS_RGB if label else NORMAL_RGB),
+            (f"{category} | {name}", (255, 255, 255)),
+        ],
+        width,
+    )
+    pixels = int(np.count_nonzero(mask))
+    legend = text_block([(f"heat: pixel score >= pixel threshold {pixel_threshold:.2f}; white outline: mask ({pixels} px)", (200, 200, 200))], width)
+    return np.concatenate([header, canvas, colour_bar(width, floor=float(pixel_threshold)), legend], axis=0)
+
+
+class ConsoleReport(Callback):
+    """What a run prints at its end (the test table, predict's summary line), printed after the
+    progress bar has finished (its ``teardown``), or when the run stops with an error.
+
+    :func:`report_console` hands out this callback when the trainer has one (the CLI adds it),
+    else a console that prints at once.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.pending.append((objects, kwargs))
+
+    def flush(self) -> None:
+        from clipsam.io import rich_console
+
+        pending, self.pending = self.pending, []
+        if pending:
+            console = rich_console()
+            for objects, kwargs in pending:
+                console.print(*objects, **kwargs)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.flush()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.flush()
+
+
+def report_console(trainer: Any) -> Any:
+    """The trainer's :class:`ConsoleReport` (prints after the progress bar), else a Rich console."""
+    from clipsam.io import rich_console
+
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if isinstance(callback, ConsoleReport):
+            return callback
+    return rich_console()
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -153,6 +370,12 @@ class PredictionWriter(BasePredictionWriter):
         self._used_names: set[str] = set()
         self._count = 0
         self._finished = True
+        #: ``init_args`` of the config's WandbLogger (set by the CLI): predict then logs its
+        #: counts, label distribution and a sample of overlays to a W&B run of its own.
+        self.wandb_settings: dict[str, Any] | None = None
+        #: the checkpoint's W&B record (``clipsam_wandb``): the predict run joins the fit's group.
+        self.fit_wandb: dict[str, Any] | None = None
+        self.summary: str | None = None
 
     def reserve_run_dir(self, trainer: Trainer) -> Path:
         """Create this predict run's ``version_N`` once (the config is saved into it too)."""
@@ -180,6 +403,9 @@ class PredictionWriter(BasePredictionWriter):
             }
             with atomic_write(run_dir / "run.json") as tmp:
                 tmp.write_text(json.dumps(record, indent=2))
+        link = getattr(pl_module, "predict_wandb", None) or {}  # set by the CLI
+        if link.get("settings") is not None:
+            self.wandb_settings, self.fit_wandb = dict(link["settings"]), link.get("fit_run")
         (run_dir / "masks").mkdir(parents=True, exist_ok=True)
         (run_dir / "overlays").mkdir(parents=True, exist_ok=True)
         self._used_names = set()
@@ -191,6 +417,18 @@ class PredictionWriter(BasePredictionWriter):
             with atomic_write(run_dir / "skipped.txt") as tmp:
                 tmp.write_text("".join(f"{p}\t{reasons.get(p, 'not an image file')}\n" for p in skipped))
 
+    @staticmethod
+    def _relative(path: str, trainer: Trainer) -> Path:
+        """The image's path below the predict folder (a single file: its name)."""
+        source = Path(path)
+        root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
+        base = Path(os.path.expanduser(os.fspath(root))).resolve() if root else None
+        try:
+            relative = source.resolve().relative_to(base) if base is not None and base.is_dir() else Path(source.name)
+        except ValueError:
+            relative = Path(source.name)
+        return relative if relative.stem else Path(source.name)  # never an empty (hidden) output name
+
     def _unique_name(self, path: str, trainer: Trainer) -> str:
         """File name for an input image: its path below the predict folder, '/' -> '__'.
 
@@ -199,15 +437,7 @@ class PredictionWriter(BasePredictionWriter):
         given as ``data.predict_dir`` (``photos/astronaut.png``) keeps its own name
         (``astronaut``).
         """
-        source = Path(path)
-        root = getattr(getattr(trainer, "datamodule", None), "predict_dir", None)
-        base = Path(os.path.expanduser(os.fspath(root))).resolve() if root else None
-        try:
-            relative = source.resolve().relative_to(base) if base is not None and base.is_dir() else Path(source.name)
-        except ValueError:
-            relative = Path(source.name)
-        if not relative.stem:  # never an empty (hidden) output name
-            relative = Path(source.name)
+        relative = self._relative(path, trainer)
         # Unique across processes too: each image is predicted by one process only.
         name = output_name("__".join((*relative.parent.parts, relative.stem)))
         candidate, n = name, 1
@@ -227,12 +457,27 @@ class PredictionWriter(BasePredictionWriter):
         """Append rows to this process's CSV as the run goes (a crash keeps what was done)."""
         path = self._csv_part(trainer)
         new = not path.exists()
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-            handle.flush()
+        try:
+            with path.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+                if new:
+                    writer.writeheader()
+                writer.writerows(rows)
+                handle.flush()
+        except OSError as err:  # a full disk: say which file (a write names none)
+            err.filename = err.filename or str(path)
+            raise
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """SIGTERM (a service manager, a batch scheduler): stop before the next batch, with every
+        finished image written and listed in predictions.csv (Lightning's own predict loop
+        would note the signal and go on to the end)."""
+        if getattr(trainer, "received_sigterm", False):
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
 
     def write_on_batch_end(
         self,
@@ -259,18 +504,31 @@ class PredictionWriter(BasePredictionWriter):
         mask_source = getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam")
         if getattr(pl_module, "refiner", None) is None:
             mask_source = "score"
+        bit_depth = getattr(getattr(trainer, "datamodule", None), "bit_depth", None)
         rows = []
         for i, path in enumerate(prediction["path"]):
             height, width = (int(v) for v in prediction["original_size"][i].tolist())
-            original = read_image(path)  # (H, W, 3) uint8, display orientation, scaled by bit depth
+            original = read_image(path, bit_depth=bit_depth)  # (H, W, 3) uint8, display orientation, data.bit_depth
             scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
             name = self._unique_name(path, trainer)
             mask_path = self.run_dir / "masks" / f"{name}.png"
             overlay_path = self.run_dir / "overlays" / f"{name}.png"
+            overlay = annotated_overlay(
+                original,
+                scores,
+                mask,
+                name=self._relative(path, trainer).as_posix(),
+                category=str(prediction["category"][i]),
+                image_score=float(prediction["image_scores"][i]),
+                image_threshold=float(prediction["image_thresholds"][i]),
+                pixel_threshold=float(prediction["pixel_thresholds"][i]),
+                label=bool(prediction["labels"][i]),
+                threshold_scope=str(prediction["threshold_scopes"][i]),
+            )
             with atomic_write(mask_path) as tmp:
                 Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
             with atomic_write(overlay_path) as tmp:
-                Image.fromarray(render_overlay(original, scores, mask)).save(tmp, format="PNG")
+                Image.fromarray(overlay).save(tmp, format="PNG")
             rows.append(
                 {
                     "path": os.path.abspath(path),
@@ -291,10 +549,20 @@ class PredictionWriter(BasePredictionWriter):
         self._count += len(rows)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        """Ctrl+C or an error during predict: the CSV already holds what was done; say the folder is incomplete."""
+        """Ctrl+C, SIGTERM or an error during predict: the CSV already holds what was done; say
+        the folder is incomplete."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         if self.run_dir is None or self._finished or not self.run_dir.is_dir():
             return
-        reason = "interrupted (Ctrl+C)" if isinstance(exception, KeyboardInterrupt) else f"failed: {type(exception).__name__}: {exception}"
+        if isinstance(exception, KeyboardInterrupt):
+            reason = "interrupted (Ctrl+C)"
+        elif isinstance(exception, SIGTERMException):
+            reason = "stopped by SIGTERM"
+        else:
+            reason = f"failed: {type(exception).__name__}: {exception}"
+        if trainer.is_global_zero and self.wandb_settings is not None and not isinstance(exception, OSError):
+            self._log_to_wandb(trainer, pl_module, status=reason)
         try:
             part = self._csv_part(trainer)
             if not part.exists():
@@ -343,4 +611,46 @@ class PredictionWriter(BasePredictionWriter):
         self._finished = True
         if trainer.is_global_zero:
             (self.run_dir / "INCOMPLETE").unlink(missing_ok=True)
-            print(f"clipsam: wrote {total} masks and overlays to {self.run_dir}")
+            if self.wandb_settings is not None:
+                self._log_to_wandb(trainer, pl_module, status="finished")
+            # Printed after the progress bar has finished (ConsoleReport), not above it.
+            self.summary = f"clipsam: wrote {total} masks and overlays to {self.run_dir}"
+            report_console(trainer).print(self.summary, highlight=False)
+
+    def _log_to_wandb(self, trainer: Trainer, pl_module: LightningModule, *, status: str) -> None:
+        """Counts, label distribution and a sample of overlays, in a W&B run of the predict folder
+        (a failure there is a warning: the predictions are written either way)."""
+        try:
+            self._wandb_run(trainer, pl_module, status=status)
+        except Exception as err:  # noqa: BLE001 - W&B is a report, never the end of a predict
+            log.warning("W&B logging of %s failed (%s: %s); the predictions are written", self.run_dir, type(err).__name__, err)
+
+    def _wandb_run(self, trainer: Trainer, pl_module: LightningModule, *, status: str) -> None:
+        from clipsam.wandb_logging import log_predict_summary, start_predict_run
+
+        assert self.run_dir is not None
+        final = self.run_dir / "predictions.csv"
+        rows: list[dict[str, Any]] = []
+        if final.exists():
+            with final.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+        run = start_predict_run(
+            self.wandb_settings or {},
+            run_dir=self.run_dir,
+            model=pl_module,
+            datamodule=getattr(trainer, "datamodule", None),
+            fit_record=self.fit_wandb,
+            checkpoint=getattr(pl_module, "checkpoint_record", None),
+        )
+        if run is None:
+            return
+        try:
+            skipped = len(getattr(getattr(trainer, "datamodule", None), "skipped_files", None) or [])
+            log_predict_summary(run, rows, skipped=skipped, status=status)
+        finally:
+            import wandb
+
+            run.finish(exit_code=0 if status == "finished" else 1)
+            # wandb's service process logs into the folder of the run that started it for as long
+            # as it lives: stop it, so this predict folder is not written to after the command.
+            wandb.teardown()

@@ -41,7 +41,13 @@ class EvalConfig:
             with the tables they come from; see :func:`clipsam.metrics.functional.aupro`.
         metric_score_dtype: storage dtype of the accumulated scores ("float32" exact;
             "float16" halves memory, approximate).
-        num_overlays: images logged as overlays (image, ground truth, CLIP map, SAM mask).
+        num_overlays: examples written as overlay panels (``overlays/``) and logged to W&B
+            (image, ground truth, CLIP map, scores, mask), at most: drawn per category, the
+            anomalous images with the highest and the lowest score and the normal images with
+            the highest and the lowest, kind by kind across the categories (0: none).
+        examples_seed: orders the categories when ``num_overlays`` cannot show them all, and
+            breaks ties between equal scores (per image path), so the examples of a run are
+            the same on every rerun.
         pr_curve_points: points of the per-category pixel PR curve kept for the report and
             W&B (exact points, thinned; 0 disables).
         predict_dir: root folder of predict outputs; each run writes a fresh ``version_N``.
@@ -74,7 +80,8 @@ class EvalConfig:
     aupro: bool = False
     aupro_protocol: Literal["mvtec", "anomalyclip"] = "mvtec"
     metric_score_dtype: Literal["float32", "float16"] = "float32"
-    num_overlays: int = 8
+    num_overlays: int = 16
+    examples_seed: int = 0
     pr_curve_points: int = 100
     predict_dir: str = "outputs/predict"
     predict_mask_threshold: float = 0.5
@@ -166,7 +173,23 @@ class Evaluator:
         self.clip_metrics = None
         if config.report_clip_baseline and with_refiner and config.fusion != "clip":
             self.clip_metrics = PerCategoryMetrics(self.categories, **kwargs).to(device)
-        self.overlays: list[dict[str, Any]] = []
+        #: category -> kind -> example (see :meth:`_collect_overlays`)
+        self.candidates: dict[str, dict[str, dict[str, Any]]] = {}
+        #: the last report's numbers (results, baseline, thresholds), kept when a file could not be written
+        self.report: dict[str, Any] | None = None
+
+    @property
+    def overlays(self) -> list[dict[str, Any]]:
+        """The examples shown: at most ``num_overlays``, spread over the categories, kind by kind
+        (:func:`clipsam.wandb_logging.pick_examples`), each with its ``kind``."""
+        from clipsam.wandb_logging import pick_examples
+
+        picked = pick_examples(self.candidates, max(0, self.config.num_overlays), seed=self.config.examples_seed)
+        for example in picked:
+            example["kind"] = next(
+                kind for kinds in self.candidates.values() for kind, held in kinds.items() if held is example
+            )
+        return picked
 
     def update(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:
         """Add a segmented batch (the pipeline's output for it) to the metrics and overlays."""
@@ -202,36 +225,45 @@ class Evaluator:
         self._collect_overlays(batch, result)
 
     def _collect_overlays(self, batch: dict[str, Any], result: dict[str, torch.Tensor]) -> None:
-        """Keep up to ``num_overlays`` examples over the whole run, anomalous ones first.
+        """Keep, per category, the examples worth looking at: the anomalous images with the highest
+        (``anomalous_best``) and the lowest (``anomalous_worst``: missed) image score and the
+        normal images with the highest (``normal_worst``: a false alarm) and the lowest
+        (``normal_best``). Equal scores are ordered by a seeded draw per image path, so the choice
+        does not depend on the batch order. Only the images kept are copied."""
+        import random
 
-        An anomalous image arriving when the budget is full replaces a kept normal one, so a run
-        whose first batches are all normal still shows anomalies.
-        """
         from clipsam.data.transforms import denormalize
 
-        budget = self.config.num_overlays
-        if budget <= 0 or not self.keep_overlays:
+        if self.config.num_overlays <= 0 or not self.keep_overlays:
             return
+        seed = self.config.examples_seed
         for i in range(len(batch["path"])):
-            anomalous = int(batch["label"][i]) == 1
-            if len(self.overlays) >= budget:
-                normal = [k for k, o in enumerate(self.overlays) if not o["anomalous"]]
-                if not anomalous or not normal:
+            label = int(batch["label"][i])
+            if label not in (0, 1):
+                continue
+            path, category = batch["path"][i], batch["category"][i]
+            key = (float(result["image_scores"][i]), random.Random(f"{seed}/{path}").random())
+            slots = self.candidates.setdefault(category, {})
+            example = None
+            kinds = (("anomalous_best", True), ("anomalous_worst", False)) if label else (("normal_worst", True), ("normal_best", False))
+            for kind, highest in kinds:
+                held = slots.get(kind)
+                if held is not None and not (key > held["_key"] if highest else key < held["_key"]):
                     continue
-                self.overlays.pop(normal[-1])
-            self.overlays.append(
-                {
-                    "path": batch["path"][i],
-                    "category": batch["category"][i],
-                    "anomalous": anomalous,
-                    "image_score": float(result["image_scores"][i]),
-                    "image": denormalize(batch["image"][i]).cpu(),
-                    "gt": (batch["mask"][i] > 0.5).cpu(),
-                    "clip_map": result["anomaly_map"][i].cpu(),
-                    "scores": result["scores"][i].cpu(),
-                    "mask": result["mask"][i].cpu(),
-                }
-            )
+                if example is None:
+                    example = {
+                        "_key": key,
+                        "path": path,
+                        "category": category,
+                        "anomalous": bool(label),
+                        "image_score": key[0],
+                        "image": denormalize(batch["image"][i]).cpu(),
+                        "gt": (batch["mask"][i] > 0.5).cpu(),
+                        "clip_map": result["anomaly_map"][i].cpu(),
+                        "scores": result["scores"][i].cpu(),
+                        "mask": result["mask"][i].cpu(),
+                    }
+                slots[kind] = example
 
     def finish(
         self,
@@ -247,7 +279,7 @@ class Evaluator:
         timings: dict[str, float],
     ) -> None:
         """Compute, log (``log`` is the LightningModule's) and write the report; then reset."""
-        from clipsam.reporting import report_test_results
+        from clipsam.reporting import display_path, report_test_results
 
         results = self.metrics.compute()  # synced over ranks: every rank holds the same values
         thresholds = results.pop("thresholds", None)
@@ -273,13 +305,18 @@ class Evaluator:
         # trainer.log_dir is a collective under DDP (it broadcasts rank 0's path): every rank must
         # ask for it, not rank 0 alone, or rank 0 waits on a peer that has already finished.
         run_dir = trainer.log_dir or trainer.default_root_dir
+        self.report = {"results": results, "baseline": baseline, "thresholds": thresholds}
         if trainer.is_global_zero:
+            overlays = self.overlays
+            root = getattr(getattr(getattr(trainer, "datamodule", None), "test_spec", None), "root", None)
+            for overlay in overlays:  # captions name the file below the dataset root, not a bare 000.png
+                overlay["relative_path"] = display_path(overlay["path"], root)
             report_test_results(
                 trainer=trainer,
                 run_dir=run_dir,
                 results=results,
                 baseline=baseline,
-                overlays=self.overlays,
+                overlays=overlays,
                 timings=timings,
                 config=config,
                 stage=prefix,
@@ -289,7 +326,7 @@ class Evaluator:
         self.metrics.reset()
         if self.clip_metrics is not None:
             self.clip_metrics.reset()
-        self.overlays = []
+        self.candidates = {}
 
 
 def run_choices(pipeline: Any, eval_config: EvalConfig) -> dict[str, Any]:

@@ -56,21 +56,38 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     On an exception the temporary file is removed and ``path`` is left as it was. The temporary
     name is short (``.clipsam-XXXXXXXX.tmp``, not derived from ``path``), so a target whose name
-    is already near the file system's 255-byte limit can still be written.
+    is already near the file system's 255-byte limit can still be written. An ``OSError`` that
+    names no file or the temporary one (a write on a full disk names none) is re-raised naming
+    ``path``, so the user learns which output could not be written.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".clipsam-", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".clipsam-", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        _naming(err, target)
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600; the result should be readable as the umask says, like open() files.
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
+        # mkstemp creates 0600; the result should be readable as the umask says, like open() files.
+        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
         os.replace(tmp, target)
+    except OSError as err:
+        _naming(err, target, tmp)
+        raise
     finally:
         if tmp.exists():
-            tmp.unlink()
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _naming(err: OSError, target: Path, tmp: Path | None = None) -> OSError:
+    """``err``, naming ``target`` when it named no file or the temporary one."""
+    if err.filename is None or (tmp is not None and str(err.filename) == str(tmp)):
+        err.filename = str(target)
+    return err
 
 
 def _umask() -> int:
@@ -83,16 +100,40 @@ def _umask() -> int:
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` that never leaves a partial file at ``path``.
 
+    A failing write is one ``OSError`` naming ``path``, never torch's ``RuntimeError: [enforce
+    fail at inline_container.cc] unexpected pos`` traceback: the write's own ``OSError`` when
+    torch wrote through Python (its cause), ``ENOSPC`` when the disk is (nearly) full, else
+    ``EIO`` saying what torch reported.
+
     Raises:
-        OSError: ``ENOSPC`` when the disk filled up (torch reports that as a RuntimeError).
+        OSError: naming ``path``.
     """
     with atomic_write(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as err:
-            if "write" in str(err).lower() and _nearly_full(tmp.parent):
+            cause = _os_error_in(err)
+            if cause is not None:
+                raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+            message = str(err)
+            if not any(word in message.lower() for word in ("write", "inline_container", "unexpected pos")):
+                raise
+            if _nearly_full(tmp.parent):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
-            raise
+            first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+            raise OSError(errno.EIO, f"torch could not write the file ({first[:200]})", str(path)) from err
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (its cause or context chain), if any."""
+    seen = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _nearly_full(folder: Path) -> bool:

@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from lightning.pytorch import LightningModule, Trainer
 from jsonargparse import DefaultHelpFormatter
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from clipsam.errors import ClipSamError, ConfigError
 
@@ -44,6 +47,9 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
 
     run_dir: Path | None = None
     """The run directory the CLI reserved (None: ``trainer.log_dir``, as in Lightning)."""
+
+    wandb_extra: dict[str, Any] | None = None
+    """Added to the W&B config and summary: ``fit_run`` (the fit a test tests), ``resumed_from``."""
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
@@ -77,7 +83,7 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
 
     def _save_into_predict_dir(self, trainer: Trainer) -> None:
         """predict: the config goes into the predictions' own ``version_N`` (one counter per
-        command; no logger run directory, no W&B run)."""
+        command; no logger run directory; a W&B run of its own only with a WandbLogger in the config)."""
         from clipsam.callbacks import PredictionWriter
 
         writer = next((cb for cb in trainer.callbacks if isinstance(cb, PredictionWriter)), None)
@@ -104,8 +110,13 @@ class VersionedSaveConfigCallback(SaveConfigCallback):
         # Which adapters this run used (path + sha256), and where its files are.
         record["checkpoint"] = getattr(pl_module, "checkpoint_record", None)
         record["run_dir"] = str(self.run_dir) if self.run_dir is not None else trainer.log_dir
+        extra = dict(self.wandb_extra or {})
+        record.update(extra)
         for logger in loggers:
             logger.experiment.config.update(record, allow_val_change=True)
+            fit_run = extra.get("fit_run") or {}
+            if fit_run.get("id"):  # the fit this run tests, findable in the runs table too
+                logger.experiment.summary["fit_run_id"] = fit_run["id"]
 
 
 _SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc|ref|doc):`~?([^`]+)`")
@@ -248,7 +259,8 @@ class ClipSamCLI(LightningCLI):
     logger, checkpoint callback and the config saver, so two runs started together never share
     one. The run directory holds an ``INCOMPLETE`` marker until the run ends normally.
     ``predict`` has one folder only, its ``model.evaluation.predict_dir/version_N`` (the
-    PredictionWriter's, with its own ``INCOMPLETE`` marker): no logger run folder, no W&B run.
+    PredictionWriter's, with its own ``INCOMPLETE`` marker): no logger run folder; with a
+    ``WandbLogger`` in the config, the writer logs counts and overlays to a W&B run in that folder.
     """
 
     def __init__(self, *pos: Any, args: Any = None, **kwargs: Any) -> None:
@@ -338,8 +350,13 @@ class ClipSamCLI(LightningCLI):
         runs.check_run_settings(config, subcommand)
         runs.check_cache_variable(config)
         # predict writes into model.evaluation.predict_dir/version_N only: no logger run folder
-        # and no (empty) W&B run beside it.
+        # and no (empty) W&B run beside it; a configured WandbLogger's settings go to the
+        # PredictionWriter, which logs counts and overlays to a W&B run in that folder.
+        self._predict_wandb = None
         if subcommand == "predict":
+            from clipsam.wandb_logging import predict_wandb_settings
+
+            self._predict_wandb = predict_wandb_settings(config["trainer"].get("logger"))
             config["trainer"]["logger"] = False
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -362,24 +379,42 @@ class ClipSamCLI(LightningCLI):
         self.config_init[subcommand]["ckpt_path"] = ckpt.path
         self.model.checkpoint_record = ckpt.record()
         runs.check_sam_weights(self.model, subcommand)
+        from clipsam.callbacks import ConsoleReport, PredictionWriter
+
+        if not any(isinstance(cb, ConsoleReport) for cb in self.trainer.callbacks):
+            # Reports print after the progress bar has finished, not above it.
+            self.trainer.callbacks.append(ConsoleReport())
         if subcommand == "predict":
             # One folder per predict: the PredictionWriter's version_N (config, run.json,
             # INCOMPLETE marker, outputs; the writer marks an interrupted run itself).
+            # Read by the PredictionWriter (a model callback, made when the run starts).
+            self.model.predict_wandb = {"settings": self._predict_wandb, "fit_run": ckpt.wandb}
             try:
                 super()._run_subcommand(subcommand)
             except SystemExit as exit_:
+                if _sigterm(exit_, self.trainer):
+                    writer = next((cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter)), None)
+                    done = f"{writer._count} image(s) written to {writer.run_dir} and listed in its predictions.csv; " if writer and writer.run_dir else ""
+                    raise runs.Stopped("SIGTERM", f"{done}its INCOMPLETE file says so; run predict again for the rest") from exit_
                 if str(getattr(self.trainer.state.status, "value", "")) == "interrupted":
                     raise KeyboardInterrupt from exit_
                 raise
             return
         # 2. The run directory, reserved atomically and handed to loggers and callbacks.
         run_dir = runs.reserve_run_dir(self.trainer, subcommand=subcommand, checkpoint=ckpt.record())
+        self._configure_wandb(subcommand, ckpt)
         for callback in self.trainer.callbacks:
             if isinstance(callback, VersionedSaveConfigCallback):
                 callback.run_dir = run_dir
         try:
             super()._run_subcommand(subcommand)
         except SystemExit as exit_:
+            if _sigterm(exit_, self.trainer):
+                runs.mark_run(run_dir, "stopped by SIGTERM")
+                callback = self.trainer.checkpoint_callback
+                last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+                resume = f"; resume with --ckpt_path {last}" if subcommand == "fit" and last else ""
+                raise runs.Stopped("SIGTERM", f"{run_dir} is marked INCOMPLETE{resume}") from exit_
             # Lightning answers Ctrl+C with sys.exit(1) after its graceful shutdown.
             if str(getattr(self.trainer.state.status, "value", "")) == "interrupted":
                 runs.mark_run(run_dir, "interrupted (Ctrl+C)")
@@ -390,6 +425,38 @@ class ClipSamCLI(LightningCLI):
             runs.mark_run(run_dir, "interrupted (Ctrl+C)" if isinstance(err, KeyboardInterrupt) else f"failed: {runs.one_line(err)}")
             raise
         runs.mark_run(run_dir, None)
+
+    def _configure_wandb(self, subcommand: str, ckpt: Any) -> None:
+        """Name, group, tag and link this command's W&B runs (:mod:`clipsam.wandb_logging`)."""
+        from clipsam.wandb_logging import (
+            WandbCheckpointLink,
+            configure_wandb,
+            link_record,
+        )
+
+        resume = subcommand == "fit" and ckpt.path is not None and ckpt.resumable
+        record = configure_wandb(
+            self.trainer, model=self.model, datamodule=self.datamodule, subcommand=subcommand, fit_record=ckpt.wandb, resume=resume
+        )
+        if record is None:
+            return
+        extra: dict[str, Any] = {"wandb_run": record}
+        if subcommand == "fit":
+            self.trainer.callbacks.append(WandbCheckpointLink(record))
+            if resume:
+                extra["resumed_from"] = ckpt.path
+        else:
+            extra["fit_run"] = link_record(ckpt.wandb, ckpt.path)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, VersionedSaveConfigCallback):
+                callback.wandb_extra = extra
+
+
+def _sigterm(exit_: SystemExit, trainer: Any) -> bool:
+    """Whether the run ended because the process received SIGTERM (Lightning's SIGTERMException)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(exit_, SIGTERMException) or bool(getattr(trainer, "received_sigterm", False))
 
 
 # Lightning warnings that are expected with clipsam's design and would only alarm users.
@@ -447,6 +514,9 @@ def build_cli(args: list[str] | None, *, run: bool = True) -> ClipSamCLI:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish()
+            # wandb's service process keeps logging into the folder of the run that started it:
+            # stop it, so no earlier run folder is written to by a later command.
+            wandb.teardown()
 
 
 _build_cli = build_cli  # the name scripts and tests used
@@ -457,7 +527,9 @@ def run(args: list[str] | None, command: Any = None) -> int:
 
     Exit status: 0 done; 2 an error the user can fix, printed as one ``clipsam: error: ...``
     line (a :class:`ClipSamError`, also when raised inside a DataLoader worker; a full or
-    read-only disk); 130 interrupted (Ctrl+C); anything else is a bug and keeps its traceback.
+    read-only disk); 130 interrupted (Ctrl+C); 143 stopped by SIGTERM (a service manager, a
+    batch scheduler), one ``clipsam: stopped by SIGTERM ...`` line saying what was kept;
+    anything else is a bug and keeps its traceback.
     """
     from clipsam import runs
 
@@ -475,6 +547,9 @@ def run(args: list[str] | None, command: Any = None) -> int:
             raise
         print(f"clipsam: error: {message}", file=sys.stderr)
         return 2
+    except runs.Stopped as stop:
+        print(f"clipsam: {stop}", file=sys.stderr)
+        return stop.status
     except KeyboardInterrupt:
         print("clipsam: interrupted", file=sys.stderr)
         return 130

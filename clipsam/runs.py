@@ -34,6 +34,7 @@ __all__ = [
     "INCOMPLETE_MARKER",
     "RUN_DIR_ENV",
     "CheckpointChoice",
+    "Stopped",
     "check_cache_variable",
     "check_home_paths",
     "check_image_size",
@@ -84,6 +85,27 @@ def user_message(err: ClipSamError) -> str:
     return last + where
 
 
+class Stopped(BaseException):
+    """A run stopped by a signal from outside (a service manager's or batch scheduler's SIGTERM).
+
+    Not an error and not Ctrl+C: :func:`clipsam.lightning_cli.run` prints one line, ``clipsam:
+    stopped by SIGTERM ...`` (what was kept and where), and exits with 128 + the signal's number
+    (143 for SIGTERM), as a shell reports a process ended by that signal.
+
+    Args:
+        signal_name: e.g. ``"SIGTERM"``.
+        detail: what was kept, e.g. ``"runs/x/version_3 is marked INCOMPLETE"``.
+    """
+
+    def __init__(self, signal_name: str, detail: str = "") -> None:
+        import signal
+
+        self.signal_name = signal_name
+        self.detail = detail
+        self.status = 128 + int(getattr(signal, signal_name, 15))
+        super().__init__(f"stopped by {signal_name}" + (f": {detail}" if detail else ""))
+
+
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -93,10 +115,19 @@ def disk_error_message(err: OSError, *, key: str | None = None) -> str | None:
     where = f" ({key})" if key else ""
     target = err.filename or "an output file"
     if err.errno in _DISK_FULL:
+        kept = ""
+        if str(target).endswith(".ckpt"):
+            # clipsam writes checkpoints to a temporary file and renames it: the old one stays whole.
+            kept = "; the checkpoint was not saved and any earlier file of that name is intact"
         return (
-            f"No space left on device while writing {target}{where}: free some space on that disk, "
-            "or point the outputs (trainer.default_root_dir, the loggers' save_dir, "
-            "model.evaluation.predict_dir) to another disk"
+            f"No space left on device while writing {target}{where}{kept}: free some space on that disk, "
+            "or point the outputs (trainer.default_root_dir, the loggers' save_dir, a ModelCheckpoint's "
+            "dirpath, model.evaluation.predict_dir) to another disk"
+        )
+    if err.errno == errno.EIO:
+        return (
+            f"cannot write {target}{where}: {err.strerror or 'input/output error'}; check that the disk has space "
+            "(and quota) left and works, or point the outputs to another disk"
         )
     if err.errno in _NOT_WRITABLE:
         reason = "read-only file system" if err.errno == errno.EROFS else "permission denied"
@@ -413,6 +444,10 @@ class CheckpointChoice:
     path: str | None
     sha256: str | None = None
     untrained: bool = False
+    wandb: dict[str, Any] | None = None
+    """The fit's W&B run kept in the checkpoint (``clipsam_wandb``: id, project, name, group)."""
+    resumable: bool = False
+    """The checkpoint holds the optimiser and loop state (``fit --ckpt_path`` resumes from it)."""
 
     def record(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "untrained_adapters": self.untrained}
@@ -495,7 +530,13 @@ def resolve_ckpt_path(
             f"{path} holds weights only (no optimiser or loop state), so `clipsam fit` cannot resume from it: "
             "pass the run's last.ckpt"
         )
-    return CheckpointChoice(str(path), sha256=file_sha256(path))
+    link = checkpoint.get("clipsam_wandb")
+    return CheckpointChoice(
+        str(path),
+        sha256=file_sha256(path),
+        wandb=dict(link) if isinstance(link, dict) else None,
+        resumable="optimizer_states" in checkpoint,
+    )
 
 
 def check_sam_weights(model: Any, subcommand: str) -> None:

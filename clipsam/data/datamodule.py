@@ -23,6 +23,7 @@ reference images per test category, drawn by ``data.reference`` (:mod:`clipsam.d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -48,7 +49,11 @@ from clipsam.data.references import (
 from clipsam.data.samples import (
     Sample,
     ValidationMode,
+    check_bit_depth,
+    check_color_order,
     is_image_file,
+    read_image,
+    set_image_bit_depth,
     set_max_image_pixels,
     split_valid,
     validate_samples,
@@ -228,6 +233,14 @@ class AnomalyDataModule(LightningDataModule):
         reference: where a few-shot method's good reference images come from and the seed
             that draws them (:class:`clipsam.data.references.ReferenceConfig`; default: the
             test dataset's good training images, seed 0). Read only for such a method.
+        bit_depth: significant bits of images stored with more than 8 bits per sample (8 to
+            16): 12 for 12-bit camera data in 16-bit PNG/TIFF files (values up to 4095, scaled
+            by 255/4095); None (default): the file's own (16-bit files: round(v / 257)). Every
+            read of the command follows it: datasets, predict, overlays, reference images.
+            8-bit files are read as they are; a value above the depth's maximum is an error.
+        color_order: channel order of image ARRAYS handed to :class:`clipsam.Segmenter`
+            (``"rgb"``, default, or ``"bgr"``: OpenCV's ``cv2.imread`` and ``VideoCapture``,
+            most camera SDKs). Files are always decoded as RGB, whatever their format.
     """
 
     def __init__(
@@ -248,6 +261,8 @@ class AnomalyDataModule(LightningDataModule):
         tiling: TilingConfig | None = None,
         max_image_pixels: int | None = 178_956_970,
         reference: ReferenceConfig | None = None,
+        bit_depth: int | None = None,
+        color_order: Literal["rgb", "bgr"] = "rgb",
     ) -> None:
         super().__init__()
         if image_size <= 0:
@@ -274,6 +289,9 @@ class AnomalyDataModule(LightningDataModule):
         self.tiling.check(image_size)
         self.max_image_pixels = max_image_pixels
         set_max_image_pixels(max_image_pixels)
+        self.bit_depth = check_bit_depth(bit_depth)
+        self.color_order = check_color_order(color_order)
+        set_image_bit_depth(self.bit_depth)  # reference images and the overlays read with it too
         self.reference: ReferenceConfig = from_mapping(ReferenceConfig, reference, key="data.reference")
         self.model_inputs: list[InputSpec] = []
         self.skip_reasons: dict[Path, str] = {}
@@ -335,8 +353,11 @@ class AnomalyDataModule(LightningDataModule):
         has_masks = get_format(spec.format, config_key=key).has_masks
         if not has_masks:
             log.info("%s is image-level only: image metrics are computed, pixel metrics are n/a", what)
-        mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed) if spec.mosaic_rate else None
-        return AnomalyDataset(samples, transform, has_masks=has_masks, mosaic=mosaic, inputs=self._inputs_for(command))
+        reader = functools.partial(read_image, bit_depth=self.bit_depth)
+        mosaic = Mosaic(samples, spec.mosaic_rate, seed=self.seed, image_reader=reader) if spec.mosaic_rate else None
+        return AnomalyDataset(
+            samples, transform, has_masks=has_masks, mosaic=mosaic, inputs=self._inputs_for(command), bit_depth=self.bit_depth
+        )
 
     #: Sub-folders of a dataset root that hold ground truth, not images to segment.
     MASK_FOLDERS = frozenset({"ground_truth", "masks", "mask"})
@@ -374,7 +395,9 @@ class AnomalyDataModule(LightningDataModule):
             log.warning("skipping %s", problem)
         if not samples:
             raise DatasetError(f"no decodable image in {folder} (data.predict_dir): {bad[0][1]}")
-        return AnomalyDataset(samples, build_transform(self._eval_size()), has_labels=False, inputs=self._inputs_for("predict"))
+        return AnomalyDataset(
+            samples, build_transform(self._eval_size()), has_labels=False, inputs=self._inputs_for("predict"), bit_depth=self.bit_depth
+        )
 
     def _inputs_for(self, command: str) -> list[InputSpec]:
         """The model inputs items of ``command`` carry. With tiling (validate/test/predict) the

@@ -14,8 +14,8 @@ from torch.utils.data import Dataset
 
 from clipsam.data.mosaic import Mosaic
 from clipsam.data.samples import Sample, read_image, read_mask
-from clipsam.inputs import InputSpec, build_inputs
 from clipsam.errors import DatasetError
+from clipsam.inputs import InputSpec, build_inputs
 
 __all__ = ["AnomalyDataset"]
 
@@ -54,6 +54,9 @@ class AnomalyDataset(Dataset):
             ``path`` (of the item it replaces); its ``original_size`` is the mosaic's.
         inputs: the model inputs items carry besides the frame (:class:`clipsam.inputs.InputSpec`);
             the datamodule sets them from the pipeline (:meth:`AnomalyDataModule.set_model_inputs`).
+        bit_depth: ``data.bit_depth``, the significant bits of images stored with more than 8
+            bits (12-bit camera data in 16-bit PNGs: 12); None: the file's
+            (:func:`clipsam.data.samples.read_image`).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class AnomalyDataset(Dataset):
         has_masks: bool = True,
         mosaic: Mosaic | None = None,
         inputs: Sequence[InputSpec] = (),
+        bit_depth: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
@@ -72,6 +76,7 @@ class AnomalyDataset(Dataset):
         self.has_masks = has_masks
         self.mosaic = mosaic
         self.inputs = list(inputs)
+        self.bit_depth = bit_depth
 
     def set_epoch(self, epoch: int) -> None:
         """Forwarded by the training sampler: the epoch of the mosaic draws."""
@@ -83,7 +88,7 @@ class AnomalyDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = read_image(sample.image_path)  # (H0, W0, 3) uint8
+        image = read_image(sample.image_path, bit_depth=self.bit_depth)  # (H0, W0, 3) uint8
         height, width = image.shape[:2]
         has_mask = self.has_labels and self.has_masks and (sample.label == 0 or sample.mask_path is not None)
         mask = np.zeros((height, width), dtype=np.uint8)

@@ -15,25 +15,34 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipsam.errors import DatasetError
+from clipsam.errors import ConfigError, DatasetError
 
 __all__ = [
     "save_image",
+    "BIT_DEPTH_KEY",
+    "COLOR_ORDERS",
+    "COLOR_ORDER_KEY",
     "IMAGE_EXTENSIONS",
     "LOSSY_MASK_EXTENSIONS",
     "SIXTEEN_BIT_SCALING",
     "Sample",
     "ValidationMode",
+    "array_to_rgb",
+    "check_bit_depth",
+    "check_color_order",
     "check_mask_format",
+    "image_bit_depth",
     "image_size",
     "is_image_file",
     "read_image",
     "read_mask",
+    "scale_to_uint8",
+    "set_image_bit_depth",
     "set_max_image_pixels",
     "split_valid",
     "validate_samples",
@@ -96,13 +105,67 @@ def _too_large(path: str | os.PathLike[str], exc: Exception) -> DatasetError:
     )
 
 
-#: How 16-bit images become 8-bit: ``"divide"`` maps v -> round(v / 257) (0 -> 0, 65535 -> 255,
-#: the whole 16-bit range), ``"shift"`` maps v -> v >> 8 (drop the low byte). Both depend on the bit
-#: depth only, never on an image's content (one hot pixel must not darken the whole image).
+#: How images stored with more than 8 bits become 8-bit: ``"divide"`` maps v -> round(v * 255 / max)
+#: with max = 2**bit_depth - 1 (16-bit: round(v / 257); 0 -> 0, max -> 255, the whole range),
+#: ``"shift"`` maps v -> v >> (bit_depth - 8) (drop the low bits). Both depend on the bit depth
+#: only, never on an image's content (one hot pixel must not darken the whole image).
 SIXTEEN_BIT_SCALING = "divide"
+
+#: Config key of the bit depth of images stored with more than 8 bits per sample (named in errors).
+BIT_DEPTH_KEY = "data.bit_depth"
+#: Config key of the channel order of image arrays handed to clipsam (named in errors).
+COLOR_ORDER_KEY = "data.color_order"
+#: Channel orders of image arrays: ``rgb`` (PIL, imageio, scikit-image) or ``bgr`` (OpenCV, most camera SDKs).
+COLOR_ORDERS = ("rgb", "bgr")
+
+_BIT_DEPTH: int | None = None  # data.bit_depth of the running command (set_image_bit_depth)
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # 90/270 degree rotations swap width and height
+_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # one channel, more than 8 bits
+
+
+def check_bit_depth(value: Any, *, key: str = BIT_DEPTH_KEY) -> int | None:
+    """``data.bit_depth``: None (from the file) or an integer from 8 to 16.
+
+    Raises:
+        ConfigError: naming the key, the value and what to use.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 8 <= value <= 16:
+        raise ConfigError(
+            f"{key}={value!r} is not a bit depth: use the number of bits your camera writes, from 8 to 16 "
+            "(e.g. 12 for 12-bit data stored in 16-bit PNG/TIFF files), or null to take it from the file"
+        )
+    return int(value)
+
+
+def check_color_order(value: Any, *, key: str = COLOR_ORDER_KEY) -> str:
+    """``data.color_order``: ``"rgb"`` or ``"bgr"`` (case-insensitive).
+
+    Raises:
+        ConfigError: naming the key and the choices.
+    """
+    order = str(value).lower() if isinstance(value, str) else value
+    if order not in COLOR_ORDERS:
+        raise ConfigError(
+            f"{key}={value!r}: use 'rgb' (PIL, imageio) or 'bgr' (OpenCV's cv2.imread / VideoCapture, most camera SDKs)"
+        )
+    return str(order)
+
+
+def set_image_bit_depth(bit_depth: int | None) -> None:
+    """Apply ``data.bit_depth`` to this process: what :func:`read_image` uses when its caller
+    passes no ``bit_depth`` (the datamodule sets it, so reference images and every other read
+    of the command follow the config)."""
+    global _BIT_DEPTH
+    _BIT_DEPTH = check_bit_depth(bit_depth)
+
+
+def image_bit_depth() -> int | None:
+    """This process's ``data.bit_depth`` (None: from the file)."""
+    return _BIT_DEPTH
 
 
 def _orientation(im: Image.Image) -> int:
@@ -120,7 +183,37 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _to_uint8(arr: np.ndarray, mode: str, path: str | os.PathLike[str], *, sixteen_bit: str) -> np.ndarray:
+def _depth_message(path: Any, peak: int, depth: int, key: str) -> str:
+    return (
+        f"image {path} holds values up to {peak}, above the {depth}-bit maximum {(1 << depth) - 1} "
+        f"of {key}={depth}: set {key} to the bit depth the camera wrote (e.g. 16), or null to take it from the file"
+    )
+
+
+def scale_to_uint8(
+    values: np.ndarray, *, bit_depth: int | None, path: Any, sixteen_bit: str = SIXTEEN_BIT_SCALING, key: str = BIT_DEPTH_KEY
+) -> np.ndarray:
+    """Integer samples of more than 8 bits -> uint8, by the bit depth (never by the content).
+
+    ``bit_depth`` None is the storage depth (16); a configured depth (e.g. 12: values up to 4095)
+    scales by 255 / (2**depth - 1), and a value above its maximum is an error naming ``key``.
+    """
+    depth = 16 if bit_depth is None else int(bit_depth)
+    top = (1 << depth) - 1
+    values = values.astype(np.int64)
+    if bit_depth is None:
+        values = np.clip(values, 0, top)  # Pillow's "I" mode: 32-bit ints in the 16-bit range
+    else:
+        peak = int(values.max()) if values.size else 0
+        if peak > top:
+            raise DatasetError(_depth_message(path, peak, depth, key))
+        values = np.clip(values, 0, top)
+    if sixteen_bit == "shift":
+        return (values >> (depth - 8)).astype(np.uint8)
+    return ((values * 255 + top // 2) // top).astype(np.uint8)  # round(v * 255 / top)
+
+
+def _to_uint8(arr: np.ndarray, mode: str, path: str | os.PathLike[str], *, sixteen_bit: str, bit_depth: int | None) -> np.ndarray:
     """One channel-last array of a non-8-bit mode -> uint8, scaled by bit depth (not content)."""
     if mode == "F":  # 32-bit float: the [0, 1] convention (float TIFFs)
         if not np.isfinite(arr).all():
@@ -129,21 +222,67 @@ def _to_uint8(arr: np.ndarray, mode: str, path: str | os.PathLike[str], *, sixte
             )
         return (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     # "I;16*" and "I" (Pillow's 32-bit int mode, in which it opens some 16-bit files): 16-bit range.
-    values = np.clip(arr.astype(np.int64), 0, 65535)
-    if sixteen_bit == "shift":
-        return (values >> 8).astype(np.uint8)
-    return ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
+    return scale_to_uint8(arr, bit_depth=bit_depth, path=path, sixteen_bit=sixteen_bit)
 
 
-def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_SCALING) -> np.ndarray:
+def _raw_mode(im: Image.Image) -> str:
+    """The decoder's raw mode of the first tile ("RGB;16B" for a 48-bit PNG), or ""."""
+    try:
+        args = im.tile[0][3] if im.tile else None
+    except (IndexError, TypeError):
+        return ""
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else ""
+
+
+def _wide_colour(path: str | os.PathLike[str], im: Image.Image) -> np.ndarray | None:
+    """A 16-bit-per-channel colour image (48/64-bit PNG or TIFF) as uint16 (H, W, 3) RGB in
+    display orientation; None for any other image.
+
+    Pillow decodes these to 8 bits by dropping the low byte (v >> 8), whatever ``data.bit_depth``
+    says, so 12-bit colour data (values up to 4095) would come out nearly black; OpenCV reads
+    all 16 bits.
+    """
+    if im.mode not in ("RGB", "RGBA") or ";16" not in _raw_mode(im):
+        return None
+    import cv2
+
+    data = np.fromfile(os.fspath(path), dtype=np.uint8)
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3 or decoded.shape[2] < 3:
+        return None  # OpenCV cannot read it: Pillow's 8-bit decode stays
+    rgb = decoded[..., 2::-1]  # BGR(A) -> RGB, alpha dropped
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }.get(_orientation(im))
+    if method is not None:  # as ImageOps.exif_transpose, channel by channel (Pillow has no 48-bit mode)
+        rgb = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c])).transpose(method)) for c in range(3)], axis=2)
+    return np.ascontiguousarray(rgb)
+
+
+def read_image(
+    path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_SCALING, bit_depth: int | None = None
+) -> np.ndarray:
     """Decode an image file as 8-bit RGB in display orientation (the one public image reader).
 
     - EXIF orientation is applied (``PIL.ImageOps.exif_transpose``), so the array is what image
       viewers show and what masks drawn on the upright image are aligned with.
     - 8-bit grayscale, palette, RGBA (alpha dropped), CMYK... become RGB as Pillow converts them.
-    - 16-bit images (``I;16``, ``I``) are scaled by the bit depth, never by the image's own
-      maximum: ``sixteen_bit="divide"`` (default, :data:`SIXTEEN_BIT_SCALING`) gives
-      round(v / 257), ``"shift"`` gives v >> 8.
+    - Images stored with more than 8 bits per sample (16-bit grayscale ``I;16``/``I``, 48/64-bit
+      colour PNG and TIFF) are scaled by the bit depth, never by the image's own maximum:
+      ``sixteen_bit="divide"`` (default, :data:`SIXTEEN_BIT_SCALING`) gives
+      round(v * 255 / (2**bit_depth - 1)), ``"shift"`` gives v >> (bit_depth - 8). The bit depth
+      is ``bit_depth`` (``data.bit_depth``: e.g. 12 for 12-bit camera data stored in 16-bit
+      files, values up to 4095), else the process's :func:`image_bit_depth`, else the file's
+      (16). A value above the configured depth's maximum is an error naming ``data.bit_depth``.
+      8-bit files are read as they are.
     - 32-bit float images (``F``, e.g. float TIFFs) are taken as intensities in [0, 1]: v * 255,
       values outside clipped; NaN/inf is an error.
 
@@ -152,20 +291,27 @@ def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_S
     Args:
         path: image file.
         sixteen_bit: ``"divide"`` or ``"shift"``, see above.
+        bit_depth: significant bits of images stored with more than 8 bits (8 to 16); None:
+            :func:`image_bit_depth` (``data.bit_depth`` of the running command), else the file's.
 
     Returns:
         uint8 (H, W, 3) RGB, H x W in display orientation.
 
     Raises:
-        DatasetError: the file is missing, not an image, truncated or otherwise undecodable.
+        DatasetError: the file is missing, not an image, truncated or otherwise undecodable, or
+            holds values above the configured bit depth.
     """
     if sixteen_bit not in ("divide", "shift"):
         raise ValueError(f"sixteen_bit must be 'divide' or 'shift', got {sixteen_bit!r}")
+    depth = check_bit_depth(bit_depth, key="bit_depth") if bit_depth is not None else _BIT_DEPTH
     try:
         with Image.open(path) as im:
+            wide = _wide_colour(path, im)
+            if wide is not None:
+                return scale_to_uint8(wide, bit_depth=depth, path=path, sixteen_bit=sixteen_bit)
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = _to_uint8(np.asarray(im), im.mode, path, sixteen_bit=sixteen_bit)
+            if im.mode in _WIDE_MODES or im.mode == "F":
+                arr = _to_uint8(np.asarray(im), im.mode, path, sixteen_bit=sixteen_bit, bit_depth=depth)
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError as exc:
@@ -178,6 +324,43 @@ def read_image(path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_S
             f"cannot decode image {path} ({exc}): the file is corrupt or truncated; "
             "re-download or re-extract the dataset, or remove the file"
         ) from exc
+
+
+def array_to_rgb(
+    image: np.ndarray, *, color_order: str = "rgb", bit_depth: int | None = None, what: str = "image array"
+) -> np.ndarray:
+    """An image array handed to clipsam (``Segmenter``) -> uint8 (H, W, 3) RGB.
+
+    Args:
+        image: (H, W) gray, (H, W, 3) or (H, W, 4) in ``color_order``; uint8, uint16 (scaled by
+            ``bit_depth``, default 16, as :func:`read_image` scales files), or float in [0, 1].
+        color_order: ``"rgb"`` or ``"bgr"`` (``data.color_order``: OpenCV's ``cv2.imread`` and
+            ``VideoCapture`` give BGR); the 4th channel (alpha) is dropped.
+        bit_depth: significant bits of uint16 arrays (``data.bit_depth``; 12 for 12-bit cameras).
+        what: how the array is named in errors.
+
+    Raises:
+        ValueError: a shape or dtype clipsam does not take.
+        DatasetError: uint16 values above the configured bit depth.
+    """
+    order = check_color_order(color_order)
+    array = image
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image arrays must be (H, W), (H, W, 3) RGB/BGR or (H, W, 4) RGBA/BGRA, got shape {image.shape}")
+    array = array[..., :3]
+    if order == "bgr":
+        array = array[..., ::-1]
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.uint16:
+        array = scale_to_uint8(array, bit_depth=bit_depth, path=what)
+    elif np.issubdtype(array.dtype, np.floating) and array.size and float(np.nanmax(array)) <= 1.0:
+        array = np.clip(np.round(np.nan_to_num(array) * 255.0), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"image arrays must be uint8, uint16 (data.bit_depth) or float in [0, 1], got {array.dtype}")
+    return np.ascontiguousarray(array)
 
 
 def check_mask_format(path: str | os.PathLike[str], *, threshold: int = 0) -> None:
