@@ -349,6 +349,8 @@ def array_to_rgb(
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"image arrays must be (H, W), (H, W, 3) RGB/BGR or (H, W, 4) RGBA/BGRA, got shape {image.shape}")
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"the image array is empty (shape {image.shape}): pass an image at least 1 x 1 pixels")
     array = array[..., :3]
     if order == "bgr":
         array = array[..., ::-1]

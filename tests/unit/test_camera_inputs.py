@@ -192,3 +192,16 @@ def test_the_cli_refuses_a_bad_bit_depth_in_one_line(tmp_path: Path, monkeypatch
     lines = [line for line in err.splitlines() if line.startswith("clipsam: error: ")]
     assert len(lines) == 1 and "data.bit_depth=20" in lines[0] and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_empty_array_is_one_clear_error() -> None:
+    """segment() on a (0, 0, 3) array: a ValueError saying the image is empty (was a
+    ZeroDivisionError / resize RuntimeError deep inside)."""
+    import numpy as np
+    import pytest
+
+    from clipsam.data.samples import array_to_rgb
+
+    for shape in ((0, 0, 3), (0, 5), (7, 0, 3)):
+        with pytest.raises(ValueError, match="empty"):
+            array_to_rgb(np.zeros(shape, dtype=np.uint8))
