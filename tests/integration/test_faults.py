@@ -17,7 +17,14 @@ from tests.integration.conftest import fast_args, run_cli
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    """sha256 of every file below ``root``, except the W&B service's own debug logs
+    (``wandb/*/logs/debug*.log``): wandb's background process may add its shutdown lines after
+    the command returned; they are W&B's diagnostics, not a result of the run."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not (p.parent.name == "logs" and p.name.startswith("debug") and "wandb" in p.parts)
+    }
 
 
 def _run_expecting_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
