@@ -60,3 +60,18 @@ def run_cli(args: list[str]):
 
     os.environ.setdefault("WANDB_MODE", "offline")
     return _build_cli(args)
+
+
+@pytest.fixture(scope="session")
+def demo_fit_ckpt(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+    """last.ckpt (with optimiser state) of ONE 1-epoch fit on the demo config (tiny models,
+    64 px), shared by the test modules that only need a trained checkpoint to load or resume."""
+    work = tmp_path_factory.mktemp("demo_fit")
+    old = Path.cwd()
+    os.environ["CLIPSAM_SYNTH_ROOT"] = str(synth_root)
+    os.chdir(work)
+    try:
+        fit = run_cli(["fit", *fast_args(work)])
+        return Path(fit.trainer.checkpoint_callback.last_model_path).resolve()
+    finally:
+        os.chdir(old)

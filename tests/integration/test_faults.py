@@ -38,19 +38,9 @@ def _run_expecting_error(args: list[str], capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.fixture(scope="module")
-def adapters_ckpt(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+def adapters_ckpt(demo_fit_ckpt: Path) -> Path:
     """Adapters fitted once (1 epoch, tiny preset) for the tests that need a checkpoint."""
-    import os
-
-    work = tmp_path_factory.mktemp("fit_once")
-    old = Path.cwd()
-    os.environ["CLIPSAM_SYNTH_ROOT"] = str(synth_root)
-    os.chdir(work)
-    try:
-        fit = run_cli(["fit", *fast_args(work)])
-        return Path(fit.trainer.checkpoint_callback.last_model_path).resolve()
-    finally:
-        os.chdir(old)
+    return demo_fit_ckpt
 
 
 @pytest.fixture()

@@ -44,17 +44,9 @@ def _nothing_written(cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+def trained(demo_fit_ckpt: Path) -> Path:
     """last.ckpt of one 1-epoch fit (tiny models, 64 px), with optimiser state."""
-    work = tmp_path_factory.mktemp("fit_reliability")
-    old = Path.cwd()
-    os.environ["CLIPSAM_SYNTH_ROOT"] = str(synth_root)
-    os.chdir(work)
-    try:
-        fit = run_cli(["fit", *fast_args(work)])
-        return Path(fit.trainer.checkpoint_callback.last_model_path).resolve()
-    finally:
-        os.chdir(old)
+    return demo_fit_ckpt
 
 
 # ------------------------------------------------------------------ silent wrong results

@@ -28,7 +28,7 @@ from PIL import Image
 
 from clipsam.cli import main
 from tests.helpers.runs import clipsam_cli, run_args
-from tests.integration.conftest import fast_args, run_cli
+from tests.integration.conftest import fast_args
 
 
 class SigtermAt(Callback):
@@ -54,17 +54,9 @@ def _sigterm_at(**init_args: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
+def trained(demo_fit_ckpt: Path) -> Path:
     """last.ckpt of one 1-epoch fit (tiny models, 64 px)."""
-    work = tmp_path_factory.mktemp("fit_stops")
-    old = Path.cwd()
-    os.environ["CLIPSAM_SYNTH_ROOT"] = str(synth_root)
-    os.chdir(work)
-    try:
-        fit = run_cli(["fit", *fast_args(work)])
-        return Path(fit.trainer.checkpoint_callback.last_model_path).resolve()
-    finally:
-        os.chdir(old)
+    return demo_fit_ckpt
 
 
 def _one_line(err: str, prefix: str) -> str:
