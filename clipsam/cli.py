@@ -10,6 +10,9 @@ parsed in omegaconf mode, so YAML files may use ``${oc.env:MVTEC_ROOT,data/mvtec
 ``clipsam compare RUN...`` compares the test results of runs (:mod:`clipsam.compare`);
 ``clipsam benchmark --config GRID.yaml`` runs a grid of fit/test cells (:mod:`clipsam.benchmark`).
 ``clipsam export --format bundle|onnx ...`` exports a model (see :mod:`clipsam.export`).
+``clipsam serve --bundle DIR`` serves an ONNX bundle over HTTP (:mod:`clipsam.serve`); it runs
+without torch (``pip install 'clipsam[serve]'``), so this module imports the training stack only
+for the commands that need it.
 
 Errors the user can fix (:class:`clipsam.errors.ClipSamError`) are printed as one line without a
 traceback, and the process exits with status 2.
@@ -21,7 +24,7 @@ import difflib
 import os
 import sys
 
-from clipsam.lightning_cli import ClipSamCLI, VersionedSaveConfigCallback, _build_cli, build_cli, clean_help, run
+import importlib.util
 
 __all__ = ["COMMANDS", "ClipSamCLI", "VersionedSaveConfigCallback", "_build_cli", "build_cli", "clean_help", "main", "top_level_help"]
 
@@ -34,8 +37,48 @@ COMMANDS: dict[str, str] = {
     "compare": "the test results of several runs in one table, beside the paper's numbers",
     "benchmark": "run a grid of fit/test cells (resumable), then compare them",
     "data": "datasets on disk: synth (generated), download (MVTec-AD, VisA, ...), list (formats)",
-    "export": "export a model: a bundle folder for clipsam.Segmenter, or ONNX graphs",
+    "export": "export a model: a bundle folder for clipsam.Segmenter, or the whole method as ONNX",
+    "serve": "serve an ONNX bundle over HTTP: JSON API and a web page (no torch needed)",
 }
+
+#: Commands that run without torch (the runtime install, ``pip install 'clipsam[serve]'``).
+_TORCH_FREE_COMMANDS = ("serve",)
+
+_LIGHTNING_CLI_NAMES = ("ClipSamCLI", "VersionedSaveConfigCallback", "_build_cli", "build_cli", "clean_help", "run")
+
+
+def __getattr__(name: str):  # lazy: `clipsam serve` must not import torch/Lightning
+    if name in _LIGHTNING_CLI_NAMES:
+        from clipsam import lightning_cli
+
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module 'clipsam.cli' has no attribute {name!r}")
+
+
+def _missing_training_stack() -> str | None:
+    """The one-line error when this install lacks torch/Lightning (a runtime-only install), else None."""
+    missing = [name for name in ("torch", "lightning") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"this command needs the training stack ({', '.join(missing)} not installed): "
+        "pip install 'clipsam[full]' (this install can run `clipsam serve` and clipsam.runtime)"
+    )
+
+
+def _serve(args: list[str]) -> int:
+    """``clipsam serve``: torch-free, with the same one-line errors as the other commands."""
+    from clipsam.errors import ClipSamError
+    from clipsam.serve import serve_main
+
+    try:
+        return int(serve_main(args) or 0)
+    except ClipSamError as err:
+        print(f"clipsam: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipsam: interrupted", file=sys.stderr)
+        return 130
 
 #: Commands clipsam runs itself (the others are Lightning's CLI): command -> (module, function).
 _OWN_COMMANDS = {
@@ -82,8 +125,6 @@ def _unknown_command(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``clipsam`` and ``lightning`` console scripts (exit status: see
     :func:`clipsam.lightning_cli.run`)."""
-    from clipsam import runs
-
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     if args[:1] in (["--version"], ["-V"]):
@@ -100,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args[0].startswith("-") and args[0] not in COMMANDS:
         print(f"clipsam: error: {_unknown_command(args[0])}", file=sys.stderr)
         return 2
+    if args[0] in _TORCH_FREE_COMMANDS:
+        return _serve(args[1:])
+    missing = _missing_training_stack()
+    if missing is not None:
+        print(f"clipsam: error: {missing}", file=sys.stderr)
+        return 2
+    from clipsam import runs
+    from clipsam.lightning_cli import run
+
     runs.refuse_unsafe_torch_load_override()
     if args[0] in _OWN_COMMANDS:
         import importlib
