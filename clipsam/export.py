@@ -13,17 +13,9 @@ The frozen CLIP and SAM weights are not copied (1-2.5 GB): they load from the sa
 files as for ``clipsam test`` (``model.clip.pretrained``/``cache_dir``, ``model.sam.checkpoint``/
 ``cache_dir``); random tiny presets need nothing.
 
-ONNX (``--format onnx``), one folder::
-
-    clip_stage.onnx      frame images (B, 3, H, W) CLIP-normalised float32 -> anomaly_map
-                         (B, H, W) and image_scores (B,), the text features of ``--category``
-                         baked in, frozen weights in float32, fixed batch ``--batch_size``
-    sam_decoder.onnx     SAM's prompt encoder + mask decoder (segment-anything's SamOnnxModel,
-                         inputs and dynamic axes as its scripts/export_onnx_model.py)
-    onnx_check.json      max |ONNX - PyTorch| of each graph on random inputs (onnxruntime, CPU)
-
-PPG and the cascade (which prompts to give SAM, three decoder steps) stay Python glue around
-these graphs; the SAM image encoder is not exported (as in segment-anything's own script).
+ONNX (``--format onnx``): the whole method, graphs + ``bundle.json``, for
+:mod:`clipsam.runtime` (onnxruntime + numpy + Pillow, no torch) and ``clipsam serve``; see
+:mod:`clipsam.onnx_export` for the files.
 """
 
 from __future__ import annotations
@@ -53,7 +45,7 @@ from clipsam.loading import (
     sha256,
 )
 
-__all__ = ["export_bundle", "export_onnx", "export_main", "read_bundle"]
+__all__ = ["export_bundle", "export_main", "export_onnx", "read_bundle"]
 
 
 
@@ -196,36 +188,6 @@ def export_bundle(
 
 
 # ---------------------------------------------------------------------------------- ONNX
-class ClipStageGraph(torch.nn.Module):
-    """The map stage for ONNX: frame images -> (anomaly map, image scores), one category.
-
-    Calls the module's own map model (:class:`clipsam.models.clip.ClipAnomalyModel`, same math
-    as test/predict); one forward before tracing fills its text-feature cache, so the
-    category's text features become constants of the graph.
-    """
-
-    def __init__(self, map_model: torch.nn.Module, category: str, image_size: int) -> None:
-        super().__init__()
-        self.map_model = map_model
-        self.category = category
-        with torch.no_grad():
-            map_model(torch.zeros(1, 3, image_size, image_size), [category])
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.map_model(images, [self.category] * images.shape[0])
-        return out.anomaly_map, out.image_scores
-
-
-def _map_model(module: Any) -> torch.nn.Module:
-    """The module's map model: ``clip_model`` (CLIP adapters) or a method plug-in's ``producer``."""
-    model = getattr(module, "clip_model", None)
-    if model is None:
-        model = getattr(module, "producer", None)
-    if model is None:
-        raise ConfigError("this model has no map stage to export")
-    return model
-
-
 def _onnx_modules() -> tuple[Any, Any]:
     try:
         import onnx
@@ -248,35 +210,75 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> N
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def _export_categories(resolved: dict[str, Any], categories: Sequence[str] | None) -> list[str]:
+    """The categories whose text goes into the bundle: the given ones, else the config's test
+    categories and its predict category."""
+    if categories:
+        return list(dict.fromkeys(str(c) for c in categories))
+    data = resolved.get("data") or {}
+    found = list((data.get("test") or {}).get("categories") or [])
+    if data.get("predict_category"):
+        found.append(data["predict_category"])
+    found = list(dict.fromkeys(str(c) for c in found))
+    if not found:
+        raise ConfigError(
+            "--format onnx needs the categories whose text prompts the bundle carries: pass --category NAME "
+            "(repeatable), or set data.test.categories in the config"
+        )
+    return found
+
+
 def export_onnx(
     ckpt_path: str | os.PathLike[str] | None,
     config: Any,
     output: str | os.PathLike[str],
     *,
-    category: str,
-    batch_size: int = 1,
+    category: str | None = None,
+    categories: Sequence[str] | None = None,
+    thresholds: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
     opset: int = 17,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Export the CLIP stage and SAM's prompt encoder + mask decoder, and check both with onnxruntime.
+    """Export the whole method as ONNX graphs + ``bundle.json`` for :mod:`clipsam.runtime`.
+
+    See :mod:`clipsam.onnx_export` for the files. Every graph is checked with onnxruntime
+    against PyTorch on seeded random inputs (two batch sizes; the decoder also against
+    segment_anything's own prompt encoder + mask decoder); the figures are in ``bundle.json``
+    under ``check``.
+
+    Args:
+        ckpt_path: a ``clipsam fit`` checkpoint; None for a training-free method.
+        config: YAML config(s) or a resolved mapping.
+        output: a new (or empty) folder.
+        category / categories: the categories whose text features the bundle carries (default:
+            the config's test categories and ``data.predict_category``).
+        thresholds: a ``thresholds.json`` (default: ``model.evaluation.thresholds``).
+        batch_size: ignored (the graphs have a dynamic batch axis); kept for old scripts.
+        opset: ONNX opset.
+        overrides: dotted config keys.
+        seed: seed of the check inputs.
 
     Returns:
-        the check report (also written to ``onnx_check.json``): per graph its file and
-        ``max_abs_diff`` between onnxruntime and PyTorch on random inputs.
-    """
-    import numpy as np
+        the ``bundle.json`` content.
 
-    onnx, ort = _onnx_modules()
+    Raises:
+        ConfigError: a part that has no ONNX form (named), a non-empty output folder, missing
+            onnx/onnxruntime. Nothing is left behind on error.
+    """
+    from clipsam.onnx_export import export_method_onnx, refuse_unexportable
+    from clipsam.thresholds import check_compatible, load_thresholds
+
+    _onnx_modules()
     resolved = _resolved(config, overrides)
+    evaluation = resolved.setdefault("model", {}).setdefault("evaluation", {})
+    if thresholds is not None:
+        evaluation["thresholds"] = os.fspath(thresholds)
+    wanted = _export_categories(resolved, [*([category] if category else []), *(categories or [])])
     with quiet():
         module = build_module(resolved)
-    if module.pipeline.reference_count:
-        raise ConfigError(
-            f"method {module.pipeline.method!r} with k_shot={module.pipeline.reference_count} compares each image with "
-            "reference images at run time, which an ONNX graph does not carry: export --format bundle and give "
-            "Segmenter.from_bundle(..., references={category: [files]}), or set model.method_config.k_shot=0"
-        )
+    refuse_unexportable(module)
     with quiet():
         # ONNX graphs run in float32 (onnxruntime's CPU kernels); the check compares float32 to float32.
         if hasattr(module.method_config, "frozen_dtype"):
@@ -290,83 +292,26 @@ def export_onnx(
         if checkpoint is not None:
             module.on_load_checkpoint(checkpoint)
     module.eval()
+    thresholds_data = None
+    if evaluation.get("thresholds"):
+        thresholds_data = load_thresholds(evaluation["thresholds"])
+        check_compatible(thresholds_data, module.score_settings(), source=str(evaluation["thresholds"]))
     out = _fresh_output(output)
-    report: dict[str, Any] = {"category": category, "batch_size": batch_size, "opset": opset, "graphs": {}}
-    generator = torch.Generator().manual_seed(seed)
     try:
-        # -------- CLIP stage
-        inputs = module.pipeline.method_inputs()
-        size = inputs[0].size if inputs else module.image_size  # the method's own input
-        graph = ClipStageGraph(_map_model(module), category, size).eval()
-        images = torch.randn(batch_size, 3, size, size, generator=generator)
-        clip_path = out / "clip_stage.onnx"
-        with quiet():
-            _export(graph, (images,), clip_path, input_names=["images"], output_names=["anomaly_map", "image_scores"], opset_version=opset)
-        onnx.checker.check_model(str(clip_path))
-        with torch.no_grad():
-            ref_map, ref_scores = graph(images)
-        session = ort.InferenceSession(str(clip_path), providers=["CPUExecutionProvider"])
-        got_map, got_scores = session.run(None, {"images": images.numpy()})
-        report["graphs"]["clip_stage"] = {
-            "file": str(clip_path),
-            "inputs": {"images": [batch_size, 3, size, size]},
-            "max_abs_diff": float(max(np.abs(got_map - ref_map.numpy()).max(), np.abs(got_scores - ref_scores.numpy()).max())),
+        import onnx
+
+        versions = {**_versions(), "onnx": onnx.__version__}
+        source = {
+            "checkpoint": os.path.abspath(os.fspath(ckpt_path)) if ckpt_path is not None else None,
+            "overrides": overrides or {},
         }
-        # -------- SAM prompt encoder + mask decoder
-        sam = getattr(module.refiner, "sam", None)
-        if sam is not None:
-            report["graphs"]["sam_decoder"] = _export_sam_decoder(sam, out / "sam_decoder.onnx", opset, generator, ort, onnx)
-        (out / "onnx_check.json").write_text(json.dumps(report, indent=2))
+        with quiet():
+            return export_method_onnx(
+                module, out, categories=wanted, thresholds=thresholds_data, opset=opset, seed=seed, versions=versions, source=source
+            )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return report
-
-
-def _export_sam_decoder(sam: Any, path: Path, opset: int, generator: torch.Generator, ort: Any, onnx: Any) -> dict[str, Any]:
-    """SamOnnxModel export with the inputs, names and dynamic axes of segment-anything's script."""
-    import numpy as np
-    from segment_anything.utils.onnx import SamOnnxModel
-
-    sam = sam.float().cpu().eval()
-    onnx_model = SamOnnxModel(model=sam, return_single_mask=True).eval()
-    embed_dim = sam.prompt_encoder.embed_dim
-    embed_size = sam.prompt_encoder.image_embedding_size
-    mask_input_size = [4 * x for x in embed_size]
-    img = sam.image_encoder.img_size
-    inputs = {
-        "image_embeddings": torch.randn(1, embed_dim, *embed_size, generator=generator),
-        "point_coords": torch.randint(0, img, (1, 5, 2), generator=generator).to(torch.float32),
-        "point_labels": torch.randint(0, 4, (1, 5), generator=generator).to(torch.float32),
-        "mask_input": torch.randn(1, 1, *mask_input_size, generator=generator),
-        "has_mask_input": torch.tensor([1], dtype=torch.float32),
-        "orig_im_size": torch.tensor([img, img], dtype=torch.float32),
-    }
-    with quiet():
-        _export(
-            onnx_model,
-            tuple(inputs.values()),
-            path,
-            input_names=list(inputs),
-            output_names=["masks", "iou_predictions", "low_res_masks"],
-            dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-    onnx.checker.check_model(str(path))
-    with torch.no_grad():
-        ref = onnx_model(*inputs.values())
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    # Compare the mask logits (low-res) and the IoU predictions; ``masks`` are their upscaling.
-    diff = max(float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
-    # Another number of points than at export: the dynamic axis works.
-    fewer = {**inputs, "point_coords": inputs["point_coords"][:, :3], "point_labels": inputs["point_labels"][:, :3]}
-    with torch.no_grad():
-        ref = onnx_model(*fewer.values())
-    got = session.run(None, {k: v.numpy() for k, v in fewer.items()})
-    diff = max(diff, float(np.abs(got[1] - ref[1].numpy()).max()), float(np.abs(got[2] - ref[2].numpy()).max()))
-    return {"file": str(path), "max_abs_diff": diff, "compared": ["iou_predictions", "low_res_masks"], "num_points": [5, 3]}
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -386,32 +331,36 @@ def export_main(argv: Sequence[str]) -> int:
     """``clipsam export [--ckpt_path CKPT] --config CFG --format {bundle,onnx} --output DIR``."""
     parser = argparse.ArgumentParser(
         prog="clipsam export",
-        description="Export a trained model: a bundle folder for clipsam.Segmenter, or ONNX graphs "
-        "of the CLIP stage and SAM's prompt encoder + mask decoder (checked with onnxruntime).",
+        description="Export a trained model: a bundle folder for clipsam.Segmenter, or the whole method as "
+        "ONNX graphs + bundle.json for clipsam.runtime and `clipsam serve` (checked with onnxruntime).",
     )
     parser.add_argument("--ckpt_path", default=None, help="checkpoint written by `clipsam fit` (trained methods; none for WinCLIP, SDP, SAA)")
     parser.add_argument("--config", required=True, action="append", help="the YAML config (repeatable, merged left to right)")
     parser.add_argument("--format", choices=("bundle", "onnx"), default="bundle", help="what to write (default: bundle)")
     parser.add_argument("--output", required=True, help="a new or empty folder")
     parser.add_argument("--thresholds", default=None, help="bundle: thresholds.json from `clipsam test` (default: model.evaluation.thresholds)")
-    parser.add_argument("--category", default=None, help="object category: bundle default; ONNX: the text prompts baked in (required)")
-    parser.add_argument("--batch_size", type=int, default=1, help="ONNX: fixed batch size of the CLIP graph (default 1)")
+    parser.add_argument("--category", action="append", default=None, help="bundle: the default category; ONNX: a category whose text the bundle carries (repeatable; default: the config's test categories)")
+    parser.add_argument("--batch_size", type=int, default=None, help=argparse.SUPPRESS)  # the ONNX graphs have a dynamic batch
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. model.evaluation.mask_source=score")
     args = parser.parse_args(list(argv))
     overrides = _parse_overrides(args.set)
     if args.format == "bundle":
-        out = export_bundle(args.ckpt_path, args.config, args.output, thresholds=args.thresholds, category=args.category, overrides=overrides)
+        if args.category and len(args.category) > 1:
+            raise ConfigError(f"--format bundle takes one --category (the default category), got {args.category}")
+        category = args.category[0] if args.category else None
+        out = export_bundle(args.ckpt_path, args.config, args.output, thresholds=args.thresholds, category=category, overrides=overrides)
         print(f"clipsam: wrote bundle {out} (load it with clipsam.Segmenter.from_bundle({str(out)!r}))")
         return 0
-    if not args.category:
-        raise ConfigError("--format onnx needs --category: the object whose text prompts are baked into the graph")
-    report = export_onnx(args.ckpt_path, args.config, args.output, category=args.category, batch_size=args.batch_size, opset=args.opset, overrides=overrides)
-    for name, graph in report["graphs"].items():
-        print(f"clipsam: wrote {graph['file']}  max |onnxruntime - pytorch| = {graph['max_abs_diff']:.3g}")
-    print(f"clipsam: check report {Path(args.output) / 'onnx_check.json'}")
+    manifest = export_onnx(args.ckpt_path, args.config, args.output, categories=args.category, thresholds=args.thresholds, opset=args.opset, overrides=overrides)
+    for name, diff in manifest["check"]["max_abs_diff"].items():
+        print(f"clipsam: checked {name:<32} max |onnxruntime - pytorch| = {diff:.3g}")
+    print(
+        f"clipsam: wrote ONNX bundle {args.output} ({manifest['method']}+{manifest['refiner']}, "
+        f"categories: {', '.join(manifest['categories'])}); run it with clipsam.runtime.Runtime.from_bundle({str(args.output)!r}) "
+        f"or `clipsam serve --bundle {args.output}`"
+    )
     return 0
-
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(export_main(sys.argv[1:]))

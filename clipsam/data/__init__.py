@@ -13,30 +13,50 @@
 - :mod:`~clipsam.data.download`: :func:`download_dataset`, :func:`detect_layout`.
 """
 
-from clipsam.data.datamodule import AnomalyDataModule, DatasetSpec
-from clipsam.data.dataset import AnomalyDataset
-from clipsam.data.download import detect_layout, download_dataset
-from clipsam.data.folder import list_images, parse_folder
-from clipsam.data.formats import FORMATS, DatasetFormat, get_format
-from clipsam.data.mvtec import MVTEC_CATEGORIES, parse_mvtec
-from clipsam.data.references import ReferenceConfig
-from clipsam.data.samples import Sample, read_image, read_mask, validate_samples
-from clipsam.data.synthetic import (
-    DEFECT_TYPES,
-    SYNTH_CATEGORIES,
-    SynthSource,
-    generate_formats,
-    generate_synthetic,
-    render_sample,
-)
-from clipsam.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    AugmentConfig,
-    build_transform,
-    denormalize,
-)
-from clipsam.data.visa import VISA_CATEGORIES, parse_visa
+# Lazy: importing one module of this package (e.g. the torch-free image reader of
+# clipsam.data.samples, which clipsam.runtime uses) does not import the others (torch, albumentations).
+_EXPORTS: dict[str, str] = {
+    "AnomalyDataModule": "clipsam.data.datamodule",
+    "DatasetSpec": "clipsam.data.datamodule",
+    "AnomalyDataset": "clipsam.data.dataset",
+    "detect_layout": "clipsam.data.download",
+    "download_dataset": "clipsam.data.download",
+    "list_images": "clipsam.data.folder",
+    "parse_folder": "clipsam.data.folder",
+    "FORMATS": "clipsam.data.formats",
+    "DatasetFormat": "clipsam.data.formats",
+    "get_format": "clipsam.data.formats",
+    "MVTEC_CATEGORIES": "clipsam.data.mvtec",
+    "parse_mvtec": "clipsam.data.mvtec",
+    "ReferenceConfig": "clipsam.data.references",
+    "Sample": "clipsam.data.samples",
+    "read_image": "clipsam.data.samples",
+    "read_mask": "clipsam.data.samples",
+    "validate_samples": "clipsam.data.samples",
+    "DEFECT_TYPES": "clipsam.data.synthetic",
+    "SYNTH_CATEGORIES": "clipsam.data.synthetic",
+    "SynthSource": "clipsam.data.synthetic",
+    "generate_formats": "clipsam.data.synthetic",
+    "generate_synthetic": "clipsam.data.synthetic",
+    "render_sample": "clipsam.data.synthetic",
+    "CLIP_MEAN": "clipsam.data.transforms",
+    "CLIP_STD": "clipsam.data.transforms",
+    "AugmentConfig": "clipsam.data.transforms",
+    "build_transform": "clipsam.data.transforms",
+    "denormalize": "clipsam.data.transforms",
+    "VISA_CATEGORIES": "clipsam.data.visa",
+    "parse_visa": "clipsam.data.visa",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'clipsam.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "CLIP_MEAN",

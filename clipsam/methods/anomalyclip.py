@@ -348,6 +348,8 @@ class AnomalyClip(FrozenClipMixin, MapProducer):
 
     name = "anomalyclip"
     trainable = True
+    onnx_exportable = True
+    onnx_text = None  # object-agnostic learned prompts: one text for every category
 
     def __init__(self, *, clip_model: nn.Module, tokenizer, config: AnomalyClipConfig, input_size: int) -> None:
         super().__init__()

@@ -56,6 +56,8 @@ class AprilGan(MapProducer):
 
     name = "april_gan"
     trainable = True
+    onnx_exportable = True
+    onnx_text = "model.text_features"  # (B, D, 2) prompt-ensemble text features per category
 
     def __init__(self, model: ClipAnomalyModel, *, focal_gamma: float = 2.0) -> None:
         super().__init__()

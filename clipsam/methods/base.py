@@ -55,6 +55,14 @@ class MapProducer(nn.Module):
     #: side of the evaluation frame the maps are returned in; set by the registry from
     #: ``image_size`` (None: the input's own size, for producers built directly).
     frame_size: int | None = None
+    #: ``clipsam export --format onnx`` (:mod:`clipsam.onnx_export`) may export this producer: its
+    #: map depends on the category only through :attr:`onnx_text` (or not at all), and
+    #: :meth:`fused_image_scores` reads no extras.
+    onnx_exportable: ClassVar[bool] = False
+    #: dotted attribute path of the function that returns the per-image text features for a
+    #: list of categories (e.g. ``"text_embeddings"``); the ONNX graph takes them as an input.
+    #: None: the map does not depend on the category (object-agnostic prompts).
+    onnx_text: ClassVar[str | None] = None
 
     def output_size(self, images: Tensor) -> tuple[int, int]:
         """(H, W) of the returned maps: the evaluation frame (or ``images``' size when unset)."""

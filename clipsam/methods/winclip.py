@@ -393,6 +393,8 @@ class WinClip(FrozenClipMixin, MapProducer):
 
     name = "winclip"
     trainable = False
+    onnx_exportable = True  # zero-shot only: export refuses k_shot > 0 (references)
+    onnx_text = "text_embeddings"  # (B, 2, D) (t_n, t_a) per category
 
     def __init__(self, *, clip_model: nn.Module, tokenizer, config: WinClipConfig, input_size: int) -> None:
         super().__init__()
