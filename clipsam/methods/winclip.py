@@ -271,8 +271,13 @@ def harmonic_aggregation(window_scores: Tensor, masks: Tensor, grid: tuple[int, 
     index = masks.to(window_scores.device).reshape(-1)  # (k*k*W_k,), window-major per row
     inverse = (1.0 / window_scores).unsqueeze(1).expand(batch, masks.shape[0], masks.shape[1])
     inverse = inverse.reshape(batch, -1)
-    total = window_scores.new_zeros(batch, cells).index_add_(1, index, inverse)
-    count = torch.bincount(index, minlength=cells).to(window_scores.dtype)
+    if torch.onnx.is_in_onnx_export():  # ONNX has no index_add with repeated indices: the same sum as a product
+        incidence = F.one_hot(masks.to(window_scores.device).long(), cells).sum(0).to(window_scores.dtype)  # (W_k, cells)
+        total = (1.0 / window_scores) @ incidence
+        count = incidence.sum(0)
+    else:
+        total = window_scores.new_zeros(batch, cells).index_add_(1, index, inverse)
+        count = torch.bincount(index, minlength=cells).to(window_scores.dtype)
     harmonic = torch.where(count > 0, count / total, torch.zeros_like(total))
     return harmonic.nan_to_num(nan=0.0).reshape(batch, *grid)
 
@@ -461,8 +466,11 @@ class WinClip(FrozenClipMixin, MapProducer):
                 picked = patches[:, masks.t().reshape(-1)]  # (B, W_k * k*k, C)
                 picked = picked.reshape(batch * n_windows, count, -1)
                 seqs = torch.cat([cls.repeat_interleave(n_windows, dim=0), picked], dim=1)
-                chunks = [self._encode_tokens(c) for c in seqs.split(self.config.window_batch)]
-                windows.append(torch.cat(chunks).reshape(batch, n_windows, -1))
+                if seqs.shape[0] <= self.config.window_batch:  # one chunk (also what an ONNX trace keeps)
+                    encoded = self._encode_tokens(seqs)
+                else:
+                    encoded = torch.cat([self._encode_tokens(c) for c in seqs.split(self.config.window_batch)])
+                windows.append(encoded.reshape(batch, n_windows, -1))
         return image, windows, patch_tokens.float()
 
     def set_references(self, category: str, inputs: Mapping[str, Tensor]) -> None:

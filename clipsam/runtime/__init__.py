@@ -291,7 +291,12 @@ class Runtime:
         feeds = {"images": np.stack([self._producer_input(array) for array, _ in decoded])}
         if manifest.get("text_input"):
             feeds["text"] = np.stack([self.texts[c] for c in cats]).astype(np.float32)
-        anomaly_maps, producer_scores = self._run("producer", feeds)
+        if manifest["inputs"].get("producer_batch") == 1:  # a graph exported for one image at a time
+            parts = [self._run("producer", {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(len(items))]
+            anomaly_maps = np.concatenate([p[0] for p in parts])
+            producer_scores = np.concatenate([p[1] for p in parts])
+        else:
+            anomaly_maps, producer_scores = self._run("producer", feeds)
         refiner = manifest["refiner"]
         evaluation = manifest["evaluation"]
         if refiner == "none":
