@@ -87,35 +87,47 @@ def antialiased_bicubic(image: np.ndarray, size: int) -> np.ndarray:
     return ((rows @ pixels) @ cols.T).astype(np.float32)
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) float32 weights of ``F.interpolate(mode="bilinear", align_corners=False)``
-    without antialiasing along one axis (also OpenCV's ``INTER_LINEAR`` on float data):
-    ``src = (dst + 0.5) * in / out - 0.5``, clamped at 0; the two neighbours, the last one
-    repeated at the border."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+def bilinear_matrix(in_size: int, out_size: int, convention: str = "torch") -> np.ndarray:
+    """(out, in) float32 weights of a bilinear resize along one axis, no antialiasing.
+
+    ``"torch"``: ``F.interpolate(mode="bilinear", align_corners=False)`` on float32 data: scale
+    ``in / out`` and the source index ``(dst + 0.5) * scale - 0.5`` in float32, clamped at 0.
+    ``"cv2"``: OpenCV's ``INTER_LINEAR``: the source index in float64, then float32. Both take
+    the two neighbours, the last one repeated at the border.
+    """
+    dst = np.arange(out_size)
+    if convention == "torch":
+        scale = np.float32(in_size) / np.float32(out_size)
+        # one rounding of scale * (dst + 0.5) - 0.5 (PyTorch's kernels compile it to a fused multiply-add)
+        src = ((dst + 0.5) * np.float64(scale) - 0.5).astype(np.float32)
+        src = np.maximum(src, np.float32(0.0))
+    elif convention == "cv2":
+        src = ((dst + 0.5) * (1.0 / (out_size / in_size)) - 0.5).astype(np.float32)
+        src = np.maximum(src, np.float32(0.0))
+    else:
+        raise ValueError(f"convention must be 'torch' or 'cv2', got {convention!r}")
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = (src - i0).astype(np.float32)
+    lam = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
     out = np.zeros((out_size, in_size), dtype=np.float32)
     rows = np.arange(out_size)
-    np.add.at(out, (rows, i0), 1.0 - lam)
+    np.add.at(out, (rows, i0), np.float32(1.0) - lam)
     np.add.at(out, (rows, i1), lam)
     return out
 
 
-def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_bilinear(maps: np.ndarray, height: int, width: int, convention: str = "torch") -> np.ndarray:
     """(..., h, w) float32 -> (..., height, width), :func:`bilinear_matrix` on both axes."""
     if maps.shape[-2:] == (height, width):
         return maps.astype(np.float32)
-    rows = bilinear_matrix(maps.shape[-2], height)
-    cols = bilinear_matrix(maps.shape[-1], width)
+    rows = bilinear_matrix(maps.shape[-2], height, convention)
+    cols = bilinear_matrix(maps.shape[-1], width, convention)
     return ((rows @ maps.astype(np.float32)) @ cols.T).astype(np.float32)
 
 
 def cv2_linear_resize(values: np.ndarray, height: int, width: int) -> np.ndarray:
     """``cv2.resize(values, (width, height), interpolation=cv2.INTER_LINEAR)`` of a float32 (H, W) map."""
-    return resize_bilinear(values, height, width)
+    return resize_bilinear(values, height, width, "cv2")
 
 
 def cv2_nearest_resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
