@@ -191,7 +191,7 @@ def refuse_unexportable(module: Any) -> None:
             "Segmenter.from_bundle(..., references={category: [files]}), or set model.method_config.k_shot=0"
         )
     if pipeline.tiling.canvas() is not None:
-        raise ConfigError("data.tiling is on: the ONNX runtime runs one frame per image; export with data.tiling.enabled=false")
+        raise ConfigError("data.tiling is on: the ONNX runtime runs one frame per image; export without data.tiling.image_size")
     if pipeline.refiner_name not in EXPORTABLE_REFINERS:
         raise ConfigError(
             f"model.refiner={pipeline.refiner_name!r} has no ONNX export (exportable refiners: {', '.join(EXPORTABLE_REFINERS)})"
