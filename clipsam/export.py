@@ -188,28 +188,6 @@ def export_bundle(
 
 
 # ---------------------------------------------------------------------------------- ONNX
-def _onnx_modules() -> tuple[Any, Any]:
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as err:
-        raise ConfigError(
-            "`clipsam export --format onnx` needs onnx and onnxruntime: pip install 'clipsam[export]'"
-        ) from err
-    return onnx, onnxruntime
-
-
-def _export(model: torch.nn.Module, args: tuple, path: Path, **kwargs: Any) -> None:
-    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain path.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(model, args, str(path), dynamo=False, **kwargs)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
 def _export_categories(resolved: dict[str, Any], categories: Sequence[str] | None) -> list[str]:
     """The categories whose text goes into the bundle: the given ones, else the config's test
     categories and its predict category."""
@@ -267,10 +245,10 @@ def export_onnx(
         ConfigError: a part that has no ONNX form (named), a non-empty output folder, missing
             onnx/onnxruntime. Nothing is left behind on error.
     """
-    from clipsam.onnx_export import export_method_onnx, refuse_unexportable
+    from clipsam.onnx_export import export_method_onnx, onnx_modules, refuse_unexportable
     from clipsam.thresholds import check_compatible, load_thresholds
 
-    _onnx_modules()
+    onnx_modules()
     resolved = _resolved(config, overrides)
     evaluation = resolved.setdefault("model", {}).setdefault("evaluation", {})
     if thresholds is not None:

@@ -56,6 +56,8 @@ __all__ = [
     "SamDecoderGraph",
     "SamEncoderGraph",
     "export_method_onnx",
+    "onnx_modules",
+    "refuse_unexportable",
 ]
 
 ONNX_BUNDLE_FORMAT = "clipsam-onnx-bundle"
@@ -219,12 +221,32 @@ def _max_diff(a: Any, b: Any) -> float:
     return float(np.abs(a[finite] - b[finite]).max()) if finite.any() else 0.0
 
 
+def onnx_modules() -> tuple[Any, Any]:
+    """``(onnx, onnxruntime)``, or one ConfigError naming the extra to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ConfigError(
+            "`clipsam export --format onnx` needs onnx and onnxruntime: pip install 'clipsam[export]'"
+        ) from err
+    return onnx, onnxruntime
+
+
 def _export_graph(model: nn.Module, args: tuple, path: Path, names: list[str], outputs: list[str], dynamic: dict, opset: int) -> None:
-    from clipsam.export import _export
     from clipsam.loading import quiet
 
-    with quiet():
-        _export(model, args, path, input_names=names, output_names=outputs, dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True)
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain path.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with quiet(), torch.no_grad():
+            torch.onnx.export(
+                model, args, str(path), dynamo=False, input_names=names, output_names=outputs,
+                dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True,
+            )  # fmt: skip
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _check(session: Any, model: nn.Module, inputs: dict[str, Tensor]) -> float:

@@ -241,17 +241,17 @@ def test_onnx_export_matches_pytorch(trained: dict, tmp_path: Path, capsys: pyte
     code = main(
         [
             "export", "--ckpt_path", str(trained["ckpt"]), "--config", DEMO_CONFIG, "--set", f"data.image_size={SIZE}",
-            "--format", "onnx", "--output", str(out), "--category", "capsule", "--batch_size", "2",
+            "--format", "onnx", "--output", str(out), "--category", "capsule",
         ]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "clip_stage.onnx  max |onnxruntime - pytorch|" in printed and "sam_decoder.onnx" in printed
-    report = json.loads((out / "onnx_check.json").read_text())
+    assert "checked producer" in printed and "checked sam_decoder" in printed and "clipsam serve --bundle" in printed
+    manifest = json.loads((out / "bundle.json").read_text())
     # Stated tolerance: 1e-4 absolute on maps/scores in [0, 1] and on SAM's mask logits (float32).
-    assert report["graphs"]["clip_stage"]["max_abs_diff"] < 1e-4
-    assert report["graphs"]["sam_decoder"]["max_abs_diff"] < 1e-4
-    assert report["graphs"]["sam_decoder"]["num_points"] == [5, 3]
+    assert set(manifest["check"]["max_abs_diff"]) == {"producer", "image_score", "sam_encoder", "sam_decoder", "sam_decoder_vs_segment_anything"}
+    assert max(manifest["check"]["max_abs_diff"].values()) < 1e-4
+    assert list(manifest["categories"]) == ["capsule"]
 
 
 def test_documented_example_runs(trained: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
