@@ -63,10 +63,12 @@ __all__ = [
     "colour_bar",
     "heat_map",
     "output_name",
+    "prediction_mask_source",
     "render_overlay",
     "report_console",
     "text_block",
     "wrap_text",
+    "write_prediction",
 ]
 
 OUTPUT_MARKER = ".clipsam-output"
@@ -337,6 +339,83 @@ def report_console(trainer: Any) -> Any:
     return rich_console()
 
 
+def prediction_mask_source(pl_module: Any) -> str:
+    """What the written masks are (``predictions.csv``'s ``mask_source``): ``model.evaluation.mask_source``
+    ("sam" or "score"), always "score" without a refiner."""
+    if getattr(pl_module, "refiner", None) is None:
+        return "score"
+    return str(getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam"))
+
+
+def write_prediction(
+    run_dir: Path,
+    prediction: dict[str, Any],
+    i: int,
+    *,
+    name: str,
+    display_name: str,
+    mask_source: str,
+    bit_depth: int | None = None,
+    original: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Write ``masks/<name>.png`` and ``overlays/<name>.png`` of image ``i`` of a predict record
+    (:func:`clipsam.pipeline.prediction_record`), each atomically, and return its
+    ``predictions.csv`` row (:attr:`PredictionWriter.FIELDS`).
+
+    The one writer of ``clipsam predict`` (:class:`PredictionWriter`) and ``clipsam predict
+    --watch`` (:mod:`clipsam.watch`), so both write the same files for the same image.
+
+    Args:
+        run_dir: the predict folder (``masks/`` and ``overlays/`` are made when missing).
+        prediction: the batch's record; ``i`` picks the image.
+        name: output file stem (unique in the folder, see :func:`output_name`).
+        display_name: the image's path below the input folder, shown in the overlay's header.
+        mask_source: the ``mask_source`` column (:func:`prediction_mask_source`).
+        bit_depth: ``data.bit_depth`` to read the original with (for the overlay).
+        original: the decoded image (uint8 (H0, W0, 3) RGB in display orientation) when the
+            caller has it; None reads the file.
+    """
+    from clipsam.postprocess import to_original_size
+
+    path = prediction["path"][i]
+    height, width = (int(v) for v in prediction["original_size"][i].tolist())
+    if original is None:
+        original = read_image(path, bit_depth=bit_depth)  # (H, W, 3) uint8, display orientation, data.bit_depth
+    scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
+    mask_path = run_dir / "masks" / f"{name}.png"
+    overlay_path = run_dir / "overlays" / f"{name}.png"
+    overlay = annotated_overlay(
+        original,
+        scores,
+        mask,
+        name=display_name,
+        category=str(prediction["category"][i]),
+        image_score=float(prediction["image_scores"][i]),
+        image_threshold=float(prediction["image_thresholds"][i]),
+        pixel_threshold=float(prediction["pixel_thresholds"][i]),
+        label=bool(prediction["labels"][i]),
+        threshold_scope=str(prediction["threshold_scopes"][i]),
+    )
+    with atomic_write(mask_path) as tmp:
+        Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
+    with atomic_write(overlay_path) as tmp:
+        Image.fromarray(overlay).save(tmp, format="PNG")
+    return {
+        "path": os.path.abspath(path),
+        "category": prediction["category"][i],
+        "object_name": prediction["object_names"][i],
+        "image_score": float(prediction["image_scores"][i]),
+        "threshold": prediction["image_thresholds"][i],
+        "label": int(bool(prediction["labels"][i])),
+        "pixel_threshold": prediction["pixel_thresholds"][i],
+        "threshold_scope": prediction["threshold_scopes"][i],
+        "mask_source": mask_source,
+        "anomalous_pixels": int(mask.sum()),
+        "mask": os.path.abspath(mask_path),
+        "overlay": os.path.abspath(overlay_path),
+    }
+
+
 class PredictionWriter(BasePredictionWriter):
     """Write one mask PNG and one overlay PNG per predicted image.
 
@@ -489,8 +568,6 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        from clipsam.postprocess import to_original_size
-
         assert self.run_dir is not None, "PredictionWriter.setup was not called for predict"
         skipped = prediction.get("skipped") or []
         if skipped:
@@ -501,50 +578,20 @@ class PredictionWriter(BasePredictionWriter):
                 handle.writelines(f"{path}\t{' '.join(str(reason).split())}\n" for path, reason in skipped)
             for path, reason in skipped:
                 log.warning("skipped %s: %s", path, reason)
-        mask_source = getattr(getattr(pl_module, "eval_config", None), "mask_source", "sam")
-        if getattr(pl_module, "refiner", None) is None:
-            mask_source = "score"
+        mask_source = prediction_mask_source(pl_module)
         bit_depth = getattr(getattr(trainer, "datamodule", None), "bit_depth", None)
-        rows = []
-        for i, path in enumerate(prediction["path"]):
-            height, width = (int(v) for v in prediction["original_size"][i].tolist())
-            original = read_image(path, bit_depth=bit_depth)  # (H, W, 3) uint8, display orientation, data.bit_depth
-            scores, mask = to_original_size(prediction["scores"][i], prediction["mask"][i], (height, width))
-            name = self._unique_name(path, trainer)
-            mask_path = self.run_dir / "masks" / f"{name}.png"
-            overlay_path = self.run_dir / "overlays" / f"{name}.png"
-            overlay = annotated_overlay(
-                original,
-                scores,
-                mask,
-                name=self._relative(path, trainer).as_posix(),
-                category=str(prediction["category"][i]),
-                image_score=float(prediction["image_scores"][i]),
-                image_threshold=float(prediction["image_thresholds"][i]),
-                pixel_threshold=float(prediction["pixel_thresholds"][i]),
-                label=bool(prediction["labels"][i]),
-                threshold_scope=str(prediction["threshold_scopes"][i]),
+        rows = [
+            write_prediction(
+                self.run_dir,
+                prediction,
+                i,
+                name=self._unique_name(path, trainer),
+                display_name=self._relative(path, trainer).as_posix(),
+                mask_source=mask_source,
+                bit_depth=bit_depth,
             )
-            with atomic_write(mask_path) as tmp:
-                Image.fromarray((mask * 255).astype(np.uint8)).save(tmp, format="PNG")
-            with atomic_write(overlay_path) as tmp:
-                Image.fromarray(overlay).save(tmp, format="PNG")
-            rows.append(
-                {
-                    "path": os.path.abspath(path),
-                    "category": prediction["category"][i],
-                    "object_name": prediction["object_names"][i],
-                    "image_score": float(prediction["image_scores"][i]),
-                    "threshold": prediction["image_thresholds"][i],
-                    "label": int(bool(prediction["labels"][i])),
-                    "pixel_threshold": prediction["pixel_thresholds"][i],
-                    "threshold_scope": prediction["threshold_scopes"][i],
-                    "mask_source": mask_source,
-                    "anomalous_pixels": int(mask.sum()),
-                    "mask": os.path.abspath(mask_path),
-                    "overlay": os.path.abspath(overlay_path),
-                }
-            )
+            for i, path in enumerate(prediction["path"])
+        ]
         self._append_rows(trainer, rows)
         self._count += len(rows)
 

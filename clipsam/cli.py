@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 
         module, name = _OWN_COMMANDS[args[0]]
         return run(args[1:], getattr(importlib.import_module(module), name))
+    if args[0] == "predict" and any(a == "--watch" or a.startswith("--watch=") for a in args[1:]):
+        # `clipsam predict --watch DIR`: segment image files as they arrive (clipsam.watch)
+        from clipsam.watch import watch_main
+
+        return run(args[1:], watch_main)
     # No explicit args from the console script: LightningCLI reads sys.argv itself.
     return run(None if argv is None else args)
 
