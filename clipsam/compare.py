@@ -33,6 +33,7 @@ from clipsam.metric_names import COLUMN_TITLES
 
 __all__ = [
     "PAPER_RESULTS",
+    "PAPER_ROW_SOURCES",
     "PAPER_SOURCE",
     "PAPER_TEST_SETS",
     "Comparison",
@@ -82,6 +83,23 @@ PAPER_RESULTS: dict[str, dict[str, dict[str, float | None]]] = {
         "mvtec": {"pixel_auroc": 89.5, "pixel_f1_max": 48.8, "pixel_ap": 46.4},
         "visa": {"pixel_auroc": 94.8, "pixel_f1_max": 36.5, "pixel_ap": 28.0},
     },
+    # Not in the paper: MuSc's own reported numbers (:data:`PAPER_ROW_SOURCES`), zero-shot on the
+    # full test sets; PRO-segm as pixel_aupro.
+    "MuSc": {
+        "mvtec": {
+            "pixel_auroc": 97.3, "pixel_f1_max": 62.6, "pixel_ap": 62.7, "pixel_aupro": 93.8,
+            "image_auroc": 97.8, "image_f1_max": 97.5, "image_ap": 99.1,
+        },
+        "visa": {
+            "pixel_auroc": 98.8, "pixel_f1_max": 48.8, "pixel_ap": 45.1, "pixel_aupro": 92.7,
+            "image_auroc": 92.8, "image_f1_max": 89.5, "image_ap": 93.5,
+        },
+    },
+}
+#: Rows of :data:`PAPER_RESULTS` whose numbers come from their own reference, not the paper.
+#: AdaCLIP has none: its README (caoyunkang/AdaCLIP @ e27ee32) shows its results only as images.
+PAPER_ROW_SOURCES: dict[str, str] = {
+    "MuSc": "xrli-U/MuSc README.md @ b76b93d ('Compare with SOTA k-shot methods', MuSc(ours) 0-shot rows)",
 }
 _PAPER_ROWS = {
     ("winclip", "none"): "WinCLIP",
@@ -92,6 +110,7 @@ _PAPER_ROWS = {
     # ClipSAM released no code: clipsam's umci + mmr is a reconstruction (ClipSAM-rec); the paper's
     # ClipSAM number is shown beside it for reference, never as its result.
     ("umci", "mmr"): "ClipSAM",
+    ("musc", "none"): "MuSc",  # MuSc's own README, not the paper (PAPER_ROW_SOURCES)
 }
 
 
@@ -548,9 +567,15 @@ def _notes(comparison: Comparison) -> list[str]:
     return [f"{label} on {dataset}: {reason}" for label, dataset, reason in comparison.flagged]
 
 
+def _sources_text() -> str:
+    """:data:`PAPER_SOURCE`, then the rows whose reported numbers come from elsewhere."""
+    others = "; ".join(f"{row}: {source}" for row, source in PAPER_ROW_SOURCES.items())
+    return f"{PAPER_SOURCE}; {others}" if others else PAPER_SOURCE
+
+
 def comparison_markdown(comparison: Comparison) -> str:
     """The main table, the per-category tables and the flags, as Markdown."""
-    parts = ["Mean over categories, percent; the paper's reported value in parentheses.", "", f"Paper numbers: {PAPER_SOURCE}."]
+    parts = ["Mean over categories, percent; the paper's reported value in parentheses.", "", f"Paper numbers: {_sources_text()}."]
     paper_note = _paper_note(comparison)
     if paper_note:
         parts += ["", f"Note: {paper_note}."]
@@ -587,7 +612,7 @@ def print_comparison(comparison: Comparison, *, per_category: bool = True, conso
         show(
             f"clipsam compare, test dataset {dataset}: mean over categories (percent; paper in parentheses)",
             *summary_table(comparison, dataset),
-            caption="paper: arXiv 2510.11028; '!': not comparable, see below",
+            caption=f"paper: arXiv 2510.11028 ({', '.join(PAPER_ROW_SOURCES)}: their own READMEs); '!': not comparable, see below",
         )
     paper_note = _paper_note(comparison)
     if paper_note:

@@ -45,12 +45,26 @@ class OptimizerConfig:
         lr: learning rate.
         betas: Adam's (beta1, beta2). The paper names none; the default (0.5, 0.999) is
             APRIL-GAN's training script, the protocol the paper builds on.
-        weight_decay: L2 penalty (0 in the paper).
+        weight_decay: L2 penalty (0 in the paper); with ``name: adamw`` the decoupled decay.
+        name: ``adam`` (``torch.optim.Adam``, weight decay as an L2 penalty) or ``adamw``
+            (``torch.optim.AdamW``, decoupled weight decay: AdaCLIP's trainer).
     """
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
+    name: str = "adam"
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "adamw"):
+            raise ConfigError(f"model.optimizer.name={self.name!r}: use 'adam' or 'adamw'.")
+
+    def build(self, params: Any) -> Any:
+        """The optimizer over ``params``: ``torch.optim.Adam`` or ``AdamW`` with these settings."""
+        import torch
+
+        optimizer_cls = torch.optim.AdamW if self.name == "adamw" else torch.optim.Adam
+        return optimizer_cls(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
 
 
 @dataclasses.dataclass

@@ -208,8 +208,7 @@ class ClipSamModule(LightningModule):
         params = [p for p in self.pipeline.build_producer().parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"model.method={self.method} has no trainable parameters: there is nothing to fit")
-        opt = self.optimizer_config
-        return torch.optim.Adam(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        return self.optimizer_config.build(params)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         producer = self.pipeline.build_producer()

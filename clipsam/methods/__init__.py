@@ -82,6 +82,7 @@ METHODS: dict[str, MethodSpec] = {
     "saa": MethodSpec("clipsam.methods.saa", builder="build_vanilla", config="CONFIG_VANILLA", summary="SAA vanilla (training-free)"),
     "saa_plus": MethodSpec("clipsam.methods.saa", summary="SAA+ (Grounding DINO + SAM + saliency, training-free)"),
     "musc": MethodSpec("clipsam.methods.musc", summary="MuSc mutual scoring over a category's test images (training-free, transductive)"),
+    "adaclip": MethodSpec("clipsam.methods.adaclip", trainable=True, summary="AdaCLIP hybrid static + dynamic prompts with HSF (trained)"),
 }
 
 

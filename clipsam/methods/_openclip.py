@@ -302,3 +302,40 @@ class FrozenClipMixin:
         nn.Module.train(self, mode)  # type: ignore[arg-type]
         self.clip.eval()
         return self
+
+
+def resize_pos_embed_bicubic(visual: nn.Module, image_size: int, *, key: str = "model.method_config") -> None:
+    """Resize a ViT's positional grid in place as the MuSc / AdaCLIP references' vendored open_clip does.
+
+    Bicubic, align_corners False, NO antialiasing (their ``resize_pos_embed``); the class
+    token's entry is kept. A no-op at the native size.
+
+    Raises:
+        ConfigError: ``image_size`` is not a multiple of the patch size (names ``key``).
+    """
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+    if image_size % patch:
+        raise ConfigError(f"{key}.input_size={image_size} is not a multiple of the patch size {patch}.")
+    new = image_size // patch
+    pos = visual.positional_embedding.detach()
+    side = round((pos.shape[0] - 1) ** 0.5)
+    if side != new:
+        grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
+        visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid]), requires_grad=False)
+    visual.grid_size = (new, new)
+    visual.image_size = (image_size, image_size)
+
+
+def native_input_size(model_name: str) -> int | None:
+    """The architecture's own input side (open_clip config), or None when unknown."""
+    import open_clip
+
+    if is_tiny_preset(model_name):
+        register_tiny_configs()
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    cfg = open_clip.get_model_config(model_name)
+    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None

@@ -172,3 +172,24 @@ def test_the_open_choices_of_each_run_are_shown(tmp_path: Path) -> None:
     column = header.index("choices")
     by_label = {line[0]: line[column] for line in lines}
     assert by_label == {"april_gan + ppg_cps": "evaluation.fusion=clip_boost; refiner_config.prompt.threshold=0.5", "winclip": ""}
+
+
+def test_musc_rows_show_muscs_own_reported_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MuSc is not in the paper: its numbers are its README's (pixel AUROC 97.3 on MVTec-AD, 98.8 on
+    VisA), shown beside musc runs with their source named; AdaCLIP has no reported row."""
+    monkeypatch.setitem(PAPER_TEST_SETS, "visa", ("VisA", frozenset({"pcb1"}), 10))
+    monkeypatch.setitem(PAPER_TEST_SETS, "mvtec", ("MVTec-AD", frozenset({"bottle"}), 10))
+    per = {"pixel_auroc": 0.9, "pixel_f1_max": 0.3, "pixel_ap": 0.2, "image_auroc": 0.8}
+    _report(tmp_path / "v", method="musc", refiner="none", test=VISA, per_category={"pcb1": per})
+    _report(tmp_path / "m", method="musc", refiner="none", test=MVTEC, per_category={"bottle": per})
+    _report(tmp_path / "a", method="adaclip", refiner="none", test=VISA, per_category={"pcb1": per})
+    comparison = build_comparison(collect_runs([str(tmp_path / "*")]))
+    assert paper_row("musc", "none") == "MuSc" and paper_row("adaclip", "none") is None
+    header, lines = comparison_csv_rows(comparison)
+    means = {(line[0], line[4]): dict(zip(header, line)) for line in lines if line[7] == "mean"}
+    assert means[("musc", "mvtec")]["paper_pixel_auroc"] == 97.3 and means[("musc", "visa")]["paper_pixel_auroc"] == 98.8
+    assert means[("musc", "visa")]["paper_pixel_f1_max"] == 48.8 and means[("musc", "visa")]["paper_pixel_ap"] == 45.1
+    assert means[("adaclip", "visa")]["paper_pixel_auroc"] is None
+    markdown = comparison_markdown(comparison)
+    assert "| musc | 90.0 (98.8) | 30.0 (48.8) | 20.0 (45.1) | 80.0 (92.8) |" in markdown  # image AUROC too
+    assert "MuSc: xrli-U/MuSc README.md" in markdown
