@@ -160,3 +160,39 @@ def test_the_page_asks_for_the_token_and_then_works(browser: Any, test_image: Pa
         assert "screw" in page.inner_text("#score")
         save_artefact(page, tmp_path, "serve_page_token.png")
         page.close()
+
+
+def test_the_demo_onnx_bundle_in_the_page(browser: Any, tmp_path: Path, synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`clipsam serve` on the demo's exported bundle (WinCLIP + PPG/CPS, the runtime, no fake):
+    the page shows the runtime's label and score and its mask as the overlay."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from clipsam.export import export_onnx
+    from clipsam.runtime import Runtime
+    from clipsam.serve.server import load_runtime
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("CLIPSAM_SYNTH_ROOT", str(synth_root))
+    bundle = tmp_path / "bundle"
+    configs = [str(repo / "configs" / "demo.yaml"), str(repo / "configs" / "methods" / "demo" / "winclip.yaml")]
+    export_onnx(None, configs, bundle, overrides={"data.image_size": 224, "model.refiner": "ppg_cps",
+                                                  "model.refiner_config.sam.embedding_cache_dir": None})  # fmt: skip
+    runtime = Runtime.from_bundle(bundle)
+    candidates = sorted((synth_root / "visa" / "capsule" / "Data" / "Images" / "Anomaly").glob("*.*"))
+    image, expected = next((p, r) for p in candidates if (r := runtime.segment(p, category="capsule")).mask.any())
+    with BackgroundServer(make_app(loader=lambda: load_runtime(bundle), category="capsule")) as server:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url)
+        page.wait_for_function("() => document.getElementById('health').textContent === 'model ready'", timeout=60_000)
+        upload_and_wait(page, image)
+        assert page.inner_text("#label") == ("ANOMALOUS" if expected.label else "NORMAL")
+        assert f"image score {expected.image_score:.3f}" in page.inner_text("#score")
+        overlay = page.evaluate(OVERLAY_PIXELS)
+        assert (overlay["height"], overlay["width"]) == expected.mask.shape
+        assert overlay["counted"] == int(expected.mask.sum()) > 0  # the runtime's mask, drawn
+        assert overlay["contour"] > 0
+        save_artefact(page, tmp_path, "serve_page_demo_bundle.png")
+        assert errors == []
+        page.close()
