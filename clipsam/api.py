@@ -37,7 +37,6 @@ Dimension symbols: H x W the frame (``data.image_size``), H0 x W0 the image.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from clipsam.errors import ConfigError
+from clipsam.results import SegmentResult
 from clipsam.loading import (
     apply_overrides,
     build_module,
@@ -60,39 +60,6 @@ from clipsam.loading import (
 __all__ = ["ImageInput", "SegmentResult", "Segmenter", "load_config"]  # load_config: clipsam.loading
 
 ImageInput = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
-
-
-@dataclasses.dataclass
-class SegmentResult:
-    """What :meth:`Segmenter.segment` returns for one image.
-
-    Attributes:
-        mask: (H0, W0) bool, the decided mask (``model.evaluation.mask_source``) at the image's
-            size, in the orientation of the image as given (files: display orientation).
-        scores: (H0, W0) float32 fused pixel scores in [0, 1] (what the pixel threshold applies to).
-        anomaly_map: (H0, W0) float32 CLIP anomaly map Map_a in [0, 1].
-        image_score: the image's anomaly score.
-        label: True when ``image_score >= image_threshold`` (anomalous).
-        image_threshold: the image threshold used.
-        pixel_threshold: the pixel threshold used (for the mask when ``mask_source="score"``).
-        threshold_scope: where the thresholds came from: the category, "global" or "default"
-            (uncalibrated fallback ``model.evaluation.predict_*_threshold``).
-        category: the category the image was segmented as.
-        object_name: the object name written in the text prompts.
-        path: the file, for path inputs; None otherwise.
-    """
-
-    mask: np.ndarray
-    scores: np.ndarray
-    anomaly_map: np.ndarray
-    image_score: float
-    label: bool
-    image_threshold: float
-    pixel_threshold: float
-    threshold_scope: str
-    category: str
-    object_name: str
-    path: str | None = None
 
 
 # ---------------------------------------------------------------------------------- config

@@ -154,7 +154,7 @@ class SamDecoderGraph(nn.Module):
     def forward(
         self, embeddings: Tensor, point_coords: Tensor, point_labels: Tensor, mask_input: Tensor, has_mask_input: Tensor
     ) -> tuple[Tensor, Tensor]:
-        encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
+        encoder = self.sam.prompt_encoder
         height, width = encoder.input_image_size
         coords = point_coords + 0.5
         coords = torch.stack((coords[..., 0] / width, coords[..., 1] / height), -1)
@@ -166,20 +166,9 @@ class SamDecoderGraph(nn.Module):
             sparse = sparse + (labels == index).to(sparse.dtype) * embedding.weight
         has = has_mask_input.view(-1, 1, 1, 1)
         dense = has * encoder.mask_downscaling(mask_input) + (1 - has) * encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        rows = sparse.shape[0]
-        out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
-        tokens = torch.cat((out_tokens[None].expand(rows, -1, -1), sparse), 1)
-        src = embeddings + dense
-        pos = encoder.get_dense_pe().expand(rows, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos, tokens)
-        iou_out = hs[:, 0, :]
-        mask_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        b, c, h, w = upscaled.shape
-        masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, decoder.iou_prediction_head(iou_out)
+        from clipsam.models.sam import decode_mask_tokens
+
+        return decode_mask_tokens(self.sam, embeddings, sparse, dense)
 
 
 # ---------------------------------------------------------------------------------- checks

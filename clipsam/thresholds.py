@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from clipsam.errors import ConfigError
+from clipsam.results import lookup
 
 __all__ = [
     "RULE",
@@ -367,20 +368,3 @@ def check_compatible(thresholds: Mapping[str, Any], settings: Mapping[str, Any],
         )
 
 
-def lookup(thresholds: Mapping[str, Any] | None, level: str, category: str, default: float) -> tuple[float, str]:
-    """The threshold of ``level`` ("image" or "pixel") for ``category``.
-
-    Returns:
-        ``(threshold, scope)`` where scope says where it came from: the category name, ``"global"``
-        (pooled over the calibration categories) or ``"default"`` (no thresholds file, or no
-        usable entry: ``default`` is used).
-    """
-    if thresholds:
-        entries = thresholds.get(level) or {}
-        entry = (entries.get("per_category") or {}).get(category)
-        if entry:
-            return float(entry["threshold"]), category
-        entry = entries.get("global")
-        if entry:
-            return float(entry["threshold"]), "global"
-    return float(default), "default"

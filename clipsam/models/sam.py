@@ -50,6 +50,7 @@ __all__ = [
     "SAM_VARIANTS",
     "EmbeddingCache",
     "SamConfig",
+    "decode_mask_tokens",
     "decode_prompts_original",
     "encode_sam_inputs",
     "preprocess_sam_inputs",
@@ -640,3 +641,35 @@ def decode_prompts_original(
     )  # (R, M, 4h, 4w)
     logits = sam.postprocess_masks(low_res, tuple(input_size), tuple(output_size))  # (R, M, H, W)
     return torch.sigmoid(logits)
+
+
+def decode_mask_tokens(sam: Sam, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder for R prompt sets, row r's prompts on row r's embedding, every mask token.
+
+    ``MaskDecoder.predict_masks`` runs all prompt sets on ONE image embedding; here row r's
+    prompts meet row r's embedding (same sub-modules, same weights, same order of operations).
+
+    Args:
+        sam: segment_anything ``Sam``.
+        embeddings: (R, C, h, w); sparse: (R, T, C) prompt tokens; dense: (R or 1, C, h, w)
+            (the prompt encoder's outputs).
+
+    Returns:
+        (R, M, 4h, 4w) low-res logits and (R, M) predicted IoU of all M mask tokens (mask 0: the
+        single-mask output; 1..3: the multimask candidates).
+    """
+    encoder, decoder = sam.prompt_encoder, sam.mask_decoder
+    rows = sparse.shape[0]
+    out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
+    tokens = torch.cat((out_tokens[None].expand(rows, -1, -1), sparse), 1)
+    src = embeddings + dense
+    pos = encoder.get_dense_pe().expand(rows, -1, -1, -1)
+    b, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos, tokens)
+    iou_out = hs[:, 0, :]
+    mask_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    return masks, decoder.iou_prediction_head(iou_out)

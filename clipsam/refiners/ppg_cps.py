@@ -32,6 +32,7 @@ from clipsam.models.sam import (
     SamConfig,
     _freeze,
     build_sam,
+    decode_mask_tokens,
     encode_sam_inputs,
     frame_to_original,
     original_to_input,
@@ -322,8 +323,7 @@ class SamRefiner(Refiner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder for R prompt sets on their own R image embeddings.
 
-        ``MaskDecoder.predict_masks`` runs all prompt sets on ONE image embedding; here row r's
-        prompts meet row r's embedding (same sub-modules, same weights, same order of operations).
+        Row r's prompts meet row r's embedding (:func:`clipsam.models.sam.decode_mask_tokens`).
 
         Args:
             embeddings: (R, C, h, w); points: (R, N, 2) SAM input pixels; labels: (R, N), the real
@@ -333,22 +333,9 @@ class SamRefiner(Refiner):
         Returns:
             (R, 1, 4h, 4w) low-res logits of the chosen mask and (R,) its predicted IoU.
         """
-        encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
-        sparse, dense = encoder(points=(points, labels), boxes=boxes, masks=mask_input)
-        rows = sparse.shape[0]
-        out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], 0)
-        tokens = torch.cat((out_tokens[None].expand(rows, -1, -1), sparse), 1)
-        src = embeddings + dense
-        pos = encoder.get_dense_pe().expand(rows, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos, tokens)
-        iou_out = hs[:, 0, :]
-        mask_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
-        b, c, h, w = upscaled.shape
-        masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        iou = decoder.iou_prediction_head(iou_out)
+        sparse, dense = self.sam.prompt_encoder(points=(points, labels), boxes=boxes, masks=mask_input)
+        masks, iou = decode_mask_tokens(self.sam, embeddings, sparse, dense)
+        rows = masks.shape[0]
         if self.cascade.multimask:
             masks, iou = masks[:, 1:], iou[:, 1:]
             best = iou.argmax(1)

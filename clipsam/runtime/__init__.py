@@ -21,7 +21,6 @@ with ``onnxruntime-gpu``); default CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,39 +31,17 @@ from typing import Any
 import numpy as np
 
 from clipsam.errors import ConfigError, WeightsError
+from clipsam.results import SegmentResult, lookup
 
-__all__ = ["ONNX_BUNDLE_FORMAT", "Runtime", "RuntimeResult", "is_onnx_bundle"]
+__all__ = ["ONNX_BUNDLE_FORMAT", "Runtime", "RuntimeResult", "SegmentResult", "is_onnx_bundle"]
 
 ONNX_BUNDLE_FORMAT = "clipsam-onnx-bundle"
 SUPPORTED_VERSION = 1
 
 
-@dataclasses.dataclass
-class RuntimeResult:
-    """What :meth:`Runtime.segment` returns for one image (the fields of ``clipsam.SegmentResult``).
-
-    Attributes:
-        mask: (H0, W0) bool decided mask at the image's size.
-        scores: (H0, W0) float32 fused pixel scores in [0, 1] (the pixel threshold applies to them).
-        anomaly_map: (H0, W0) float32 Map_a in [0, 1].
-        image_score: the image's anomaly score; label: ``image_score >= image_threshold``.
-        image_threshold, pixel_threshold: the thresholds used; threshold_scope: the category,
-            "global" or "default".
-        category: the category the image was segmented as; object_name: what the prompts say.
-        path: the file, for path inputs.
-    """
-
-    mask: np.ndarray
-    scores: np.ndarray
-    anomaly_map: np.ndarray
-    image_score: float
-    label: bool
-    image_threshold: float
-    pixel_threshold: float
-    threshold_scope: str
-    category: str
-    object_name: str
-    path: str | None = None
+RuntimeResult = SegmentResult
+"""What :meth:`Runtime.segment` returns for one image: :class:`clipsam.results.SegmentResult`
+(the same class as ``clipsam.SegmentResult``)."""
 
 
 def is_onnx_bundle(path: str | os.PathLike[str]) -> bool:
@@ -82,19 +59,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _lookup(thresholds: dict[str, Any] | None, level: str, category: str, default: float) -> tuple[float, str]:
-    """:func:`clipsam.thresholds.lookup`: the category's entry, else the global one, else the default."""
-    if thresholds:
-        entries = thresholds.get(level) or {}
-        entry = (entries.get("per_category") or {}).get(category)
-        if entry:
-            return float(entry["threshold"]), category
-        entry = entries.get("global")
-        if entry:
-            return float(entry["threshold"]), "global"
-    return float(default), "default"
 
 
 class Runtime:
@@ -325,15 +289,15 @@ class Runtime:
             (image_scores,) = self._run("image_score", {"producer_scores": producer_scores.astype(np.float32), "scores": scores_all})
         results = []
         for i, ((array, path), cat) in enumerate(zip(decoded, cats)):
-            image_t, scope = _lookup(self.thresholds, "image", cat, evaluation["default_image_threshold"])
-            pixel_t, _ = _lookup(self.thresholds, "pixel", cat, evaluation["default_pixel_threshold"])
+            image_t, scope = lookup(self.thresholds, "image", cat, evaluation["default_image_threshold"])
+            pixel_t, _ = lookup(self.thresholds, "pixel", cat, evaluation["default_pixel_threshold"])
             frame_mask = masks[i]
             if evaluation["mask_source"] == "score" or refiner == "none":
                 frame_mask = scores_all[i] >= np.float32(pixel_t)
             height, width = array.shape[:2]
             entry = manifest["categories"].get(cat) or {}
             results.append(
-                RuntimeResult(
+                SegmentResult(
                     mask=ops.cv2_nearest_resize(frame_mask.astype(np.uint8), height, width) > 0,
                     scores=ops.cv2_linear_resize(scores_all[i], height, width),
                     anomaly_map=ops.cv2_linear_resize(anomaly_maps[i].astype(np.float32), height, width),

@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from clipsam.results import SegmentResult
+
 __all__ = ["FakeBackend", "FakeResult"]
 
 
-@dataclass
-class FakeResult:
-    """The fields of ``clipsam.runtime.RuntimeResult`` the service reads."""
-
-    mask: np.ndarray
-    scores: np.ndarray
-    anomaly_map: np.ndarray
-    image_score: float
-    label: bool
-    image_threshold: float
-    pixel_threshold: float
-    threshold_scope: str
-    category: str
-    object_name: str
-    path: str | None = None
+FakeResult = SegmentResult  # the fields of clipsam.runtime's results
 
 
 class FakeBackend:

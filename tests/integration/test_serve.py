@@ -503,7 +503,7 @@ def test_the_serve_package_imports_without_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     loaded = eval(proc.stdout)
-    assert all(m == "clipsam" or m == "clipsam.errors" or m.startswith("clipsam.serve") for m in loaded), loaded
+    assert all(m in ("clipsam", "clipsam.errors", "clipsam.results") or m.startswith("clipsam.serve") for m in loaded), loaded
 
 
 # -- imaging ------------------------------------------------------------------------------------------------
