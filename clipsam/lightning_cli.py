@@ -289,7 +289,8 @@ class ClipSamCLI(LightningCLI):
             "epilog",
             "every command (compare, benchmark, data, export, ...): `clipsam --help`; "
             "`clipsam data {synth,download,list} --help` (datasets on disk), "
-            "`clipsam export --help` (bundle / ONNX), `clipsam --version`.",
+            "`clipsam export --help` (bundle / ONNX), `clipsam serve --help`, `clipsam --version`; "
+            "`clipsam predict ... --watch DIR` segments files as they arrive (`clipsam predict --watch DIR --help`).",
         )
         if self.parser_class is LightningArgumentParser:
             self.parser_class = ClipSamArgumentParser
