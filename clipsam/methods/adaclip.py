@@ -87,6 +87,7 @@ width, L prompt length, S the model's input side, P sentences.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -429,7 +430,10 @@ def state_text_features(features: Tensor, normal_count: int) -> Tensor:
 
 
 def kmeans_labels(points: Tensor, clusters: int, *, iters: int = 300, seed: int = 0) -> Tensor:
-    """K-means cluster labels: k-means++ seeding (seeded) then Lloyd iterations until no label
+    """K-means cluster labels as the reference's scikit-learn ``KMeans(n_init="auto")`` computes
+    them: greedy k-means++ seeding (each new centre the best of ``2 + int(ln K)`` candidates drawn
+    with probability proportional to the squared distance, the one that lowers the total squared
+    distance most; seeded here, unseeded in the reference) then Lloyd iterations until no label
     changes (at most ``iters``); an emptied cluster keeps its centre (HSF's ``KMeans``).
 
     Args:
@@ -445,15 +449,18 @@ def kmeans_labels(points: Tensor, clusters: int, *, iters: int = 300, seed: int 
     x = points.detach().float().cpu()
     count = x.shape[0]
     clusters = max(1, min(int(clusters), count))
+    trials = 2 + int(math.log(clusters))
     generator = torch.Generator().manual_seed(int(seed))
     chosen = [int(torch.randint(count, (1,), generator=generator))]
-    nearest = ((x - x[chosen[0]]) ** 2).sum(-1)
+    nearest = ((x - x[chosen[0]]) ** 2).sum(-1)  # squared distance to the closest chosen centre
     for _ in range(1, clusters):
         total = float(nearest.sum())
         weights = nearest / total if total > 0 else torch.ones(count) / count
-        pick = int(torch.multinomial(weights, 1, generator=generator))
-        chosen.append(pick)
-        nearest = torch.minimum(nearest, ((x - x[pick]) ** 2).sum(-1))
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)  # (T,)
+        with_candidate = torch.minimum(nearest[None], torch.cdist(x[candidates], x) ** 2)  # (T, M)
+        best = int(with_candidate.sum(1).argmin())  # the candidate lowering the potential most
+        chosen.append(int(candidates[best]))
+        nearest = with_candidate[best]
     centres = x[chosen].clone()
     labels = torch.cdist(x, centres).argmin(1)
     for _ in range(int(iters)):

@@ -201,6 +201,27 @@ def test_kmeans_labels_separate_clear_groups_and_are_seeded():
     assert A.kmeans_labels(points[:3], 20).unique().numel() == 3  # K clamped to the number of points
 
 
+def test_kmeans_seeding_is_scikit_learns_greedy_kmeans_plus_plus():
+    """The reference clusters with scikit-learn's KMeans (greedy k-means++, 2 + ln K trials per
+    centre). Over 20 seeds on 150 points around 25 centres, the mean within-cluster scatter of
+    clipsam's K = 20 clustering is within 8% of scikit-learn's (measured: 2.3% above it; plain
+    k-means++ seeding, one candidate per centre, is 43% above it)."""
+    sklearn_cluster = pytest.importorskip("sklearn.cluster")
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(25, 16, generator=g) * 3
+    assign = torch.randint(25, (150,), generator=g)
+    points = centres[assign] + torch.randn(150, 16, generator=g) * torch.rand(150, 1, generator=g)
+
+    def scatter(labels: torch.Tensor) -> float:
+        return sum(float(((points[labels == c] - points[labels == c].mean(0)) ** 2).sum()) for c in labels.unique())
+
+    ours = sum(scatter(A.kmeans_labels(points, 20, seed=s)) for s in range(20)) / 20
+    theirs = sum(
+        float(sklearn_cluster.KMeans(20, n_init=1, random_state=s).fit(points.numpy()).inertia_) for s in range(20)
+    ) / 20
+    assert ours / theirs < 1.08, (ours, theirs)
+
+
 def test_image_feature_fusion_by_hand():
     fused = A.fuse_image_feature(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.2)
     torch.testing.assert_close(fused, torch.tensor([[0.8, 0.2]]) / math.sqrt(0.68))
