@@ -158,6 +158,12 @@ def read_bundle(bundle: str | os.PathLike[str]) -> tuple[dict[str, Any], Path | 
             f"{manifest_path} holds a JSON {type(manifest).__name__}, not the bundle's description (an object): {export_hint}"
         )
     version = manifest.get("version", 0)
+    if manifest.get("format") == "clipsam-onnx-bundle":
+        raise WeightsError(
+            f"{root} is an ONNX bundle (`clipsam export --format onnx`): run it with "
+            f"clipsam.runtime.Runtime.from_bundle({str(root)!r}) or `clipsam serve --bundle {root}`; "
+            "clipsam.Segmenter reads `clipsam export --format bundle` folders"
+        )
     if manifest.get("format") != BUNDLE_FORMAT or not isinstance(version, int) or isinstance(version, bool) or version > BUNDLE_VERSION:
         raise WeightsError(
             f"{manifest_path}: unsupported bundle format {manifest.get('format')!r} version {version!r} "

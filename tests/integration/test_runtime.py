@@ -166,6 +166,10 @@ def test_bundle_metadata_and_tampering(tmp_path: Path, synth_root: Path, demo_fi
         Runtime.from_bundle(bundle)
     with pytest.raises(ConfigError, match="not an ONNX bundle"):
         Runtime.from_bundle(tmp_path)
+    from clipsam import Segmenter
+
+    with pytest.raises(WeightsError, match="is an ONNX bundle"):  # the PyTorch path names the runtime
+        Segmenter.from_bundle(bundle)
 
 
 @pytest.mark.parametrize(
