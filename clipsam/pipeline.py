@@ -232,7 +232,10 @@ class Pipeline(nn.Module):
         self.draw_references(datamodule, stage)
 
     def configure_batching(self, datamodule: Any, stage: str) -> None:
-        """Make validate/test/predict batches whole categories when the method needs them.
+        """Make validate/test/predict batches whole categories when the method needs them (under
+        DDP each process's shard of every category, dealt in blocks of the method's optional
+        ``category_block(config, *, image_size)`` hook, default 1:
+        :mod:`clipsam.data.category_batches`).
 
         Raises:
             ConfigError: the datamodule cannot batch by category (not clipsam's).
@@ -244,7 +247,9 @@ class Pipeline(nn.Module):
                 f"model.method={self.method} scores each image against the other images of its category: run it "
                 "with clipsam's AnomalyDataModule, which batches whole categories (this datamodule cannot)"
             )
-        datamodule.set_category_batches(True)
+        hook = methods.method_hook(self.method, "category_block")
+        block = int(hook(self.method_config, image_size=self.image_size)) if hook is not None else 1
+        datamodule.set_category_batches(True, block=block)
 
     def draw_references(self, datamodule: Any, stage: str) -> None:
         """``clipsam test/validate/predict`` (``ClipSamModule.setup``): have the datamodule draw the

@@ -34,8 +34,11 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, RandomSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, RandomSampler, default_collate
 
+# Imported here, not lazily: Lightning re-instantiates a BatchSampler subclass under DDP only
+# when the class exists while the *_dataloader hook runs (it patches the subclasses' __init__).
+from clipsam.data.category_batches import CategoryBatchSampler, CategoryShardDataset
 from clipsam.data.dataset import AnomalyDataset
 from clipsam.data.folder import list_images
 from clipsam.data.formats import get_format
@@ -521,9 +524,10 @@ class AnomalyDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"call datamodule.setup({stage!r}) before asking for its dataloader")
         if self.category_batches and stage != "fit":
+            sampler = self._category_sampler(dataset, stage)
             return DataLoader(
-                dataset,
-                batch_sampler=self._category_sampler(dataset),
+                CategoryShardDataset(dataset) if sampler.num_replicas > 1 else dataset,
+                batch_sampler=sampler,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 collate_fn=default_collate,
@@ -547,28 +551,58 @@ class AnomalyDataModule(LightningDataModule):
     # ------------------------------------------------------------- whole-category batches
     #: validate/test/predict batches hold whole categories (:meth:`set_category_batches`)
     category_batches: bool = False
+    #: under DDP, a category is dealt to the processes in blocks of this many images
+    category_block: int = 1
 
-    def set_category_batches(self, enabled: bool = True) -> None:
-        """Make validate/test/predict batches whole categories, all images of one category per
-        batch (a transductive method: ``Pipeline.configure_batching``); ``data.test_batch_size``
-        is then not used.
+    def set_category_batches(self, enabled: bool = True, *, block: int = 1) -> None:
+        """Make validate/test/predict batches whole categories (a transductive method:
+        ``Pipeline.configure_batching``); ``data.test_batch_size`` is then not used.
+
+        One process: one batch per category holding all its images. DDP: every process takes
+        one batch per category (same order everywhere) holding its shard of the category, blocks
+        of ``block`` images dealt to the processes in turn, a padding duplicate where a process
+        gets no block; items carry ``category_pad``, and the method gathers the shards
+        (:mod:`clipsam.data.category_batches`).
+
+        Args:
+            enabled: turn whole-category batches on (or off).
+            block: images per block under DDP (the method's ``category_block`` hook; MuSc: its
+                ``encode_batch``, so that each process's backbone passes hold the same images as
+                one process's).
 
         Raises:
-            ConfigError: more than one process (DDP): whole categories are scored in one process.
+            ConfigError: ``block`` < 1.
         """
-        trainer = getattr(self, "_trainer", None)
-        if enabled and trainer is not None and int(getattr(trainer, "world_size", 1)) > 1:
-            raise ConfigError(
-                "this method scores each image against the other images of its category, in one process: "
-                "run it with trainer.devices=1 and trainer.num_nodes=1"
-            )
+        if int(block) < 1:
+            raise ConfigError(f"whole-category batches: block must be >= 1, got {block}")
         self.category_batches = bool(enabled)
+        self.category_block = int(block)
 
-    @staticmethod
-    def _category_sampler(dataset: AnomalyDataset) -> Sampler:
-        from clipsam.data.category_batches import CategoryBatchSampler
+    def _category_sampler(self, dataset: AnomalyDataset, stage: str) -> CategoryBatchSampler:
+        """The category batches of ``dataset`` for this process (its rank of the trainer's
+        ``world_size``; one process without a trainer).
 
-        return CategoryBatchSampler([s.category for s in dataset.samples])
+        Raises:
+            ConfigError: ``predict`` under DDP with a category that has fewer blocks than
+                processes: the padding duplicate would be written twice (a test only counts it once).
+        """
+        trainer = getattr(self, "trainer", None)  # LightningDataModule.trainer (None outside a run)
+        world_size = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        sampler = CategoryBatchSampler(
+            [s.category for s in dataset.samples], num_replicas=world_size, rank=rank, block=self.category_block
+        )
+        padded = sampler.padded_categories()
+        if stage == "predict" and padded:
+            category = padded[0]
+            count = len(sampler.groups[category])
+            blocks = -(-count // sampler.block)
+            raise ConfigError(
+                f"predict with {world_size} processes gives each process a share of every category, but category "
+                f"{category!r} has {count} image(s), dealt in {blocks} block(s) of {sampler.block}: predict with at "
+                f"most {blocks} process(es) (trainer.devices x trainer.num_nodes)"
+            )
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "fit", batch_size=self.batch_size, shuffle=True)
@@ -589,9 +623,11 @@ class AnomalyDataModule(LightningDataModule):
         # A file that fails to decode while predicting (validation off, or changed since setup)
         # is skipped and reported, not the end of the run.
         if self.category_batches:
+            sampler = self._category_sampler(self.predict_dataset, "predict")
+            items = _SkipUndecodable(self.predict_dataset)
             return DataLoader(
-                _SkipUndecodable(self.predict_dataset),
-                batch_sampler=self._category_sampler(self.predict_dataset),
+                CategoryShardDataset(items) if sampler.num_replicas > 1 else items,
+                batch_sampler=sampler,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 collate_fn=collate_skipping,

@@ -121,7 +121,7 @@ def method_config(name: str, value: Any = None, *, key: str = "model.method_conf
 
 def method_hook(name: str, hook: str) -> Callable[..., Any] | None:
     """An optional module-level function of method ``name`` (``input_specs``, ``checkpoint_meta``,
-    ``check_checkpoint``, ``reference_count``, ``inference_batching``), or None when the method
+    ``check_checkpoint``, ``reference_count``, ``inference_batching``, ``category_block``), or None when the method
     does not define it."""
     return optional_attr(get_method(name).module, hook, what=f"model.method={name!r}")
 

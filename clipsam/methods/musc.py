@@ -5,7 +5,11 @@ test images of its category. Normal patches find close matches in most other ima
 anomalous patch finds close matches in few of them. The computation is therefore over a whole
 category at once (:meth:`MuSc.score_category`); :meth:`MuSc.forward` applies it to each
 category present in a batch, so a batch that holds a whole category gives the reference's
-numbers, and a category with a single image in the batch cannot be scored (error).
+numbers, and a category with a single image in the batch cannot be scored (error). Under DDP
+each process holds a shard of the category (:mod:`clipsam.data.category_batches`):
+:meth:`MuSc.score_category_shard` runs the backbone on the process's own images, gathers the
+tokens of the whole category from all processes (:func:`gather_rows`, in dataset order) and
+scores the whole category on every process, keeping its own rows: one process's result.
 
 Restated from the public reference code (github xrli-U/MuSc; file and function named per step):
 
@@ -73,22 +77,26 @@ D joint embedding width, R degrees r, Y tapped layers, S input side, H x W the f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clipsam.data.category_batches import PAD_KEY
 from clipsam.errors import ConfigError
 from clipsam.inputs import InputSpec
 from clipsam.methods._openclip import (
     FrozenClipMixin,
     build_open_clip,
     check_vit,
+    native_input_size,
     pil_input_specs,
     resize_images,
+    resize_pos_embed_bicubic,
 )
 from clipsam.methods.base import MapOutput, MapProducer
 
@@ -98,7 +106,10 @@ __all__ = [
     "MuscConfig",
     "average_scores",
     "build",
+    "category_block",
     "estimate_category_bytes",
+    "gather_objects",
+    "gather_rows",
     "inference_batching",
     "input_specs",
     "interval_mean",
@@ -149,12 +160,14 @@ class MuscConfig:
         amp: Run the frozen backbone under float16 autocast on CUDA (the reference's
             ``torch.cuda.amp.autocast``); no effect on CPU. LNAMD, MSM and RsCIN are float32.
         encode_batch: Images per backbone pass (the reference's scripts use 4); no effect on
-            the result.
+            the result. Under DDP also the block of images a category is dealt to the processes
+            in (:func:`category_block`), so that their passes hold the same images as one process's.
         distance_chunk_mb: Memory of one block of pairwise patch distances in MSM (MiB); no
             effect on the result, bounds the peak.
         max_category_gib: Refuse a category whose estimated working memory (stored tokens of all
             its images, LNAMD buffers, one distance block, maps:
-            :func:`estimate_category_bytes`) exceeds this many GiB; ``None``: no bound.
+            :func:`estimate_category_bytes`) exceeds this many GiB; ``None``: no bound. Under DDP
+            the whole category counts: every process holds all its tokens.
         seed: Seed of random weights.
     """
 
@@ -444,25 +457,58 @@ def estimate_category_bytes(
     return int(tokens + lnamd_buffers + distance + maps)
 
 
-def resize_pos_embed_bicubic(visual: nn.Module, image_size: int) -> None:
-    """Resize a ViT's positional grid in place as the reference's vendored open_clip does.
+# ---------------------------------------------------------------------- across processes (DDP)
+def _distributed() -> bool:
+    """Whether torch.distributed runs with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    Bicubic, align_corners False, NO antialiasing (its ``resize_pos_embed``); the class token's
-    entry is kept. A no-op at the native size.
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (picklable), in rank order (``all_gather_object``).
+
+    A collective: every process must call it. ``[value]`` when torch.distributed is not
+    initialised or runs one process.
     """
-    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
-    if image_size % patch:
-        raise ConfigError(f"{_KEY}.input_size={image_size} is not a multiple of the patch size {patch}.")
-    new = image_size // patch
-    pos = visual.positional_embedding.detach()
-    side = round((pos.shape[0] - 1) ** 0.5)
-    if side != new:
-        grid = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(new * new, -1).to(pos.dtype)
-        visual.positional_embedding = nn.Parameter(torch.cat([pos[:1], grid]), requires_grad=False)
-    visual.grid_size = (new, new)
-    visual.image_size = (image_size, image_size)
+    if not _distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def gather_rows(tensors: Sequence[Tensor], counts: Sequence[int]) -> list[Tensor]:
+    """Each tensor's rows of every process, concatenated in rank order (rank 0's rows first).
+
+    A collective (``all_gather``; the rows are zero-padded to the largest count for it and the
+    padding dropped again): every process calls it with the same number of tensors, of the same
+    dtype and trailing shape, in the same order. One tensor is gathered at a time, so the peak
+    is about twice one gathered tensor on top of the inputs. Unchanged (a new list) when
+    torch.distributed is not initialised or runs one process.
+
+    Args:
+        tensors: this process's tensors, each (counts[rank], ...).
+        counts: the number of rows of every process, in rank order (:func:`gather_objects`).
+
+    Returns:
+        per tensor (sum(counts), ...).
+    """
+    if not _distributed():
+        return list(tensors)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if len(counts) != world:
+        raise ValueError(f"{len(counts)} row counts for {world} processes")
+    rows = max(int(n) for n in counts)
+    out = []
+    for tensor in tensors:
+        if tensor.shape[0] != int(counts[rank]):
+            raise ValueError(f"process {rank} holds {tensor.shape[0]} rows, its count says {counts[rank]}")
+        padded = tensor.new_zeros(rows, *tensor.shape[1:])
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        out.append(torch.cat([part[: int(n)] for part, n in zip(parts, counts)]))
+        del parts, padded
+    return out
 
 
 # ---------------------------------------------------------------------- the producer
@@ -473,7 +519,9 @@ class MuSc(FrozenClipMixin, MapProducer):
     together (the reference's protocol). :meth:`forward` on a batch runs it once per category
     present in the batch; each image is scored against the other images of its category IN THAT
     BATCH, so the reference's numbers need batches that hold whole categories. A category with a
-    single image in the batch cannot be scored (:class:`~clipsam.errors.ConfigError`).
+    single image in the batch cannot be scored (:class:`~clipsam.errors.ConfigError`). A DDP
+    shard batch (``category_pad`` present: one category, this process's share) goes through
+    :meth:`forward_batch` to :meth:`score_category_shard`, which gathers the whole category.
 
     Args:
         clip_model: open_clip ``CLIP`` with a class-token ViT tower sized for ``input_size``.
@@ -528,7 +576,10 @@ class MuSc(FrozenClipMixin, MapProducer):
         return [taps[v] for v in self.config.feature_layers], F.normalize(pooled.float(), dim=-1)
 
     def check_category_memory(self, num_images: int, category: str, frame: tuple[int, int]) -> int:
-        """Estimated bytes of scoring ``num_images`` together; one-line ConfigError above the bound."""
+        """Estimated bytes of scoring ``num_images`` together; one-line ConfigError above the bound.
+
+        Under DDP ``num_images`` is the whole category: every process holds all its features.
+        """
         side = self.input_size
         need = estimate_category_bytes(
             num_images,
@@ -540,14 +591,77 @@ class MuSc(FrozenClipMixin, MapProducer):
         )
         bound = self.config.max_category_gib
         if bound is not None and need > float(bound) * _GIB:
+            where = " on every process (each scores the whole category)" if _distributed() else ""
             raise ConfigError(
                 f"musc: category {category!r} has {num_images} images, whose transductive scoring needs an "
-                f"estimated {need / _GIB:.2f} GiB > {_KEY}.max_category_gib={bound}: raise it, or split the "
+                f"estimated {need / _GIB:.2f} GiB{where} > {_KEY}.max_category_gib={bound}: raise it, or split the "
                 "category into smaller batches (each then scored on its own)"
             )
         return need
 
+    def _check_category(self, num_images: int, category: str, frame: tuple[int, int]) -> None:
+        """At least 2 images, and the memory bound (:meth:`check_category_memory`)."""
+        if num_images < 2:
+            raise ConfigError(
+                f"musc scores each image against the other test images of its category: category {category!r} "
+                f"has {num_images} image(s) here; give it at least 2 in the same batch (clipsam test: whole categories)"
+            )
+        self.check_category_memory(num_images, category, frame)
+
     # -- the category-level computation
+    def _encode_category(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The backbone on M images, ``encode_batch`` at a time from the first (M may be 0).
+
+        Args:
+            images: (M, 3, S, S) at ``input_size``.
+
+        Returns:
+            ``([tokens (M, L, C) float32 per feature layer], class (M, D) float32 unit)``.
+        """
+        m, step = int(images.shape[0]), int(self.config.encode_batch)
+        tokens = [images.new_empty(m, self.grid[0] * self.grid[1], self.width) for _ in self.config.feature_layers]
+        proj = self.visual.proj
+        classes = images.new_empty(m, int(proj.shape[1]) if proj is not None else self.width)
+        for start in range(0, m, step):
+            taps, cls = self.encode(images[start : start + step])
+            for store, tap in zip(tokens, taps):
+                store[start : start + tap.shape[0]] = tap
+            classes[start : start + cls.shape[0]] = cls
+        return tokens, classes
+
+    def _score_encoded(self, tokens: list[Tensor], class_tokens: Tensor, frame: tuple[int, int]) -> MapOutput:
+        """Steps 3-7 (LNAMD, MSM, combination, upsampling, RsCIN) on ONE whole category's features.
+
+        Args:
+            tokens: per feature layer (M, L, C); the list is emptied as the layers are used.
+            class_tokens: (M, D) unit class embeddings.
+            frame: (H, W) of the returned maps.
+        """
+        cfg = self.config
+        m = int(class_tokens.shape[0])
+        chunk = float(cfg.distance_chunk_mb) * 2**20
+        per_r = []
+        for r in cfg.r_list:
+            per_layer = []
+            for layer_tokens in tokens:
+                z = lnamd(layer_tokens, self.grid, r)
+                per_layer.append(mutual_scores(z, cfg.topmin_min, cfg.topmin_max, chunk_bytes=chunk))
+                del z
+            per_r.append(per_layer)
+        tokens.clear()
+        patch_scores = average_scores(per_r)  # (M, L), the reference's units
+        at_input = upsample_scores(patch_scores, self.grid, self.input_size)
+        max_scores = at_input.flatten(1).amax(dim=1)  # the reference's ac_score
+        image_scores = rscin(max_scores, class_tokens, cfg.rscin_k)
+        if 0 in cfg.rscin_k:
+            image_scores = image_scores / _MAX_DISTANCE  # raw maxima, on the map's [0, 1] scale
+        maps = at_input if tuple(frame) == (self.input_size, self.input_size) else upsample_scores(patch_scores, self.grid, frame)
+        return MapOutput(
+            anomaly_map=(maps / _MAX_DISTANCE).clamp(0.0, 1.0),
+            image_scores=image_scores.clamp(0.0, 1.0),
+            extras={"patch_scores": patch_scores.reshape(m, *self.grid), "max_scores": max_scores},
+        )
+
     def score_category(self, images: Tensor, category: str = "", *, frame: tuple[int, int] | None = None) -> MapOutput:
         """Score the M test images of ONE category against each other (the reference's protocol).
 
@@ -566,48 +680,103 @@ class MuSc(FrozenClipMixin, MapProducer):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (M, 3, S, S), got {tuple(images.shape)}")
-        m = int(images.shape[0])
-        if m < 2:
-            raise ConfigError(
-                f"musc scores each image against the other test images of its category: category {category!r} "
-                f"has {m} image(s) here; give it at least 2 in the same batch (clipsam test: whole categories)"
-            )
         frame = frame or self.output_size(images)
-        self.check_category_memory(m, category, frame)
-        cfg = self.config
+        self._check_category(int(images.shape[0]), category, frame)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            tokens, class_tokens = self._encode_category(resize_images(images.float(), self.input_size))
+            return self._score_encoded(tokens, class_tokens, frame)
+
+    def score_category_shard(
+        self,
+        images: Tensor,
+        indices: Tensor | Sequence[int],
+        category: str = "",
+        *,
+        pad: Tensor | Sequence[bool] | None = None,
+        frame: tuple[int, int] | None = None,
+    ) -> MapOutput:
+        """This process's share of ONE category under DDP, scored against the WHOLE category.
+
+        Every process calls this once per category, in the same category order (a collective;
+        :class:`clipsam.data.category_batches.CategoryBatchSampler` gives each process one batch
+        per category). Steps: the processes exchange (category, dataset indices of their own
+        images) (:func:`gather_objects`); the whole category's size M is checked (at least 2, the
+        memory bound) on every process alike; each process runs the backbone on ITS images only
+        (``encode_batch`` at a time), then the per-layer patch tokens and class tokens of all
+        processes are gathered (:func:`gather_rows`) and put in ascending dataset index, the
+        order of the category's single-process batch; every process then scores the whole
+        category as :meth:`score_category` and keeps the rows of its batch. With
+        ``category_block`` images per sampler block the backbone passes hold the same images as
+        one process's, so the result is one process's, number for number (on the same hardware).
+        Without torch.distributed (or with one process) it is :meth:`score_category` on the
+        non-padding rows.
+
+        Args:
+            images: (B, 3, S, S) CLIP-normalised, this process's images of the category.
+            indices: (B,) their dataset indices (``batch["index"]``): distinct over the
+                non-padding rows of all processes; their ascending order is the category's order.
+            category: Its name: the same on every process (checked).
+            pad: (B,) True for a padding duplicate (``batch["category_pad"]``): left out of the
+                gather; its result is the row of its own index. None: no padding.
+            frame: (H, W) of the returned maps (default: :meth:`output_size` of ``images``).
+
+        Returns:
+            :class:`MapOutput` of the B rows (as :meth:`score_category`).
+
+        Raises:
+            ConfigError: the whole category has fewer than 2 images, or the memory bound.
+            RuntimeError: the processes hold different categories, an index on two processes,
+                or a padding row whose index no process holds.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, S, S), got {tuple(images.shape)}")
+        batch = int(images.shape[0])
+        keys = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        is_pad = [False] * batch if pad is None else [bool(v) for v in (pad.tolist() if isinstance(pad, Tensor) else pad)]
+        if len(keys) != batch or len(is_pad) != batch:
+            raise ValueError(f"got {len(keys)} indices and {len(is_pad)} padding flags for {batch} images")
+        own = [row for row in range(batch) if not is_pad[row]]
+        # Every check below reads only what all processes exchanged here, so every process
+        # raises alike (one raising alone would leave the others waiting in the next collective).
+        shards = gather_objects(
+            (str(category), [keys[row] for row in own], [keys[row] for row in range(batch) if is_pad[row]])
+        )
+        names = sorted({name for name, _, _ in shards})
+        if len(names) != 1:
+            raise RuntimeError(
+                f"musc: the processes hold different categories in this step ({names}): every process must take "
+                "one batch per category in the same order (clipsam's CategoryBatchSampler)"
+            )
+        counts = [len(shard_keys) for _, shard_keys, _ in shards]
+        gathered_keys = [key for _, shard_keys, _ in shards for key in shard_keys]  # rank order
+        if len(set(gathered_keys)) != len(gathered_keys):
+            raise RuntimeError(f"musc: category {category!r}: an image is held by two processes (indices {gathered_keys})")
+        position = {key: p for p, key in enumerate(sorted(gathered_keys))}
+        missing = sorted({key for _, _, pad_keys in shards for key in pad_keys if key not in position})
+        if missing:
+            raise RuntimeError(f"musc: category {category!r}: padding rows of indices {missing} that no process holds")
+        frame = frame or self.output_size(images)
+        self._check_category(len(gathered_keys), category, frame)
         device = images.device
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            images = resize_images(images.float(), self.input_size)
-            tokens = [images.new_empty(m, self.grid[0] * self.grid[1], self.width) for _ in cfg.feature_layers]
-            classes = []
-            for start in range(0, m, int(cfg.encode_batch)):
-                taps, cls = self.encode(images[start : start + int(cfg.encode_batch)])
-                for store, tap in zip(tokens, taps):
-                    store[start : start + tap.shape[0]] = tap
-                classes.append(cls)
-            class_tokens = torch.cat(classes)
-            chunk = float(cfg.distance_chunk_mb) * 2**20
-            per_r = []
-            for r in cfg.r_list:
-                per_layer = []
-                for layer_tokens in tokens:
-                    z = lnamd(layer_tokens, self.grid, r)
-                    per_layer.append(mutual_scores(z, cfg.topmin_min, cfg.topmin_max, chunk_bytes=chunk))
-                    del z
-                per_r.append(per_layer)
-            del tokens
-            patch_scores = average_scores(per_r)  # (M, L), the reference's units
-            at_input = upsample_scores(patch_scores, self.grid, self.input_size)
-            max_scores = at_input.flatten(1).amax(dim=1)  # the reference's ac_score
-            image_scores = rscin(max_scores, class_tokens, cfg.rscin_k)
-            if 0 in cfg.rscin_k:
-                image_scores = image_scores / _MAX_DISTANCE  # raw maxima, on the map's [0, 1] scale
-            maps = at_input if tuple(frame) == (self.input_size, self.input_size) else upsample_scores(patch_scores, self.grid, frame)
-        return MapOutput(
-            anomaly_map=(maps / _MAX_DISTANCE).clamp(0.0, 1.0),
-            image_scores=image_scores.clamp(0.0, 1.0),
-            extras={"patch_scores": patch_scores.reshape(m, *self.grid), "max_scores": max_scores},
-        )
+            mine = images[torch.tensor(own, dtype=torch.long, device=device)]
+            tokens, class_tokens = self._encode_category(resize_images(mine.float(), self.input_size))
+            del mine
+            # The gather's transient buffers (about two copies of one layer's tokens) stay within
+            # the LNAMD buffers that estimate_category_bytes counts and that are not alive yet.
+            gathered = gather_rows([*tokens, class_tokens], counts)
+            del tokens, class_tokens
+            order = torch.tensor(sorted(range(len(gathered_keys)), key=gathered_keys.__getitem__), device=device)
+            for i in range(len(gathered)):  # one at a time: the old copy is freed before the next
+                gathered[i] = gathered[i].index_select(0, order)
+            class_tokens = gathered.pop()
+            whole = self._score_encoded(gathered, class_tokens, frame)
+            rows = torch.tensor([position[key] for key in keys], dtype=torch.long, device=device)
+            return MapOutput(
+                anomaly_map=whole.anomaly_map.index_select(0, rows),
+                image_scores=whole.image_scores.index_select(0, rows),
+                extras={name: value.index_select(0, rows) for name, value in whole.extras.items()},
+            )
 
     def forward(self, images: Tensor, categories: Sequence[str]) -> MapOutput:
         """Score a batch transductively within each category present in it.
@@ -660,6 +829,26 @@ class MuSc(FrozenClipMixin, MapProducer):
             extras={"patch_scores": patch_scores, "max_scores": max_scores},
         )
 
+    def forward_batch(self, batch: Mapping[str, Any]) -> MapOutput:
+        """:meth:`forward` on a batch; a DDP category shard (a batch with ``category_pad``, from
+        :class:`clipsam.data.category_batches.CategoryShardDataset`) goes to
+        :meth:`score_category_shard` instead, which gathers the category across processes.
+
+        Raises:
+            ValueError: a shard batch holding more than one category.
+        """
+        if PAD_KEY not in batch:
+            return super().forward_batch(batch)
+        if self.input_key not in batch:
+            return super().forward_batch(batch)  # the base class's error naming the missing input
+        categories = sorted({str(c) for c in batch["category"]})
+        if len(categories) != 1:
+            raise ValueError(f"a DDP category shard holds one category, this batch holds {categories}")
+        images = batch[self.input_key]
+        return self.score_category_shard(
+            images, batch["index"], categories[0], pad=batch[PAD_KEY], frame=self.output_size(images)
+        )
+
 
 # ---------------------------------------------------------------------- registry hooks
 def input_specs(config: MuscConfig, *, image_size: int) -> list[InputSpec]:
@@ -670,31 +859,24 @@ def input_specs(config: MuscConfig, *, image_size: int) -> list[InputSpec]:
 
 def inference_batching(config: MuscConfig, *, image_size: int) -> str:
     """How validate/test/predict must batch this method's images: ``"category"``, i.e. one batch
-    per category holding ALL its test images (any batch size setting ignored), whole categories
-    per rank under DDP, no tiling. MuSc is transductive (:class:`MuSc`); with ordinary batches
-    each image is scored only against its batch mates of the same category."""
+    per category holding ALL its test images (any batch size setting ignored), no tiling; under
+    DDP one batch per category on every process holding its shard, the shards gathered by
+    :meth:`MuSc.score_category_shard`. MuSc is transductive (:class:`MuSc`); with ordinary
+    batches each image is scored only against its batch mates of the same category."""
     return "category"
 
 
-def _native_size(model_name: str) -> int | None:
-    """The architecture's own input side (open_clip config), or None when unknown."""
-    import open_clip
-
-    from clipsam.models.presets import is_tiny_preset, register_tiny_configs
-
-    if is_tiny_preset(model_name):
-        register_tiny_configs()
-    if model_name.startswith(("hf-hub:", "local-dir:")):
-        return None
-    cfg = open_clip.get_model_config(model_name)
-    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
-    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+def category_block(config: MuscConfig, *, image_size: int) -> int:
+    """Images per block when a category is dealt to the processes under DDP: ``encode_batch``, so
+    that every backbone pass of a process holds the images of one single-process pass and the
+    gathered features are the single-process numbers (:mod:`clipsam.data.category_batches`)."""
+    return int(config.encode_batch)
 
 
 def build(config: MuscConfig, *, image_size: int) -> MuSc:
     """Build MuSc for frames of side ``image_size`` (weights resolved as :mod:`clipsam.models.clip`)."""
     input_size = int(config.input_size or image_size)
-    native = _native_size(config.model_name) if config.pos_interpolation == "bicubic" else None
+    native = native_input_size(config.model_name) if config.pos_interpolation == "bicubic" else None
     # With bicubic: built at its native size (no resize there), then the positional grid
     # resized as the reference does.
     clip_model, _ = build_open_clip(
@@ -708,5 +890,5 @@ def build(config: MuscConfig, *, image_size: int) -> MuSc:
         **({"pos_interpolation": "bilinear"} if native is not None else {}),
     )
     if native is not None:
-        resize_pos_embed_bicubic(clip_model.visual, input_size)
+        resize_pos_embed_bicubic(clip_model.visual, input_size, key=_KEY)
     return MuSc(clip_model=clip_model, config=config, input_size=input_size)
