@@ -73,7 +73,9 @@ def build_open_clip(
             (pretrained positional embeddings resized bicubically, with antialias);
             ``"bilinear"``: built at its native size, then the positional embedding is resized
             bilinearly (align_corners False, as AnomalyCLIP's code does,
-            :func:`resize_positional_embedding`).
+            :func:`resize_positional_embedding`); ``"bicubic"``: built at its native size, then
+            resized bicubically without antialias (MuSc's and AdaCLIP's vendored open_clip,
+            :func:`resize_pos_embed_bicubic`).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer maps a list of str to (P, context) int64.
@@ -98,8 +100,8 @@ def build_open_clip(
             f"{section}.model_name={model_name!r} is not an open_clip model config "
             "(open_clip.list_models() lists them), e.g. ViT-B-16-plus-240 or ViT-L-14-336."
         )
-    if pos_interpolation not in ("open_clip", "bilinear"):
-        raise ConfigError(f"{section}.pos_interpolation={pos_interpolation!r}: use 'open_clip' or 'bilinear'.")
+    if pos_interpolation not in ("open_clip", "bilinear", "bicubic"):
+        raise ConfigError(f"{section}.pos_interpolation={pos_interpolation!r}: use 'open_clip', 'bilinear' or 'bicubic'.")
     spec = SimpleNamespace(model_name=model_name, pretrained=pretrained, cache_dir=cache_dir)
     kwargs: dict[str, Any] = {"cache_dir": cache_dir}
     if pos_interpolation == "open_clip":
@@ -126,6 +128,8 @@ def build_open_clip(
             raise WeightsError(message.replace("model.clip.", f"{section}.")) from err
     if pos_interpolation == "bilinear":
         resize_positional_embedding(model.visual, int(image_size))
+    elif pos_interpolation == "bicubic":
+        resize_pos_embed_bicubic(model.visual, int(image_size), key=section)
     model.eval()
     tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
     return model, tokenizer
@@ -327,15 +331,3 @@ def resize_pos_embed_bicubic(visual: nn.Module, image_size: int, *, key: str = "
     visual.grid_size = (new, new)
     visual.image_size = (image_size, image_size)
 
-
-def native_input_size(model_name: str) -> int | None:
-    """The architecture's own input side (open_clip config), or None when unknown."""
-    import open_clip
-
-    if is_tiny_preset(model_name):
-        register_tiny_configs()
-    if model_name.startswith(("hf-hub:", "local-dir:")):
-        return None
-    cfg = open_clip.get_model_config(model_name)
-    size = (cfg or {}).get("vision_cfg", {}).get("image_size")
-    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None

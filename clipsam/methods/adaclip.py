@@ -825,21 +825,16 @@ def check_checkpoint(meta: Mapping[str, Any], state: Mapping[str, Any], config: 
 
 def build(config: AdaClipConfig, *, image_size: int) -> AdaClip:
     """Build AdaCLIP (fresh trained parameters, seeded) for frames of side ``image_size``."""
-    from clipsam.methods._openclip import native_input_size, resize_pos_embed_bicubic
-
     input_size = int(config.input_size or image_size)
-    native = native_input_size(config.model_name) if config.pos_interpolation == "bicubic" else None
-    # bicubic: built at its native size (nothing resized there), then the grid resized as the reference
     clip_model, tokenizer = build_open_clip(
         section=_KEY,
         model_name=config.model_name,
         pretrained=config.pretrained,
-        image_size=native if native is not None else input_size,
+        image_size=input_size,
         cache_dir=config.cache_dir,
         seed=config.seed,
         quick_gelu=config.quick_gelu,
-        **({"pos_interpolation": "bilinear"} if native is not None else {}),
+        # "bicubic": built at its native size, then the grid resized as the reference does
+        pos_interpolation="bicubic" if config.pos_interpolation == "bicubic" else "open_clip",
     )
-    if native is not None:
-        resize_pos_embed_bicubic(clip_model.visual, input_size, key=_KEY)
     return AdaClip(clip_model=clip_model, tokenizer=tokenizer, config=config, input_size=input_size)

@@ -93,7 +93,6 @@ from clipsam.methods._openclip import (
     FrozenClipMixin,
     build_open_clip,
     check_vit,
-    native_input_size,
     pil_input_specs,
     resize_images,
     resize_pos_embed_bicubic,
@@ -876,19 +875,15 @@ def category_block(config: MuscConfig, *, image_size: int) -> int:
 def build(config: MuscConfig, *, image_size: int) -> MuSc:
     """Build MuSc for frames of side ``image_size`` (weights resolved as :mod:`clipsam.models.clip`)."""
     input_size = int(config.input_size or image_size)
-    native = native_input_size(config.model_name) if config.pos_interpolation == "bicubic" else None
-    # With bicubic: built at its native size (no resize there), then the positional grid
-    # resized as the reference does.
     clip_model, _ = build_open_clip(
         section=_KEY,
         model_name=config.model_name,
         pretrained=config.pretrained,
-        image_size=native if native is not None else input_size,
+        image_size=input_size,
         cache_dir=config.cache_dir,
         seed=config.seed,
         quick_gelu=config.quick_gelu,
-        **({"pos_interpolation": "bilinear"} if native is not None else {}),
+        # "bicubic": built at its native size, then the grid resized as the reference does
+        pos_interpolation="bicubic" if config.pos_interpolation == "bicubic" else "open_clip",
     )
-    if native is not None:
-        resize_pos_embed_bicubic(clip_model.visual, input_size, key=_KEY)
     return MuSc(clip_model=clip_model, config=config, input_size=input_size)
