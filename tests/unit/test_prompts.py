@@ -1,4 +1,4 @@
-"""Prompt ensemble: counts and wording of METHOD.md, object names from category names."""
+"""Prompt ensemble: counts and wording of the paper's prompt ensemble, object names from category names."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def test_window_masks_by_hand():
     assert masks.tolist() == [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
     # 4 x 4 grid, stride 2: windows at (0,0), (0,2), (2,0), (2,2).
     assert W.window_masks((4, 4), 2, stride=2).tolist() == [[0, 2, 8, 10], [1, 3, 9, 11], [4, 6, 12, 14], [5, 7, 13, 15]]
-    # 15 x 15 grid (240 px / 16): 196 windows of 2 x 2 and 169 of 3 x 3 (BASELINES.md).
+    # 15 x 15 grid (240 px / 16): 196 windows of 2 x 2 and 169 of 3 x 3 (anomalib's WinCLIP).
     assert W.window_masks((15, 15), 2).shape == (4, 196)
     assert W.window_masks((15, 15), 3).shape == (9, 169)
     with pytest.raises(ConfigError, match="does not fit"):
