@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -512,7 +511,3 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
-
-
-def remove_partial(out: Path) -> None:
-    shutil.rmtree(out, ignore_errors=True)

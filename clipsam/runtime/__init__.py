@@ -32,6 +32,7 @@ import numpy as np
 
 from clipsam.errors import ConfigError, WeightsError
 from clipsam.results import SegmentResult, lookup
+from clipsam.runtime import ops, refine
 
 __all__ = ["ONNX_BUNDLE_FORMAT", "Runtime", "RuntimeResult", "SegmentResult", "is_onnx_bundle"]
 
@@ -203,8 +204,6 @@ class Runtime:
         raise ConfigError(f"which category is this image? pass category= (this bundle has {', '.join(known)})")
 
     def _producer_input(self, image: np.ndarray) -> np.ndarray:
-        from clipsam.runtime import ops
-
         spec = self.manifest["inputs"]["producer"]
         mean, std = self.manifest["inputs"]["clip_mean"], self.manifest["inputs"]["clip_std"]
         size = int(spec["size"])
@@ -241,8 +240,6 @@ class Runtime:
             images: paths, numpy arrays or PIL images.
             category: one category for all, one per image, or None (see :meth:`segment`).
         """
-        from clipsam.runtime import ops, refine
-
         items = list(images)
         if not items:
             return []
