@@ -221,8 +221,8 @@ class Segmenter:
         bit_depth: int | None = None,
     ) -> Segmenter:
         """Load a bundle written by ``clipsam export --format bundle`` (see :mod:`clipsam.export`);
-        ``references``, ``color_order`` and ``bit_depth`` as for :meth:`from_config` (a bundle's
-        config holds no camera settings: pass them here, or as ``overrides``)."""
+        ``references``, ``color_order`` and ``bit_depth`` as for :meth:`from_config` (None: the
+        ``data.color_order`` / ``data.bit_depth`` the bundle was exported with)."""
         resolved, weights, default_category = read_bundle(bundle)
         resolved = apply_overrides(resolved, overrides)
         return cls._from_resolved(

@@ -87,6 +87,20 @@ def _fresh_output(output: str | os.PathLike[str]) -> Path:
     return out
 
 
+def camera_settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    """``data.color_order`` and ``data.bit_depth`` of a resolved config (checked; defaults
+    ``"rgb"`` and None): what a bundle carries so that arrays from the same camera read alike."""
+    from clipsam.data.samples import check_bit_depth, check_color_order
+
+    data = resolved.get("data") or {}
+    if "init_args" in data:  # `data: {class_path: ..., init_args: {...}}` form
+        data = data.get("init_args") or {}
+    return {
+        "color_order": check_color_order(data.get("color_order") or "rgb"),
+        "bit_depth": check_bit_depth(data.get("bit_depth")),
+    }
+
+
 def _resolved(config: Any, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return apply_overrides(load_config(config), overrides)
 
@@ -160,7 +174,7 @@ def export_bundle(
         sam = (full.get("refiner_config") or {}).get("sam")
         if isinstance(sam, dict):  # in-memory use writes no embedding cache
             full["refiner_config"] = {**full["refiner_config"], "sam": {**sam, "embedding_cache_dir": None}}
-        bundle_config = {"model": full, "data": {"image_size": module.image_size, "tiling": tiling}}
+        bundle_config = {"model": full, "data": {"image_size": module.image_size, "tiling": tiling, **camera_settings(resolved)}}
         import yaml
 
         (out / "config.yaml").write_text(yaml.safe_dump(bundle_config, sort_keys=False))
@@ -285,7 +299,8 @@ def export_onnx(
         }
         with quiet():
             return export_method_onnx(
-                module, out, categories=wanted, thresholds=thresholds_data, opset=opset, seed=seed, versions=versions, source=source
+                module, out, categories=wanted, thresholds=thresholds_data, opset=opset, seed=seed, versions=versions, source=source,
+                camera=camera_settings(resolved),
             )
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)

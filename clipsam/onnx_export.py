@@ -257,6 +257,7 @@ def export_method_onnx(
     seed: int,
     versions: dict[str, str],
     source: dict[str, Any],
+    camera: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the graphs, text features and ``bundle.json`` of ``module`` into the empty folder ``out``.
 
@@ -270,6 +271,8 @@ def export_method_onnx(
         seed: seed of the random check inputs.
         versions: library versions at export.
         source: provenance (checkpoint path, configs).
+        camera: ``data.color_order`` / ``data.bit_depth`` the runtime applies to arrays and
+            16-bit files by default.
 
     Returns:
         the ``bundle.json`` content.
@@ -426,6 +429,8 @@ def export_method_onnx(
             ),
             "frame": {"size": frame, "resize": "pil_bicubic"},
             "producer_batch": producer_batch,
+            "color_order": (camera or {}).get("color_order", "rgb"),
+            "bit_depth": (camera or {}).get("bit_depth"),
             "map_size": map_size,
             "sam": sam_info,
             "clip_mean": [0.48145466, 0.4578275, 0.40821073],

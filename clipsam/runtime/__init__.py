@@ -102,7 +102,7 @@ class Runtime:
         *,
         providers: Sequence[str] | None = None,
         category: str | None = None,
-        color_order: str = "rgb",
+        color_order: str | None = None,
         bit_depth: int | None = None,
         verify: bool = True,
     ) -> Runtime:
@@ -113,8 +113,10 @@ class Runtime:
             providers: onnxruntime execution providers (default: CPU).
             category: default category of images given as arrays (else a file's parent folder
                 name when the bundle has it, else the bundle's only category).
-            color_order: ``"rgb"`` or ``"bgr"`` for numpy arrays (files are always RGB).
-            bit_depth: significant bits of 16-bit files / uint16 arrays (None: 16).
+            color_order: ``"rgb"`` or ``"bgr"`` for numpy arrays (files are always RGB); None: the
+                exported config's ``data.color_order``.
+            bit_depth: significant bits of 16-bit files / uint16 arrays; None: the exported
+                config's ``data.bit_depth`` (else the file's, 16).
             verify: check each file's sha256 against ``bundle.json``.
 
         Raises:
@@ -158,8 +160,11 @@ class Runtime:
         thresholds = None
         if manifest.get("thresholds"):
             thresholds = json.loads((folder / manifest["thresholds"]).read_text())
-        if color_order not in ("rgb", "bgr"):
-            raise ConfigError(f"color_order={color_order!r}: use 'rgb' or 'bgr'")
+        from clipsam.data.samples import check_bit_depth, check_color_order
+
+        inputs = manifest.get("inputs") or {}
+        color_order = check_color_order(color_order if color_order is not None else inputs.get("color_order") or "rgb", key="color_order")
+        bit_depth = check_bit_depth(bit_depth if bit_depth is not None else inputs.get("bit_depth"), key="bit_depth")
         return cls(folder, manifest, sessions, thresholds, category=category, color_order=color_order, bit_depth=bit_depth)
 
     @property

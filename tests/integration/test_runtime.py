@@ -206,3 +206,29 @@ def test_cli_export_prints_the_checks(tmp_path: Path, synth_root: Path, capsys: 
     printed = capsys.readouterr().out
     assert "checked producer" in printed and "winclip+none" in printed and "categories: capsule" in printed
     assert json.loads((out / "bundle.json").read_text())["refiner"] == "none"
+
+
+def test_bundles_carry_the_camera_settings(tmp_path: Path, synth_root: Path) -> None:
+    """data.color_order / data.bit_depth travel with both bundle kinds; arguments override them.
+    A BGR array then segments as its RGB twin does, with no argument at load."""
+    from clipsam import Segmenter
+    from clipsam.export import export_bundle
+    from clipsam.runtime import Runtime
+
+    os.environ["CLIPSAM_SYNTH_ROOT"] = str(synth_root)
+    configs = [DEMO_CONFIG, WINCLIP]
+    camera = {"data.color_order": "bgr", "data.bit_depth": 12, "data.image_size": SIZE}
+    export_bundle(None, configs, tmp_path / "torch_bundle", overrides=camera)
+    segmenter = Segmenter.from_bundle(tmp_path / "torch_bundle")
+    assert (segmenter.color_order, segmenter.bit_depth) == ("bgr", 12)
+    assert Segmenter.from_bundle(tmp_path / "torch_bundle", color_order="rgb").color_order == "rgb"
+    _export(tmp_path / "onnx_bundle", configs, None, camera)
+    runtime = Runtime.from_bundle(tmp_path / "onnx_bundle")
+    assert (runtime.color_order, runtime.bit_depth) == ("bgr", 12)
+    assert Runtime.from_bundle(tmp_path / "onnx_bundle", color_order="rgb", bit_depth=16).bit_depth == 16
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(_images(synth_root)[0][0]).convert("RGB"))
+    as_bgr = runtime.segment(np.ascontiguousarray(rgb[..., ::-1]), category="stripes")
+    as_rgb = Runtime.from_bundle(tmp_path / "onnx_bundle", color_order="rgb").segment(rgb, category="stripes")
+    np.testing.assert_array_equal(as_bgr.scores, as_rgb.scores)
