@@ -186,6 +186,8 @@ class RunResult:
         with_paper: show the paper's numbers beside this run (False for ablation rows).
         choices: the open choices the scores depend on (``run.choices`` of the report: image
             score, fusion, the refiner's PPG / cascade settings), ``key -> value``.
+        references: a few-shot run's reference images (``run.references``: seed, source,
+            count, files by category); None for a zero-shot run.
     """
 
     path: Path
@@ -203,6 +205,7 @@ class RunResult:
     name: str | None = None
     with_paper: bool = True
     choices: dict[str, Any] = dataclasses.field(default_factory=dict)
+    references: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -251,6 +254,7 @@ def load_run(path: str | Path) -> RunResult:
         train_spec = (run.get("data") or {}).get("train") or {}
         train = train_spec.get("format")
         choices = dict(run.get("choices") or {})
+        references = run.get("references") or None
     else:
         notes.append("old report without a 'run' block: data and protocol unknown")
         evaluation = config.get("evaluation") or {}
@@ -258,7 +262,7 @@ def load_run(path: str | Path) -> RunResult:
         refiner = str(config.get("refiner") or ("ppg_cps" if evaluation.get("use_sam", True) else "none"))
         fusion = str(evaluation.get("fusion", "none")) if refiner != "none" else "none"
         image_size = config.get("image_size")
-        protocol, data, train, choices = {}, {}, None, {}
+        protocol, data, train, choices, references = {}, {}, None, {}, None
     data = {**data, "images": {c: v.get("num_images") for c, v in per_category.items() if isinstance(v, dict)}}
     return RunResult(
         path=path,
@@ -278,6 +282,7 @@ def load_run(path: str | Path) -> RunResult:
         },
         notes=notes,
         choices=choices,
+        references=dict(references) if isinstance(references, dict) else None,
     )
 
 
@@ -408,12 +413,29 @@ def _describe_difference(mine: dict[str, Any], ref: dict[str, Any]) -> str:
     return ", ".join(f"{k} {mine.get(k)!r} vs {ref.get(k)!r}" for k in keys)
 
 
+def _reference_draw(run: RunResult) -> dict[str, Any] | None:
+    """What a few-shot run's scores depend on in its reference images: k and the files per category."""
+    if not run.references:
+        return None
+    return {"k": run.references.get("count"), "files": run.references.get("files") or {}}
+
+
+def _describe_draws(mine: dict[str, Any], ref: dict[str, Any]) -> str:
+    if mine["k"] != ref["k"]:
+        return f"k={mine['k']} vs k={ref['k']}"
+    files, other = mine["files"], ref["files"]
+    differ = sorted(c for c in set(files) | set(other) if files.get(c) != other.get(c))
+    return f"other files for {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}"
+
+
 def build_comparison(runs: Sequence[RunResult]) -> Comparison:
     """Rows (one per method + refiner) and flags for runs that are not comparable.
 
     Within each dataset column the most common frame, metric protocol and data identity is the
-    reference; a run that differs gets a flag naming the difference. Two runs of the same row
-    and dataset both stay, as ``label`` and ``label (2)``, flagged as duplicates.
+    reference; a run that differs gets a flag naming the difference. Few-shot runs are also
+    flagged when their reference images differ from those of the other few-shot runs (another k,
+    or other files drawn). Two runs of the same row and dataset both stay, as ``label`` and
+    ``label (2)``, flagged as duplicates.
     """
     if not runs:
         raise ConfigError("no runs to compare")
@@ -425,6 +447,7 @@ def build_comparison(runs: Sequence[RunResult]) -> Comparison:
             "frame": _majority([r.image_size for r in of]),
             "protocol": _majority([r.protocol for r in of]),
             "data": _majority([_data_identity(r) for r in of]),
+            "draw": _majority([d for d in map(_reference_draw, of) if d is not None]) if any(r.references for r in of) else None,
         }
     rows: dict[str, Row] = {}
     for run in runs:
@@ -449,6 +472,9 @@ def build_comparison(runs: Sequence[RunResult]) -> Comparison:
         identity = _data_identity(run)
         if identity != ref["data"]:
             flags.append(f"test data differs: {_describe_difference(identity, ref['data'])}")
+        draw = _reference_draw(run)
+        if draw is not None and ref["draw"] is not None and draw != ref["draw"]:
+            flags.append(f"reference images differ from the other few-shot runs: {_describe_draws(draw, ref['draw'])}")
         flags.extend(run.notes)
         if flags:
             row.flags[run.dataset] = flags

@@ -193,3 +193,29 @@ def test_musc_rows_show_muscs_own_reported_numbers(tmp_path: Path, monkeypatch: 
     markdown = comparison_markdown(comparison)
     assert "| musc | 90.0 (98.8) | 30.0 (48.8) | 20.0 (45.1) | 80.0 (92.8) |" in markdown  # image AUROC too
     assert "MuSc: xrli-U/MuSc README.md" in markdown
+
+
+def test_few_shot_runs_with_other_reference_images_are_flagged(tmp_path: Path) -> None:
+    per_category = {"pcb1": _metrics(0.9, 0.3, 0.2), "candle": _metrics(0.8, 0.2, 0.1)}
+    drawn = {"pcb1": ["good/001.png"], "candle": ["good/007.png"]}
+
+    def few_shot(name: str, files: dict[str, list[str]], k: int = 1) -> Path:
+        path = _report(tmp_path / name, method="winclip", refiner="none", test=VISA, per_category=per_category, image_size=240)
+        payload = json.loads((path / "test_results.json").read_text())
+        payload["run"]["references"] = {"seed": 0, "source": "train", "count": k, "files": files}
+        (path / "test_results.json").write_text(json.dumps(payload))
+        return path
+
+    paths = [
+        few_shot("a", drawn),
+        few_shot("b", drawn),
+        few_shot("c", {**drawn, "candle": ["good/003.png"]}),  # another draw
+        few_shot("d", {c: [*f, "good/009.png"] for c, f in drawn.items()}, k=2),
+        _report(tmp_path / "z", method="winclip", refiner="none", test=VISA, per_category=per_category, image_size=240),
+    ]
+    comparison = build_comparison([load_run(p) for p in paths])
+    flags = {(label, dataset): reason for label, dataset, reason in comparison.flagged}
+    assert flags[("winclip (3)", "visa")] == "reference images differ from the other few-shot runs: other files for candle"
+    assert flags[("winclip (4)", "visa")] == "reference images differ from the other few-shot runs: k=2 vs k=1"
+    same_or_zero_shot = [r for label, _, r in comparison.flagged if label in ("winclip", "winclip (2)", "winclip (5)")]
+    assert not any("reference images" in reason for reason in same_or_zero_shot)
