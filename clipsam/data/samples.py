@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -236,7 +236,12 @@ def _raw_mode(im: Image.Image) -> str:
     return args if isinstance(args, str) else ""
 
 
-def _wide_colour(path: str | os.PathLike[str], im: Image.Image) -> np.ndarray | None:
+def _image_label(path: str | os.PathLike[str] | BinaryIO) -> str:
+    """How messages name an image: its path, or ``<in-memory image>`` for a file object."""
+    return os.fspath(path) if isinstance(path, (str, os.PathLike)) else "<in-memory image>"
+
+
+def _wide_colour(path: str | os.PathLike[str] | BinaryIO, im: Image.Image) -> np.ndarray | None:
     """A 16-bit-per-channel colour image (48/64-bit PNG or TIFF) as uint16 (H, W, 3) RGB in
     display orientation; None for any other image.
 
@@ -246,9 +251,18 @@ def _wide_colour(path: str | os.PathLike[str], im: Image.Image) -> np.ndarray | 
     """
     if im.mode not in ("RGB", "RGBA") or ";16" not in _raw_mode(im):
         return None
-    import cv2
-
-    data = np.fromfile(os.fspath(path), dtype=np.uint8)
+    try:
+        import cv2
+    except ImportError:  # clipsam.runtime's install (numpy + Pillow) has no OpenCV
+        raise DatasetError(
+            f"image {_image_label(path)} has 16 bits per colour channel, which Pillow reads as 8: reading all "
+            "its bits needs OpenCV (pip install opencv-python-headless), or save it with 8 bits per channel"
+        ) from None
+    if isinstance(path, (str, os.PathLike)):
+        data = np.fromfile(os.fspath(path), dtype=np.uint8)
+    else:
+        path.seek(0)
+        data = np.frombuffer(path.read(), dtype=np.uint8)
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3 or decoded.shape[2] < 3:
         return None  # OpenCV cannot read it: Pillow's 8-bit decode stays
@@ -268,7 +282,7 @@ def _wide_colour(path: str | os.PathLike[str], im: Image.Image) -> np.ndarray | 
 
 
 def read_image(
-    path: str | os.PathLike[str], *, sixteen_bit: str = SIXTEEN_BIT_SCALING, bit_depth: int | None = None
+    path: str | os.PathLike[str] | BinaryIO, *, sixteen_bit: str = SIXTEEN_BIT_SCALING, bit_depth: int | None = None
 ) -> np.ndarray:
     """Decode an image file as 8-bit RGB in display orientation (the one public image reader).
 
@@ -289,7 +303,7 @@ def read_image(
     Every clipsam path that reads an image uses this: datasets, the predict writer, overlays.
 
     Args:
-        path: image file.
+        path: image file, or a binary file object holding one (an upload).
         sixteen_bit: ``"divide"`` or ``"shift"``, see above.
         bit_depth: significant bits of images stored with more than 8 bits (8 to 16); None:
             :func:`image_bit_depth` (``data.bit_depth`` of the running command), else the file's.
@@ -304,24 +318,27 @@ def read_image(
     if sixteen_bit not in ("divide", "shift"):
         raise ValueError(f"sixteen_bit must be 'divide' or 'shift', got {sixteen_bit!r}")
     depth = check_bit_depth(bit_depth, key="bit_depth") if bit_depth is not None else _BIT_DEPTH
+    label = _image_label(path)
     try:
         with Image.open(path) as im:
             wide = _wide_colour(path, im)
             if wide is not None:
-                return scale_to_uint8(wide, bit_depth=depth, path=path, sixteen_bit=sixteen_bit)
+                return scale_to_uint8(wide, bit_depth=depth, path=label, sixteen_bit=sixteen_bit)
             im = ImageOps.exif_transpose(im)
             if im.mode in _WIDE_MODES or im.mode == "F":
-                arr = _to_uint8(np.asarray(im), im.mode, path, sixteen_bit=sixteen_bit, bit_depth=depth)
+                arr = _to_uint8(np.asarray(im), im.mode, label, sixteen_bit=sixteen_bit, bit_depth=depth)
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except DatasetError:
+        raise  # already names the image and the fix
     except FileNotFoundError as exc:
         # Read by datasets, the predict writer and Segmenter.segment: say nothing about datasets.
-        raise DatasetError(f"image file {path} does not exist: check the path") from exc
+        raise DatasetError(f"image file {label} does not exist: check the path") from exc
     except Image.DecompressionBombError as exc:
-        raise _too_large(path, exc) from exc
+        raise _too_large(label, exc) from exc
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DatasetError(
-            f"cannot decode image {path} ({exc}): the file is corrupt or truncated; "
+            f"cannot decode image {label} ({exc}): the file is corrupt or truncated; "
             "re-download or re-extract the dataset, or remove the file"
         ) from exc
 

@@ -280,7 +280,8 @@ async def segment(request: web.Request) -> web.Response:
     category = _check_category(request.query.get("category") or form_category or state.settings.category, backend)
     loop = asyncio.get_running_loop()
     try:
-        image = await loop.run_in_executor(None, functools.partial(decode_image, data, max_pixels=state.settings.max_pixels))
+        decode = functools.partial(decode_image, data, max_pixels=state.settings.max_pixels, bit_depth=getattr(backend, "bit_depth", None))
+        image = await loop.run_in_executor(None, decode)
     except ImageTooLarge as exc:
         raise ApiError(413, str(exc)) from None
     except BadImage as exc:

@@ -9,7 +9,7 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "MAX_BOXES",
@@ -31,7 +31,6 @@ MAX_PIXELS = 50_000_000
 MAX_BOXES = 1000
 
 #: Pillow modes holding more than 8 bits per sample (16-bit grayscale) and float images.
-_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 class BadImage(ValueError):
@@ -42,50 +41,44 @@ class ImageTooLarge(ValueError):
     """The image has more pixels than :data:`MAX_PIXELS`."""
 
 
-def _to_rgb(im: Image.Image) -> np.ndarray:
-    """uint8 (H0, W0, 3) RGB of a decoded image; 16-bit and float samples scaled as ``clipsam.data.read_image`` does by default."""
-    if im.mode in _WIDE_MODES:
-        values = np.asarray(im, dtype=np.float64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise BadImage(f"image samples must lie in 0..65535 (mode {im.mode})")
-        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode == "F":
-        values = np.asarray(im, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise BadImage("float image holds NaN or infinite values")
-        gray = np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode uploaded bytes to uint8 (H0, W0, 3) RGB in display orientation (EXIF applied).
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, bit_depth: int | None = None) -> np.ndarray:
+    """Decode uploaded bytes to uint8 (H0, W0, 3) RGB in display orientation, with clipsam's one
+    image reader (:func:`clipsam.data.samples.read_image`: EXIF orientation, 16-bit and float
+    samples scaled by ``bit_depth``, the bundle's ``data.bit_depth``), as the file would read.
 
     Raises:
         BadImage: empty, not an image, truncated or otherwise undecodable.
         ImageTooLarge: more than ``max_pixels`` pixels (checked from the header, before decoding).
     """
+    from clipsam.data.samples import read_image
+    from clipsam.errors import DatasetError
+
     if not data:
         raise BadImage("the request holds no image: send the image bytes as the body or as form field 'image'")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # the header only: the size before any decoding
             width, height = im.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"the image is {width} x {height} pixels; the limit is {max_pixels} pixels")
-            if width < 1 or height < 1:
-                raise BadImage(f"the image is {width} x {height} pixels")
-            im.load()
-            return _to_rgb(ImageOps.exif_transpose(im))
-    except (ImageTooLarge, BadImage):
-        raise
     except UnidentifiedImageError as exc:
         raise BadImage("the body is not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP...)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise BadImage(f"the image could not be decoded: {first_line}") from exc
+        raise BadImage(f"the image could not be decoded: {_first_line(exc)}") from exc
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image is {width} x {height} pixels; the limit is {max_pixels} pixels")
+    if width < 1 or height < 1:
+        raise BadImage(f"the image is {width} x {height} pixels")
+    try:
+        return read_image(io.BytesIO(data), bit_depth=bit_depth)
+    except DatasetError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Image.DecompressionBombError):
+            raise ImageTooLarge(f"the image has too many pixels ({cause})") from exc
+        raise BadImage(f"the image could not be decoded: {_first_line(cause or exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

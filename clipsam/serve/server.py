@@ -57,7 +57,9 @@ def load_runtime(bundle: Path, providers: list[str] | None = None) -> Backend:
         raise ConfigError(
             f"clipsam serve needs the ONNX runtime ({exc}): install it with `pip install 'clipsam[serve]'`"
         ) from exc
-    return Runtime.from_bundle(bundle, providers=providers)
+    # The service decodes each upload as a file (RGB, the bundle's bit depth: decode_image) and
+    # hands the runtime RGB arrays, whatever channel order the bundle gives camera arrays.
+    return Runtime.from_bundle(bundle, providers=providers, color_order="rgb")
 
 
 def check_bundle_dir(bundle: Path) -> None:

@@ -226,6 +226,10 @@ def test_bundles_carry_the_camera_settings(tmp_path: Path, synth_root: Path) -> 
     runtime = Runtime.from_bundle(tmp_path / "onnx_bundle")
     assert (runtime.color_order, runtime.bit_depth) == ("bgr", 12)
     assert Runtime.from_bundle(tmp_path / "onnx_bundle", color_order="rgb", bit_depth=16).bit_depth == 16
+    from clipsam.serve.server import load_runtime
+
+    served = load_runtime(tmp_path / "onnx_bundle")  # serve hands the runtime decoded uploads: RGB
+    assert (served.color_order, served.bit_depth) == ("rgb", 12)
     from PIL import Image
 
     rgb = np.asarray(Image.open(_images(synth_root)[0][0]).convert("RGB"))

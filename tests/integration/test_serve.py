@@ -567,6 +567,22 @@ def test_decode_image_modes_orientation_and_refusals() -> None:
         decode_image(png(np.zeros((10, 10, 3), np.uint8)), max_pixels=99)
 
 
+def test_uploads_decode_as_files_do_with_the_bundles_bit_depth(tmp_path: Path) -> None:
+    """One image reader: an upload reads as the same file read by clipsam (12-bit data in a
+    16-bit PNG: 4095 is white with the bundle's data.bit_depth 12, dark without it)."""
+    from clipsam.data.samples import read_image
+
+    twelve = np.array([[0, 4095, 2048]], dtype=np.uint16)
+    path = tmp_path / "camera.png"
+    Image.fromarray(twelve).save(path)
+    data = path.read_bytes()
+    np.testing.assert_array_equal(decode_image(data, bit_depth=12), read_image(path, bit_depth=12))
+    assert decode_image(data, bit_depth=12)[0, :, 0].tolist() == [0, 255, 128]
+    np.testing.assert_array_equal(decode_image(data), read_image(path))
+    with pytest.raises(BadImage, match="could not be decoded"):
+        decode_image(data, bit_depth=10)  # 4095 is above 10 bits: refused, not clipped
+
+
 # -- a real bundle (slow: exports one first) ---------------------------------------------------------------
 
 
