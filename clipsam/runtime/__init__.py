@@ -213,10 +213,7 @@ class Runtime:
         mean, std = self.manifest["inputs"]["clip_mean"], self.manifest["inputs"]["clip_std"]
         size = int(spec["size"])
         if spec["resize"] == "torch_bicubic":
-            pixels = ops.antialiased_bicubic(image, size)
-            m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
-            s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-            return ((pixels - m) / s).astype(np.float32)
+            return ops.normalize_unit(ops.antialiased_bicubic(image, size), mean, std)
         if spec["resize"] != "pil_bicubic":
             raise ConfigError(f"bundle.json: producer input resize {spec['resize']!r} is not supported by this runtime")
         return ops.normalize(ops.pil_resize(image, size, size), mean, std, spec.get("normalize_formula", "clipsam"))

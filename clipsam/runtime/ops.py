@@ -21,6 +21,7 @@ __all__ = [
     "cv2_nearest_resize",
     "dilate",
     "normalize",
+    "normalize_unit",
     "pil_resize",
     "resize_bilinear",
     "sam_input",
@@ -42,11 +43,18 @@ def normalize(pixels: np.ndarray, mean: list[float], std: list[float], formula: 
     ``"albumentations"``: ``(v - 255 mean) / (255 std)`` (the frame transform's ``A.Normalize``).
     """
     values = pixels.astype(np.float32).transpose(2, 0, 1)
+    if formula == "albumentations":
+        m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+        return ((values - m * np.float32(255.0)) * (np.float32(1.0) / (s * np.float32(255.0)))).astype(np.float32)
+    return normalize_unit(values / np.float32(255.0), mean, std)
+
+
+def normalize_unit(pixels: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """float (3, H, W) in [0, 1] -> ``(v - mean) / std`` float32 (:func:`clipsam.inputs.normalize_clip`)."""
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
-    if formula == "albumentations":
-        return ((values - m * np.float32(255.0)) * (np.float32(1.0) / (s * np.float32(255.0)))).astype(np.float32)
-    return ((values / np.float32(255.0) - m) / s).astype(np.float32)
+    return ((pixels - m) / s).astype(np.float32)
 
 
 def _cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:

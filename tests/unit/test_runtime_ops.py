@@ -136,3 +136,17 @@ def test_postprocess_logits_is_sam_postprocess_masks() -> None:
     sam.__dict__["image_encoder"] = _Encoder()
     want = Sam.postprocess_masks(sam, torch.from_numpy(low)[None], (192, 256), (150, 200))[0].numpy()
     np.testing.assert_allclose(refine.postprocess_logits(low, 256, (192, 256), (150, 200)), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("resize", ["torch_bicubic", "pil_bicubic"])
+def test_the_producer_inputs_are_build_inputs(resize: str) -> None:
+    """What the runtime feeds a producer equals clipsam.inputs.build_input for the same spec."""
+    from clipsam.inputs import CLIP_MEAN, CLIP_STD, InputSpec, build_input
+
+    image = np.random.default_rng(10).integers(0, 256, (90, 70, 3), dtype=np.uint8)
+    want = build_input(image, InputSpec(key="method_image", size=48, resize=resize))["method_image"].numpy()
+    if resize == "torch_bicubic":
+        got = ops.normalize_unit(ops.antialiased_bicubic(image, 48), list(CLIP_MEAN), list(CLIP_STD))
+    else:
+        got = ops.normalize(ops.pil_resize(image, 48, 48), list(CLIP_MEAN), list(CLIP_STD), "clipsam")
+    np.testing.assert_allclose(got, want, atol=1e-4)
